@@ -1,0 +1,64 @@
+use super::*;
+
+#[test]
+fn counters_are_indexed_in_order() {
+    for (i, c) in Counter::ALL.iter().enumerate() {
+        assert_eq!(*c as u32, i as u32, "{c:?}");
+    }
+}
+
+#[test]
+fn counter_labels_are_unique_per_hook() {
+    for a in Counter::ALL {
+        for b in Counter::ALL {
+            if a != b {
+                assert!((a.hook(), a.reason()) != (b.hook(), b.reason()), "{a:?} vs {b:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn port_conversions_round_trip_and_match_kernel_layout() {
+    // The kernel stores 6443 (0x192b) as big-endian in the low 16 bits.
+    let user = port_to_user(6443);
+    assert_eq!((user as u16).to_ne_bytes(), [0x19, 0x2b]);
+    assert_eq!(port_from_user(user), 6443);
+}
+
+#[test]
+fn address_words_keep_octet_order_in_memory() {
+    let w = v4_word([198, 51, 100, 101]);
+    assert_eq!(w.to_ne_bytes(), [198, 51, 100, 101]);
+    assert_eq!(v4_octets(w), [198, 51, 100, 101]);
+    let o6 = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01, 0x01];
+    assert_eq!(v6_octets(v6_words(o6)), o6);
+    assert_eq!(v6_words(o6)[0].to_ne_bytes(), [0x20, 0x01, 0x0d, 0xb8]);
+}
+
+#[test]
+fn v4_mapped_flow_keys_become_v4() {
+    let mapped = v6_words([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 0, 2]);
+    assert!(is_v4_mapped(mapped));
+    assert_eq!(FlowKey::v6(mapped, 40000), FlowKey::v4(v4_word([10, 0, 0, 2]), 40000));
+    let real6 = v6_words([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+    assert!(!is_v4_mapped(real6));
+    assert_eq!(FlowKey::v6(real6, 1).family, AF_INET6);
+}
+
+#[test]
+fn connect_verdicts_cover_every_exit() {
+    let route = Some(RouteValue { route_id: 3, action: ACTION_REDIRECT });
+    use ConnectVerdict::*;
+    assert_eq!(connect_verdict(SOCK_STREAM, IPPROTO_TCP, route, false, true), Redirect);
+    assert_eq!(connect_verdict(2, 17, route, false, true), NotTcp);
+    // MPTCP (protocol 262) is a stream socket but not plain TCP.
+    assert_eq!(connect_verdict(SOCK_STREAM, 262, route, false, true), NotTcp);
+    assert_eq!(connect_verdict(SOCK_STREAM, IPPROTO_TCP, route, true, true), AgentSocket);
+    assert_eq!(connect_verdict(SOCK_STREAM, IPPROTO_TCP, None, false, true), NotRouted);
+    // An unrouted agent socket counts as unrouted: bypass is only checked for routes.
+    assert_eq!(connect_verdict(SOCK_STREAM, IPPROTO_TCP, None, true, true), NotRouted);
+    assert_eq!(connect_verdict(SOCK_STREAM, IPPROTO_TCP, route, false, false), NoListener);
+    let other = Some(RouteValue { route_id: 1, action: 0 });
+    assert_eq!(connect_verdict(SOCK_STREAM, IPPROTO_TCP, other, false, true), NotRouted);
+}

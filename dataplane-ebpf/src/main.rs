@@ -1,0 +1,323 @@
+//! Kernel side of steering: cgroup connect4/6 rewrite routed TCP connects to the
+//! agent's node-local listener, sock_ops records each redirected flow under the
+//! client's own (address, port) for the agent, and getpeername4/6 show the
+//! application the address it dialled.
+#![no_std]
+#![no_main]
+
+use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, bpf_sock_addr,
+        bpf_sock_ops,
+    },
+    helpers::bpf_get_socket_cookie,
+    macros::{cgroup_sock_addr, map, sock_ops},
+    maps::{
+        Array, LruHashMap, PerCpuArray,
+        lpm_trie::{Key, LpmTrie},
+    },
+    programs::{SockAddrContext, SockOpsContext},
+};
+use aya_log_ebpf::{debug, warn};
+use dataplane_common::{
+    AF_INET, AF_INET6, BYPASS_MAX_ENTRIES, ConnectVerdict, Counter, FLOWS_MAX_ENTRIES, FlowKey, OrigDst,
+    REDIRECT_V4_ENABLED, REDIRECT_V6_ENABLED, ROUTES_MAX_ENTRIES, RedirectTarget, RouteValue,
+    connect_verdict, is_v4_mapped,
+};
+
+/// Return value of cgroup sock_addr programs that lets the syscall proceed.
+const ALLOW: i32 = 1;
+/// TCP_CLOSE from include/net/tcp_states.h.
+const TCP_CLOSE: u32 = 7;
+
+#[map(name = "ROUTES_V4")]
+static ROUTES_V4: LpmTrie<u32, RouteValue> = LpmTrie::with_max_entries(ROUTES_MAX_ENTRIES, 0);
+#[map(name = "ROUTES_V6")]
+static ROUTES_V6: LpmTrie<[u32; 4], RouteValue> = LpmTrie::with_max_entries(ROUTES_MAX_ENTRIES, 0);
+#[map(name = "REDIRECT")]
+static REDIRECT: Array<RedirectTarget> = Array::with_max_entries(1, 0);
+#[map(name = "ORIG_DST")]
+static ORIG_DST: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
+#[map(name = "FLOWS")]
+static FLOWS: LruHashMap<FlowKey, OrigDst> = LruHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
+#[map(name = "BYPASS")]
+static BYPASS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(BYPASS_MAX_ENTRIES, 0);
+#[map(name = "COUNTERS")]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+#[inline(always)]
+fn count(c: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(c as u32) {
+        // SAFETY: per-CPU slot of this CPU; programs do not migrate mid-run.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// Reads the four `user_ip6` words one 32-bit load each: the verifier rejects
+/// wider loads of this context field, which LLVM would otherwise merge.
+#[inline(always)]
+unsafe fn read_ip6(p: *const [u32; 4]) -> [u32; 4] {
+    let p = p as *const u32;
+    // SAFETY: the caller passes a pointer to a 4-word context field.
+    unsafe { [read_volatile(p), read_volatile(p.add(1)), read_volatile(p.add(2)), read_volatile(p.add(3))] }
+}
+
+#[inline(always)]
+unsafe fn write_ip6(p: *mut [u32; 4], w: [u32; 4]) {
+    let p = p as *mut u32;
+    // SAFETY: the caller passes a pointer to a writable 4-word context field.
+    unsafe {
+        write_volatile(p, w[0]);
+        write_volatile(p.add(1), w[1]);
+        write_volatile(p.add(2), w[2]);
+        write_volatile(p.add(3), w[3]);
+    }
+}
+
+/// Counts the verdict and says whether to redirect.
+#[inline(always)]
+fn settle(verdict: ConnectVerdict) -> bool {
+    match verdict {
+        ConnectVerdict::NotTcp => count(Counter::ConnectNotTcp),
+        ConnectVerdict::NotRouted => count(Counter::ConnectNotRouted),
+        ConnectVerdict::AgentSocket => count(Counter::ConnectAgentSocket),
+        ConnectVerdict::NoListener => count(Counter::ConnectNoListener),
+        ConnectVerdict::Redirect => return true,
+    }
+    false
+}
+
+/// For a routed connect: the socket's cookie and the redirect target. Looked
+/// up only after a route matched, so unrouted connects pay one LPM lookup.
+#[inline(always)]
+fn routed_socket_of(ctx: &SockAddrContext) -> Option<(u64, RedirectTarget)> {
+    let Some(target) = REDIRECT.get(0).copied() else {
+        count(Counter::ConnectConfigError);
+        return None;
+    };
+    // SAFETY: cookie helper on the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    Some((cookie, target))
+}
+
+#[inline(always)]
+fn is_agent_socket(cookie: u64) -> bool {
+    // SAFETY: the value is only tested for presence, never read.
+    unsafe { BYPASS.get(&cookie).is_some() }
+}
+
+/// Records the original destination; on failure the connect stays untouched
+/// (an unrecoverable redirect would only produce a flow the agent must reset).
+#[inline(always)]
+fn record(cookie: u64, orig: &OrigDst) -> bool {
+    if ORIG_DST.insert(&cookie, orig, 0).is_err() {
+        count(Counter::ConnectMapError);
+        return false;
+    }
+    count(Counter::ConnectRedirected);
+    true
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn connect4(ctx: SockAddrContext) -> i32 {
+    try_connect4(&ctx);
+    ALLOW
+}
+
+fn try_connect4(ctx: &SockAddrContext) {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: plain loads of context fields the verifier allows for connect4.
+    let (sock_type, protocol, dst) = unsafe { ((*sa).type_, (*sa).protocol, (*sa).user_ip4) };
+    if sock_type != dataplane_common::SOCK_STREAM || protocol != dataplane_common::IPPROTO_TCP {
+        count(Counter::ConnectNotTcp);
+        return;
+    }
+    let Some(route) = ROUTES_V4.get(Key::new(32, dst)).copied() else {
+        count(Counter::ConnectNotRouted);
+        return;
+    };
+    let Some((cookie, target)) = routed_socket_of(ctx) else {
+        return;
+    };
+    let listener = target.flags & REDIRECT_V4_ENABLED != 0;
+    let agent = is_agent_socket(cookie);
+    if !settle(connect_verdict(sock_type, protocol, Some(route), agent, listener)) {
+        return;
+    }
+    let route_id = route.route_id;
+    // SAFETY: read of user_port, allowed for connect4.
+    let port = unsafe { read_volatile(addr_of!((*sa).user_port)) };
+    let orig = OrigDst { addr: [dst, 0, 0, 0], port, family: AF_INET, route_id, _pad: 0 };
+    if !record(cookie, &orig) {
+        return;
+    }
+    // SAFETY: user_ip4 and user_port are writable in connect4.
+    unsafe {
+        write_volatile(addr_of_mut!((*sa).user_ip4), target.v4_addr);
+        write_volatile(addr_of_mut!((*sa).user_port), target.v4_port);
+    }
+    debug!(ctx, "connect4 redirected route {}", route_id);
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn connect6(ctx: SockAddrContext) -> i32 {
+    try_connect6(&ctx);
+    ALLOW
+}
+
+fn try_connect6(ctx: &SockAddrContext) {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: loads of context fields allowed for connect6, one word at a time.
+    let (sock_type, protocol, dst) =
+        unsafe { ((*sa).type_, (*sa).protocol, read_ip6(addr_of!((*sa).user_ip6))) };
+    if sock_type != dataplane_common::SOCK_STREAM || protocol != dataplane_common::IPPROTO_TCP {
+        count(Counter::ConnectNotTcp);
+        return;
+    }
+    // A dual-stack socket dialling ::ffff:a.b.c.d is an IPv4 flow: route it by
+    // the IPv4 table and send it to the IPv4 listener in mapped form.
+    let mapped = is_v4_mapped(dst);
+    let route = if mapped {
+        ROUTES_V4.get(Key::new(32, dst[3])).copied()
+    } else {
+        ROUTES_V6.get(Key::new(128, dst)).copied()
+    };
+    let Some(route) = route else {
+        count(Counter::ConnectNotRouted);
+        return;
+    };
+    let Some((cookie, target)) = routed_socket_of(ctx) else {
+        return;
+    };
+    let listener = if mapped {
+        target.flags & REDIRECT_V4_ENABLED != 0
+    } else {
+        target.flags & REDIRECT_V6_ENABLED != 0
+    };
+    let agent = is_agent_socket(cookie);
+    if !settle(connect_verdict(sock_type, protocol, Some(route), agent, listener)) {
+        return;
+    }
+    let route_id = route.route_id;
+    // SAFETY: read of user_port, allowed for connect6.
+    let port = unsafe { read_volatile(addr_of!((*sa).user_port)) };
+    let orig = OrigDst { addr: dst, port, family: AF_INET6, route_id, _pad: 0 };
+    if !record(cookie, &orig) {
+        return;
+    }
+    let (addr, port) = if mapped {
+        (dataplane_common::v4_mapped_words(target.v4_addr), target.v4_port)
+    } else {
+        (target.v6_addr, target.v6_port)
+    };
+    if mapped {
+        count(Counter::Connect6V4Mapped);
+    }
+    // SAFETY: user_ip6 and user_port are writable in connect6.
+    unsafe {
+        write_ip6(addr_of_mut!((*sa).user_ip6), addr);
+        write_volatile(addr_of_mut!((*sa).user_port), port);
+    }
+    debug!(ctx, "connect6 redirected route {}", route_id);
+}
+
+/// Returns the original destination of a redirected socket to getpeername().
+#[inline(always)]
+fn restore_peer(ctx: &SockAddrContext, v6: bool) -> i32 {
+    // SAFETY: cookie helper on the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the entry is copied out at once; a concurrent close may delete it,
+    // in which case the stale copy is still the right answer for this socket.
+    let Some(orig) = (unsafe { ORIG_DST.get(&cookie) }).copied() else {
+        return ALLOW;
+    };
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: user_ip4/user_ip6 and user_port are writable in getpeername4/6.
+    unsafe {
+        if v6 {
+            write_ip6(addr_of_mut!((*sa).user_ip6), orig.addr);
+        } else {
+            write_volatile(addr_of_mut!((*sa).user_ip4), orig.addr[0]);
+        }
+        write_volatile(addr_of_mut!((*sa).user_port), orig.port);
+    }
+    count(Counter::GetpeernameRestored);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn getpeername4(ctx: SockAddrContext) -> i32 {
+    restore_peer(&ctx, false)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn getpeername6(ctx: SockAddrContext) -> i32 {
+    restore_peer(&ctx, true)
+}
+
+/// On an established redirected socket, publishes its flow under the client's
+/// own (address, port), which is what the agent sees as the accepted socket's
+/// peer; on close, forgets the socket.
+#[sock_ops]
+pub fn sock_ops(ctx: SockOpsContext) -> u32 {
+    try_sock_ops(&ctx);
+    1
+}
+
+fn try_sock_ops(ctx: &SockOpsContext) {
+    let ops: *mut bpf_sock_ops = ctx.ops;
+    // SAFETY: plain load of the op field.
+    let op = unsafe { read_volatile(addr_of!((*ops).op)) };
+    if op == BPF_SOCK_OPS_STATE_CB {
+        if ctx.arg(1) == TCP_CLOSE {
+            // SAFETY: cookie helper on the program's own context.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            if ORIG_DST.remove(&cookie).is_ok() {
+                count(Counter::SockOpsClosed);
+            }
+        }
+        return;
+    }
+    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        return;
+    }
+    // SAFETY: cookie helper on the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: copied out at once.
+    let Some(orig) = (unsafe { ORIG_DST.get(&cookie) }).copied() else {
+        return;
+    };
+    // Each field is read unconditionally, then chosen: branch-dependent ctx
+    // loads that LLVM merges are rejected by the verifier.
+    // SAFETY: loads of sock_ops context fields, one word at a time.
+    let (family, ip4, ip6, port) = unsafe {
+        (
+            read_volatile(addr_of!((*ops).family)),
+            read_volatile(addr_of!((*ops).local_ip4)),
+            read_ip6(addr_of!((*ops).local_ip6)),
+            read_volatile(addr_of!((*ops).local_port)),
+        )
+    };
+    let key = if family == AF_INET6 { FlowKey::v6(ip6, port as u16) } else { FlowKey::v4(ip4, port as u16) };
+    if FLOWS.insert(&key, &orig, 0).is_err() {
+        count(Counter::SockOpsMapError);
+        warn!(ctx, "sock_ops: FLOWS insert failed");
+        return;
+    }
+    count(Counter::SockOpsFlowRecorded);
+    // Ask for state callbacks on this socket only, to delete ORIG_DST at close.
+    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,383 @@
+//! Loading, attaching and talking to the kernel programs: route tries, the
+//! redirect target, flow recovery, the agent's bypass set and the counters.
+
+use std::{
+    fs::File,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key},
+    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
+};
+use dataplane_common::{
+    self as common, ACTION_REDIRECT, AF_INET, AF_INET6, Counter, FlowKey, OrigDst, REDIRECT_V4_ENABLED,
+    REDIRECT_V6_ENABLED, RedirectTarget, RouteValue,
+};
+use ipnet::IpNet;
+use tracing::{debug, warn};
+
+use crate::routes::RouteDiff;
+
+/// The object built by `cargo xtask build-ebpf`, embedded at build time.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("DATAPLANE_EBPF_OBJ"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum SteeringError {
+    /// The kernel refused the object (missing BTF, maps, permissions...).
+    #[error(
+        "loading the eBPF object failed: {0} (the agent needs CAP_BPF, CAP_NET_ADMIN and a kernel with BTF)"
+    )]
+    Load(#[source] aya::EbpfError),
+    /// The object lacks something the agent expects: a build mismatch.
+    #[error("the eBPF object has no {what} `{name}`; rebuild with `cargo xtask build-ebpf`")]
+    Missing { what: &'static str, name: &'static str },
+    /// The verifier or the kernel rejected a program.
+    #[error("loading program {name} failed: {source}")]
+    Program { name: &'static str, source: ProgramError },
+    /// Attaching to the cgroup failed.
+    #[error("attaching {name} to cgroup {cgroup} failed: {source}")]
+    Attach { name: &'static str, cgroup: PathBuf, source: ProgramError },
+    /// The cgroup directory could not be opened.
+    #[error("opening cgroup {path}: {source}")]
+    Cgroup { path: PathBuf, source: std::io::Error },
+    /// A map operation failed.
+    #[error("eBPF map {name}: {source}")]
+    Map { name: &'static str, source: MapError },
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> SteeringError {
+    move |source| SteeringError::Map { name, source }
+}
+
+/// Sums of the per-CPU counters, indexed like [`Counter::ALL`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelCounters(pub [u64; Counter::COUNT as usize]);
+
+impl KernelCounters {
+    pub fn get(&self, c: Counter) -> u64 {
+        self.0[c as usize]
+    }
+
+    /// `self - earlier`, per counter (for tests and benchmarks).
+    pub fn since(&self, earlier: &KernelCounters) -> KernelCounters {
+        let mut out = *self;
+        for (o, e) in out.0.iter_mut().zip(earlier.0) {
+            *o = o.saturating_sub(e);
+        }
+        out
+    }
+}
+
+/// The original destination of an accepted flow, as recorded by the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Recovered {
+    pub dst: SocketAddr,
+    pub route_id: u32,
+}
+
+/// Loaded and attached programs plus handles to their maps. Dropping it (or
+/// [`Steering::detach`]) detaches the programs: links are never pinned, so a
+/// crashed agent leaves no steering behind.
+pub struct Steering {
+    /// Owns the programs and thereby their links; `None` once detached.
+    programs: Mutex<Option<Ebpf>>,
+    routes_v4: Mutex<LpmTrie<MapData, u32, RouteValue>>,
+    routes_v6: Mutex<LpmTrie<MapData, [u32; 4], RouteValue>>,
+    flows: Mutex<HashMap<MapData, FlowKey, OrigDst>>,
+    bypass: Mutex<HashMap<MapData, u64, u32>>,
+    counters: PerCpuArray<MapData, u64>,
+    cgroup: PathBuf,
+}
+
+/// cgroup bpf_links (kernel >= 5.7, which aya uses when available) always
+/// coexist with other programs on the cgroup, and link_create rejects the
+/// ALLOW_MULTI flag (EINVAL): `Single` means "no flags" there, not exclusive.
+const ATTACH_MODE: CgroupAttachMode = CgroupAttachMode::Single;
+
+/// Program names and the cgroup sock_addr hooks they attach to.
+const SOCK_ADDR_PROGRAMS: [&str; 4] =
+    [common::PROG_CONNECT4, common::PROG_CONNECT6, common::PROG_GETPEERNAME4, common::PROG_GETPEERNAME6];
+
+impl Steering {
+    /// Loads the programs, writes the redirect target, and attaches everything
+    /// to `cgroup`. Routes start empty: call [`Steering::apply`] next.
+    pub fn load(
+        cgroup: &Path,
+        v4: Option<SocketAddr>,
+        v6: Option<SocketAddr>,
+    ) -> Result<Steering, SteeringError> {
+        let level = kernel_log_level();
+        let mut ebpf = EbpfLoader::new()
+            .override_global(aya_log::LEVEL, &level, true)
+            .load(OBJECT)
+            .map_err(SteeringError::Load)?;
+        if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf).map(spawn_kernel_logger) {
+            warn!(error = %e, "eBPF logs unavailable");
+        }
+
+        let mut redirect: Array<MapData, RedirectTarget> =
+            take(&mut ebpf, common::MAP_REDIRECT)?.try_into().map_err(map_err(common::MAP_REDIRECT))?;
+        redirect.set(0, redirect_target(v4, v6), 0).map_err(map_err(common::MAP_REDIRECT))?;
+        let steering = Steering {
+            routes_v4: Mutex::new(try_map(&mut ebpf, common::MAP_ROUTES_V4)?),
+            routes_v6: Mutex::new(try_map(&mut ebpf, common::MAP_ROUTES_V6)?),
+            flows: Mutex::new(try_map(&mut ebpf, common::MAP_FLOWS)?),
+            bypass: Mutex::new(try_map(&mut ebpf, common::MAP_BYPASS)?),
+            counters: try_map(&mut ebpf, common::MAP_COUNTERS)?,
+            cgroup: cgroup.to_owned(),
+            programs: Mutex::new(None),
+        };
+
+        let cgroup_file =
+            File::open(cgroup).map_err(|source| SteeringError::Cgroup { path: cgroup.to_owned(), source })?;
+        // sock_ops first: a connect redirected before it is attached would be
+        // established without its flow recorded.
+        let prog: &mut SockOps = program(&mut ebpf, common::PROG_SOCK_OPS)?;
+        prog.load().map_err(|source| SteeringError::Program { name: common::PROG_SOCK_OPS, source })?;
+        prog.attach(&cgroup_file, ATTACH_MODE).map_err(|source| SteeringError::Attach {
+            name: common::PROG_SOCK_OPS,
+            cgroup: cgroup.to_owned(),
+            source,
+        })?;
+        // getpeername before connect, for the same reason.
+        for name in SOCK_ADDR_PROGRAMS.into_iter().rev() {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            prog.load().map_err(|source| SteeringError::Program { name, source })?;
+            prog.attach(&cgroup_file, ATTACH_MODE).map_err(|source| SteeringError::Attach {
+                name,
+                cgroup: cgroup.to_owned(),
+                source,
+            })?;
+        }
+        debug!(cgroup = %cgroup.display(), "eBPF programs attached");
+        *lock(&steering.programs) = Some(ebpf);
+        Ok(steering)
+    }
+
+    /// The cgroup the programs are attached to.
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+
+    /// Whether the programs are still attached.
+    pub fn attached(&self) -> bool {
+        lock(&self.programs).is_some()
+    }
+
+    /// Detaches every program; connects are no longer steered afterwards.
+    pub fn detach(&self) {
+        if lock(&self.programs).take().is_some() {
+            debug!(cgroup = %self.cgroup.display(), "eBPF programs detached");
+        }
+    }
+
+    /// Applies a route diff: inserts first, then removals, so a CIDR being
+    /// replaced is never briefly unrouted.
+    pub fn apply(&self, diff: &RouteDiff) -> Result<(), SteeringError> {
+        for e in &diff.upsert {
+            let value = RouteValue { route_id: e.id, action: ACTION_REDIRECT };
+            match e.net {
+                IpNet::V4(n) => lock(&self.routes_v4)
+                    .insert(&Key::new(n.prefix_len().into(), common::v4_word(n.network().octets())), value, 0)
+                    .map_err(map_err(common::MAP_ROUTES_V4))?,
+                IpNet::V6(n) => lock(&self.routes_v6)
+                    .insert(
+                        &Key::new(n.prefix_len().into(), common::v6_words(n.network().octets())),
+                        value,
+                        0,
+                    )
+                    .map_err(map_err(common::MAP_ROUTES_V6))?,
+            }
+        }
+        for net in &diff.remove {
+            let result = match net {
+                IpNet::V4(n) => lock(&self.routes_v4)
+                    .remove(&Key::new(n.prefix_len().into(), common::v4_word(n.network().octets()))),
+                IpNet::V6(n) => lock(&self.routes_v6)
+                    .remove(&Key::new(n.prefix_len().into(), common::v6_words(n.network().octets()))),
+            };
+            match result {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(source) => return Err(SteeringError::Map { name: "ROUTES", source }),
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of entries in the route tries (v4, v6).
+    pub fn route_entries(&self) -> (usize, usize) {
+        (lock(&self.routes_v4).keys().count(), lock(&self.routes_v6).keys().count())
+    }
+
+    /// Takes the original destination of a flow accepted from `peer`, removing
+    /// the entry: each flow is recovered once.
+    pub fn take_flow(&self, peer: SocketAddr) -> Option<Recovered> {
+        let key = match peer.ip() {
+            IpAddr::V4(ip) => FlowKey::v4(common::v4_word(ip.octets()), peer.port()),
+            IpAddr::V6(ip) => FlowKey::v6(common::v6_words(ip.octets()), peer.port()),
+        };
+        let mut flows = lock(&self.flows);
+        let orig = flows.get(&key, 0).ok()?;
+        if let Err(e) = flows.remove(&key) {
+            warn!(error = %e, %peer, "FLOWS entry could not be removed; LRU eviction will reclaim it");
+        }
+        Some(Recovered { dst: orig_socket_addr(&orig), route_id: orig.route_id })
+    }
+
+    /// Marks one of the agent's own sockets so the connect hooks leave it alone
+    /// until the returned guard is dropped (after `connect()` returned).
+    pub fn bypass(&self, cookie: u64) -> Result<BypassGuard<'_>, SteeringError> {
+        lock(&self.bypass).insert(cookie, 1, 0).map_err(map_err(common::MAP_BYPASS))?;
+        Ok(BypassGuard { steering: self, cookie })
+    }
+
+    /// Sums the per-CPU counters.
+    pub fn counters(&self) -> Result<KernelCounters, SteeringError> {
+        let mut out = KernelCounters::default();
+        for c in Counter::ALL {
+            let per_cpu = self.counters.get(&(c as u32), 0).map_err(map_err(common::MAP_COUNTERS))?;
+            out.0[c as usize] = per_cpu.iter().sum();
+        }
+        Ok(out)
+    }
+}
+
+/// Removes a socket from the bypass set when dropped.
+pub struct BypassGuard<'a> {
+    steering: &'a Steering,
+    cookie: u64,
+}
+
+impl Drop for BypassGuard<'_> {
+    fn drop(&mut self) {
+        let _ = lock(&self.steering.bypass).remove(&self.cookie);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding a map handle leaves the map itself consistent.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, SteeringError> {
+    ebpf.take_map(name).ok_or(SteeringError::Missing { what: "map", name })
+}
+
+fn try_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, SteeringError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    take(ebpf, name)?.try_into().map_err(map_err(name))
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, SteeringError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let prog = ebpf.program_mut(name).ok_or(SteeringError::Missing { what: "program", name })?;
+    prog.try_into().map_err(|source| SteeringError::Program { name, source })
+}
+
+fn redirect_target(v4: Option<SocketAddr>, v6: Option<SocketAddr>) -> RedirectTarget {
+    let mut t = RedirectTarget::default();
+    if let Some(SocketAddr::V4(a)) = v4 {
+        t.v4_addr = common::v4_word(a.ip().octets());
+        t.v4_port = common::port_to_user(a.port());
+        t.flags |= REDIRECT_V4_ENABLED;
+    }
+    if let Some(SocketAddr::V6(a)) = v6 {
+        t.v6_addr = common::v6_words(a.ip().octets());
+        t.v6_port = common::port_to_user(a.port());
+        t.flags |= REDIRECT_V6_ENABLED;
+    }
+    t
+}
+
+fn orig_socket_addr(o: &OrigDst) -> SocketAddr {
+    let port = common::port_from_user(o.port);
+    if o.family == AF_INET {
+        return SocketAddr::new(IpAddr::from(common::v4_octets(o.addr[0])), port);
+    }
+    debug_assert_eq!(o.family, AF_INET6);
+    let ip = std::net::Ipv6Addr::from(common::v6_octets(o.addr));
+    // A dual-stack socket that dialled ::ffff:a.b.c.d wants the IPv4 host.
+    match ip.to_ipv4_mapped() {
+        Some(v4) => SocketAddr::new(v4.into(), port),
+        None => SocketAddr::new(ip.into(), port),
+    }
+}
+
+/// The kernel-side log level follows the agent's: below it, the programs skip
+/// logging entirely (one global load on the hot path).
+fn kernel_log_level() -> u8 {
+    use tracing::level_filters::LevelFilter;
+    let level = match LevelFilter::current() {
+        LevelFilter::TRACE => aya_log::Level::Trace,
+        LevelFilter::DEBUG => aya_log::Level::Debug,
+        LevelFilter::INFO => aya_log::Level::Info,
+        LevelFilter::WARN => aya_log::Level::Warn,
+        _ => aya_log::Level::Error,
+    };
+    level as u8
+}
+
+fn spawn_kernel_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
+    // SAFETY: the logger owns its ring buffer fd, which stays open and the same
+    // for as long as the logger (moved into the AsyncFd) lives.
+    let registered =
+        unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+    let Ok(mut fd) = registered else { return };
+    handle.spawn(async move {
+        while let Ok(mut guard) = fd.readable_mut().await {
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn orig_dst_converts_back_to_socket_addrs() {
+        let v4: SocketAddr = "198.51.100.101:6443".parse().expect("addr");
+        let o = OrigDst {
+            addr: [common::v4_word([198, 51, 100, 101]), 0, 0, 0],
+            port: common::port_to_user(6443),
+            family: AF_INET,
+            ..Default::default()
+        };
+        assert_eq!(orig_socket_addr(&o), v4);
+        let mapped = OrigDst {
+            addr: common::v4_mapped_words(common::v4_word([198, 51, 100, 101])),
+            port: common::port_to_user(6443),
+            family: AF_INET6,
+            ..Default::default()
+        };
+        assert_eq!(orig_socket_addr(&mapped), v4);
+        let v6: SocketAddr = "[2001:db8::101]:6443".parse().expect("addr");
+        let o6 = OrigDst {
+            addr: common::v6_words("2001:db8::101".parse::<std::net::Ipv6Addr>().expect("ip").octets()),
+            port: common::port_to_user(6443),
+            family: AF_INET6,
+            ..Default::default()
+        };
+        assert_eq!(orig_socket_addr(&o6), v6);
+    }
+
+    #[test]
+    fn redirect_target_sets_flags_per_family() {
+        let t = redirect_target(Some("169.254.77.1:15001".parse().expect("addr")), None);
+        assert_eq!(t.flags, REDIRECT_V4_ENABLED);
+        assert_eq!(common::v4_octets(t.v4_addr), [169, 254, 77, 1]);
+        assert_eq!(common::port_from_user(t.v4_port), 15001);
+        let t = redirect_target(None, Some("[fd00:d47a::1]:15001".parse().expect("addr")));
+        assert_eq!(t.flags, REDIRECT_V6_ENABLED);
+    }
+}

@@ -1,0 +1,13 @@
+//! The dataplane agent as a library: `dataplane` (src/main.rs) is a thin CLI
+//! over [`agent::Agent`], and tests run the same agent in process.
+
+pub mod agent;
+pub mod cgroup;
+pub mod config;
+pub mod config_watch;
+pub mod direct;
+pub mod ebpf;
+pub mod netlink;
+pub mod routes;
+pub mod sockopt;
+pub mod steer;

@@ -1,0 +1,112 @@
+//! `dataplane`: the node agent's command line.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+use dataplane::{
+    agent::{Agent, AgentError},
+    config::{Config, EXIT_BAD_CONFIG},
+    config_watch,
+};
+use tracing::{error, info};
+
+#[derive(Parser)]
+#[command(name = "dataplane", version, about = "eBPF-steered node routing dataplane")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node agent: load the eBPF programs, steer routed connects, serve flows.
+    Agent {
+        /// YAML configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// How often to check the file for changes (SIGHUP reloads at once).
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        reload_interval: Duration,
+    },
+    /// Validate a configuration file and exit (0 valid, 64 invalid).
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match cli.command {
+        Command::Check { config } => match Config::load(&config) {
+            Ok(c) => {
+                println!("{}: valid ({} routes)", config.display(), c.routes.len());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(EXIT_BAD_CONFIG as u8)
+            }
+        },
+        Command::Agent { config, reload_interval } => run_agent(config, reload_interval),
+    }
+}
+
+fn run_agent(path: PathBuf, reload_interval: Duration) -> ExitCode {
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::from(EXIT_BAD_CONFIG as u8);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!("starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(path, config, reload_interval)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            let bad_config =
+                e.downcast_ref::<AgentError>().is_some_and(|e| matches!(e, AgentError::Config(_)));
+            ExitCode::from(if bad_config { EXIT_BAD_CONFIG as u8 } else { 1 })
+        }
+    }
+}
+
+async fn serve(path: PathBuf, config: Config, reload_interval: Duration) -> anyhow::Result<()> {
+    let agent = Agent::start(config).await?;
+    let handle = agent.handle();
+    info!(listeners = ?agent.listen_addrs(), cgroup = %handle.cgroup().display(), "agent running");
+    let watcher = tokio::spawn(config_watch::watch(path, handle, reload_interval));
+    agent.run(shutdown_signal()).await;
+    watcher.abort();
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        error!("cannot install signal handlers; stopping");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = int.recv() => info!("SIGINT received"),
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::{EnvFilter, fmt};
+    // aya's loader logs every relocation at debug: keep it at warn unless asked.
+    let filter = EnvFilter::try_from_env("DATAPLANE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = filter.add_directive("aya=warn".parse().expect("static directive"));
+    let filter = filter.add_directive("aya_obj=warn".parse().expect("static directive"));
+    let _ = fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}

@@ -1,0 +1,123 @@
+//! The agent's route table: validated routes with ids that stay stable across
+//! reloads, longest-prefix lookup, and the diff that syncs the kernel tries.
+
+use std::{collections::HashMap, net::IpAddr};
+
+use ipnet::IpNet;
+
+use crate::config::ValidRoute;
+
+/// Where a route's flows go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Upstream {
+    /// Dial the original destination from the agent.
+    Direct,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteEntry {
+    /// Stable id: the same CIDR keeps its id across reloads, so a flow recorded
+    /// by the kernel before a reload still names the right route after it.
+    pub id: u32,
+    pub net: IpNet,
+    pub upstream: Upstream,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RouteTable {
+    entries: Vec<RouteEntry>,
+}
+
+/// What to change in the kernel tries to go from one table to another.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RouteDiff {
+    /// Entries to insert or overwrite.
+    pub upsert: Vec<RouteEntry>,
+    /// Networks to delete.
+    pub remove: Vec<IpNet>,
+}
+
+impl RouteTable {
+    /// Builds a table, keeping the ids `previous` gave to the same CIDRs.
+    pub fn build(routes: &[ValidRoute], previous: &RouteTable) -> RouteTable {
+        let known: HashMap<IpNet, u32> = previous.entries.iter().map(|e| (e.net, e.id)).collect();
+        let mut next = previous.entries.iter().map(|e| e.id + 1).max().unwrap_or(0);
+        let entries = routes
+            .iter()
+            .map(|r| {
+                let id = known.get(&r.net).copied().unwrap_or_else(|| {
+                    next += 1;
+                    next - 1
+                });
+                // Config validation admits only `direct` until peers exist.
+                RouteEntry { id, net: r.net, upstream: Upstream::Direct }
+            })
+            .collect();
+        RouteTable { entries }
+    }
+
+    pub fn entries(&self) -> &[RouteEntry] {
+        &self.entries
+    }
+
+    pub fn get(&self, id: u32) -> Option<&RouteEntry> {
+        self.entries.iter().find(|e| e.id == id)
+    }
+
+    /// Longest-prefix match (validated tables never overlap, but be exact anyway).
+    pub fn lookup(&self, ip: IpAddr) -> Option<&RouteEntry> {
+        self.entries.iter().filter(|e| e.net.contains(&ip)).max_by_key(|e| e.net.prefix_len())
+    }
+
+    /// Changes that turn `self` (what the kernel has) into `next`.
+    pub fn diff(&self, next: &RouteTable) -> RouteDiff {
+        let upsert = next.entries.iter().filter(|e| !self.entries.contains(e)).cloned().collect();
+        let remove = self
+            .entries
+            .iter()
+            .filter(|e| !next.entries.iter().any(|n| n.net == e.net))
+            .map(|e| e.net)
+            .collect();
+        RouteDiff { upsert, remove }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn routes(cidrs: &[&str]) -> Vec<ValidRoute> {
+        cidrs.iter().map(|c| ValidRoute { net: c.parse().expect("cidr"), via: "direct".into() }).collect()
+    }
+
+    #[test]
+    fn ids_are_stable_across_rebuilds() {
+        let a = RouteTable::build(&routes(&["10.0.0.0/8", "192.0.2.0/24"]), &RouteTable::default());
+        let b = RouteTable::build(&routes(&["192.0.2.0/24", "2001:db8::/64"]), &a);
+        assert_eq!(a.entries()[1].id, b.entries()[0].id, "same CIDR keeps its id");
+        let ids: Vec<u32> = a.entries().iter().chain(b.entries()).map(|e| e.id).collect();
+        assert_eq!(ids, vec![0, 1, 1, 2], "a new CIDR never reuses an id");
+    }
+
+    #[test]
+    fn diff_adds_and_removes() {
+        let a = RouteTable::build(&routes(&["10.0.0.0/8", "192.0.2.0/24"]), &RouteTable::default());
+        let b = RouteTable::build(&routes(&["192.0.2.0/24", "2001:db8::/64"]), &a);
+        let d = a.diff(&b);
+        assert_eq!(d.remove, vec!["10.0.0.0/8".parse::<IpNet>().expect("net")]);
+        assert_eq!(d.upsert.len(), 1);
+        assert_eq!(d.upsert[0].net, "2001:db8::/64".parse::<IpNet>().expect("net"));
+        assert_eq!(b.diff(&b), RouteDiff::default());
+        let from_empty = RouteTable::default().diff(&b);
+        assert_eq!(from_empty.upsert, b.entries().to_vec());
+    }
+
+    #[test]
+    fn lookup_finds_the_covering_route() {
+        let t = RouteTable::build(&routes(&["10.0.0.0/8", "2001:db8::101/128"]), &RouteTable::default());
+        assert_eq!(t.lookup("10.1.2.3".parse().expect("ip")).map(|e| e.id), Some(0));
+        assert_eq!(t.lookup("2001:db8::101".parse().expect("ip")).map(|e| e.id), Some(1));
+        assert!(t.lookup("2001:db8::102".parse().expect("ip")).is_none());
+        assert!(t.get(1).is_some() && t.get(7).is_none());
+    }
+}

@@ -1,0 +1,110 @@
+//! The redirect listeners that steered connects land on, and the flow-level
+//! counters the agent keeps in userspace.
+
+use std::{
+    io,
+    net::SocketAddr,
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
+};
+
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+#[derive(Debug, thiserror::Error)]
+#[error("binding the redirect listener {field} = {addr}: {source}")]
+pub struct BindError {
+    pub field: &'static str,
+    pub addr: SocketAddr,
+    pub source: io::Error,
+}
+
+/// Binds one redirect listener. The backlog is large: a burst of connects is
+/// completed by the kernel before the agent gets to accept them.
+pub fn bind(field: &'static str, addr: SocketAddr) -> Result<TcpListener, BindError> {
+    let err = |source| BindError { field, addr, source };
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.set_nodelay(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    socket.listen(4096).map_err(err)
+}
+
+/// Accepts whatever the kernel already queued on `listener` without waiting:
+/// after the programs are detached no new connect can arrive, but connects
+/// redirected just before are established and waiting here.
+pub fn drain_queued(listener: TcpListener) -> Vec<(TcpStream, SocketAddr)> {
+    let Ok(std) = listener.into_std() else { return Vec::new() };
+    let mut out = Vec::new();
+    // into_std keeps the socket non-blocking, so accept ends on WouldBlock.
+    while let Ok((stream, peer)) = std.accept() {
+        if let Ok(stream) = TcpStream::from_std(stream) {
+            out.push((stream, peer));
+        }
+    }
+    out
+}
+
+/// Userspace flow counters (kernel counters live in the COUNTERS map).
+#[derive(Debug, Default)]
+pub struct FlowStats {
+    /// Connections accepted on the redirect listeners.
+    pub accepted: AtomicU64,
+    /// Accepted, but no original destination was recorded for the peer
+    /// (not a steered connect): reset.
+    pub unrecovered: AtomicU64,
+    /// The flow's route was removed between connect and accept: reset.
+    pub route_gone: AtomicU64,
+    /// The upstream could not be dialled: reset.
+    pub dial_failed: AtomicU64,
+    /// Flows that reached their destination and ran to the end.
+    pub completed: AtomicU64,
+    /// Flows being served now.
+    pub active: AtomicU64,
+    /// Bytes from the application to the destination.
+    pub bytes_up: AtomicU64,
+    /// Bytes from the destination to the application.
+    pub bytes_down: AtomicU64,
+}
+
+/// A point-in-time copy of [`FlowStats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct FlowSnapshot {
+    pub accepted: u64,
+    pub unrecovered: u64,
+    pub route_gone: u64,
+    pub dial_failed: u64,
+    pub completed: u64,
+    pub active: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+}
+
+impl FlowStats {
+    pub fn snapshot(&self) -> FlowSnapshot {
+        FlowSnapshot {
+            accepted: self.accepted.load(Relaxed),
+            unrecovered: self.unrecovered.load(Relaxed),
+            route_gone: self.route_gone.load(Relaxed),
+            dial_failed: self.dial_failed.load(Relaxed),
+            completed: self.completed.load(Relaxed),
+            active: self.active.load(Relaxed),
+            bytes_up: self.bytes_up.load(Relaxed),
+            bytes_down: self.bytes_down.load(Relaxed),
+        }
+    }
+}
+
+/// Counts a flow as active for as long as it lives.
+pub struct ActiveFlow<'a>(&'a FlowStats);
+
+impl<'a> ActiveFlow<'a> {
+    pub fn new(stats: &'a FlowStats) -> Self {
+        stats.active.fetch_add(1, Relaxed);
+        ActiveFlow(stats)
+    }
+}
+
+impl Drop for ActiveFlow<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Relaxed);
+    }
+}
