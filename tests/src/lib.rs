@@ -1,1 +1,174 @@
+//! Harness for the privileged tests: network namespaces and child cgroups that
+//! clean up through Drop, a pod/node/server topology joined by veth pairs, an
+//! echo server that reports who connected, and the agent run in process inside
+//! the node namespace.
 
+pub mod probe;
+pub mod topology;
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use anyhow::{Context, Result, bail};
+
+/// A name unique to this process and call, short enough for interface names.
+pub fn unique_id() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!("{:x}{:x}", std::process::id() % 0xfff, NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Runs a command and fails with its stderr if it fails.
+pub fn sh(args: &[&str]) -> Result<String> {
+    let out = Command::new(args[0]).args(&args[1..]).output().with_context(|| format!("running {args:?}"))?;
+    if !out.status.success() {
+        bail!("{args:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A named network namespace (`ip netns add`), deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: String) -> Result<Netns> {
+        sh(&["ip", "netns", "add", &name])?;
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.name))
+    }
+
+    /// `ip -n NAME ...`
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        let mut full = vec!["ip", "-n", &self.name];
+        full.extend_from_slice(args);
+        sh(&full)
+    }
+
+    /// Writes a sysctl inside the namespace (procfs follows the thread's netns).
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        let value = value.to_owned();
+        self.run(move || std::fs::write(&path, value).with_context(|| format!("writing {path}")))?
+    }
+
+    /// Runs `f` on a thread that entered this namespace; threads it spawns
+    /// (a tokio runtime's workers) are in the namespace too.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<std::thread::JoinHandle<T>> {
+        let file = File::open(self.path()).with_context(|| format!("opening {}", self.path().display()))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let handle = std::thread::spawn(move || {
+            let entered = nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET);
+            let ok = entered.is_ok();
+            let _ = tx.send(entered);
+            assert!(ok, "setns failed");
+            f()
+        });
+        rx.recv().context("namespace thread died")?.context("setns")?;
+        Ok(handle)
+    }
+
+    /// Runs `f` inside the namespace and waits for it.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        self.spawn(f)?.join().map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = sh(&["ip", "netns", "del", &self.name]);
+    }
+}
+
+/// The cgroup v2 mount point of this host.
+pub fn cgroup2_root() -> Result<PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    dataplane::cgroup::cgroup2_mount(&mountinfo).context("no cgroup2 mount: these tests need cgroup v2")
+}
+
+/// A child cgroup created for one test; on drop its processes are killed and
+/// it is removed. The programs attach here, never to the host's root.
+pub struct Cgroup {
+    pub path: PathBuf,
+}
+
+impl Cgroup {
+    pub fn new(name: &str) -> Result<Cgroup> {
+        let path = cgroup2_root()?.join(format!("dataplane-test-{name}"));
+        std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Cgroup { path })
+    }
+
+    pub fn procs(&self) -> Vec<i32> {
+        std::fs::read_to_string(self.path.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        for pid in self.procs() {
+            if pid as u32 != std::process::id() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.path).is_ok() || !self.path.exists() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        eprintln!("warning: could not remove {}", self.path.display());
+    }
+}
+
+/// Moves this whole process into `cgroup` until dropped (then back to where it
+/// was). Only for a test binary that holds a single test.
+pub struct JoinedCgroup {
+    previous: PathBuf,
+}
+
+impl JoinedCgroup {
+    pub fn join(cgroup: &Path) -> Result<JoinedCgroup> {
+        let own = std::fs::read_to_string("/proc/self/cgroup")?;
+        let rel =
+            own.lines().find_map(|l| l.strip_prefix("0::")).context("process has no cgroup v2 membership")?;
+        let previous = cgroup2_root()?.join(rel.trim_start_matches('/'));
+        std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())?;
+        Ok(JoinedCgroup { previous })
+    }
+}
+
+impl Drop for JoinedCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.previous.join("cgroup.procs"), std::process::id().to_string());
+    }
+}
+
+/// Skips (with the reason) when not root: these tests need CAP_BPF,
+/// CAP_NET_ADMIN and CAP_SYS_ADMIN. CI runs as root, so they always run there.
+pub fn require_root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    eprintln!("skipped: needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)");
+    false
+}

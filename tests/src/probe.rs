@@ -1,0 +1,112 @@
+//! Running the `dataplane-probe` workload and reading what it reports.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+/// One connect as the probe saw it.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Attempt {
+    pub ok: bool,
+    /// getpeername() of the connected socket.
+    pub peer: Option<String>,
+    /// Everything the server sent.
+    pub response: String,
+    pub error: Option<String>,
+    pub elapsed_us: u64,
+}
+
+impl Attempt {
+    /// The address the server saw the connection come from (`peer=` line).
+    pub fn server_saw(&self) -> Option<SocketAddr> {
+        self.response.lines().next()?.strip_prefix("peer=")?.parse().ok()
+    }
+
+    /// The echoed payload.
+    pub fn echoed(&self) -> &str {
+        self.response.split_once('\n').map(|(_, rest)| rest).unwrap_or("")
+    }
+}
+
+/// Totals of a `--repeat` run.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Summary {
+    pub ok: u64,
+    pub failed: u64,
+    pub first_error: Option<String>,
+}
+
+/// A workload process placed in a cgroup and a network namespace.
+pub struct Probe {
+    pub cgroup: Option<PathBuf>,
+    pub netns: PathBuf,
+}
+
+/// The probe binary: built by cargo next to the test binaries' `deps/` folder
+/// (this crate's [[bin]]), or wherever DATAPLANE_PROBE points.
+pub fn probe_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("DATAPLANE_PROBE") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().expect("exe dir");
+    let dir: &Path = if dir.ends_with("deps") { dir.parent().expect("target dir") } else { dir };
+    dir.join("dataplane-probe")
+}
+
+impl Probe {
+    fn command(&self, extra: &[&str], addr: SocketAddr) -> Command {
+        let mut cmd = Command::new(probe_bin());
+        if let Some(cg) = &self.cgroup {
+            cmd.arg("--cgroup").arg(cg);
+        }
+        cmd.arg("--netns").arg(&self.netns).args(extra).arg(addr.to_string());
+        cmd
+    }
+
+    fn run<T: for<'de> Deserialize<'de>>(&self, extra: &[&str], addr: SocketAddr) -> Result<T> {
+        let out = self.command(extra, addr).output().context("running dataplane-probe")?;
+        if !out.status.success() {
+            bail!("dataplane-probe failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("probe output: {}", String::from_utf8_lossy(&out.stdout)))
+    }
+
+    /// One TCP connect + exchange.
+    pub fn connect(&self, addr: SocketAddr) -> Result<Attempt> {
+        self.run(&[], addr)
+    }
+
+    /// One UDP connect (no traffic).
+    pub fn udp_connect(&self, addr: SocketAddr) -> Result<Attempt> {
+        self.run(&["--udp"], addr)
+    }
+
+    /// `n` sequential TCP exchanges.
+    pub fn repeat(&self, addr: SocketAddr, n: usize) -> Result<Summary> {
+        self.run(&["--repeat", &n.to_string()], addr)
+    }
+
+    /// Starts `n` sequential exchanges in the background.
+    pub fn spawn_repeat(&self, addr: SocketAddr, n: usize) -> Result<std::process::Child> {
+        self.command(&["--repeat", &n.to_string()], addr)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("spawning dataplane-probe")
+    }
+}
+
+/// Reads the summary of a probe started with [`Probe::spawn_repeat`].
+pub fn wait_summary(child: std::process::Child) -> Result<Summary> {
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("dataplane-probe failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}

@@ -1,0 +1,241 @@
+//! The test network: a workload ("pod") namespace joined to a "node" namespace
+//! by a veth pair, as a pod is, and a "server" namespace behind the node that
+//! holds the routed destinations. The agent runs in the node namespace.
+//!
+//! ```text
+//!  pod 10.200.0.2 ──veth── 10.200.0.1 node 10.201.0.1 ──veth── 10.201.0.2 server
+//!      fd00:200::2          fd00:200::1   fd00:201::1          fd00:201::2
+//!                                                              198.51.100.101-103, 2001:db8::101-103 on lo
+//! ```
+
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use dataplane::{
+    agent::{Agent, AgentHandle, Summary},
+    config::Config,
+};
+
+use crate::{Cgroup, Netns, probe::Probe, unique_id};
+
+pub const POD_V4: &str = "10.200.0.2";
+pub const POD_V6: &str = "fd00:200::2";
+pub const NODE_TO_SERVER_V4: &str = "10.201.0.1";
+pub const NODE_TO_SERVER_V6: &str = "fd00:201::1";
+/// Routed in most tests.
+pub const API_V4: &str = "198.51.100.101:6443";
+pub const API_V6: &str = "[2001:db8::101]:6443";
+/// Served by the server but never routed.
+pub const OTHER_V4: &str = "198.51.100.102:6443";
+pub const OTHER_V6: &str = "[2001:db8::102]:6443";
+/// Reachable host, nothing listening: connects get RST.
+pub const CLOSED_V4: &str = "198.51.100.103:6443";
+
+pub fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("test address")
+}
+
+pub struct Topology {
+    pub id: String,
+    // Field order is drop order: server threads and cgroup before namespaces.
+    pub server: EchoServer,
+    pub cgroup: Cgroup,
+    pub pod: Netns,
+    pub node: Netns,
+    pub remote: Netns,
+}
+
+impl Topology {
+    pub fn new() -> Result<Topology> {
+        let id = unique_id();
+        let cgroup = Cgroup::new(&id)?;
+        let pod = Netns::new(format!("dpt-{id}-pod"))?;
+        let node = Netns::new(format!("dpt-{id}-node"))?;
+        let remote = Netns::new(format!("dpt-{id}-srv"))?;
+        let (vp, vn, vs, vt) = (format!("vp{id}"), format!("vn{id}"), format!("vs{id}"), format!("vt{id}"));
+
+        node.ip(&["link", "add", &vn, "type", "veth", "peer", "name", &vp, "netns", &pod.name])?;
+        node.ip(&["link", "add", &vs, "type", "veth", "peer", "name", &vt, "netns", &remote.name])?;
+        for (ns, dev, v4, v6) in [
+            (&pod, &vp, "10.200.0.2/24", "fd00:200::2/64"),
+            (&node, &vn, "10.200.0.1/24", "fd00:200::1/64"),
+            (&node, &vs, "10.201.0.1/24", "fd00:201::1/64"),
+            (&remote, &vt, "10.201.0.2/24", "fd00:201::2/64"),
+        ] {
+            ns.ip(&["addr", "add", v4, "dev", dev])?;
+            // Without nodad a connect right after setup races DAD and times out.
+            ns.ip(&["addr", "add", v6, "dev", dev, "nodad"])?;
+            ns.ip(&["link", "set", dev, "up"])?;
+        }
+        pod.ip(&["route", "add", "default", "via", "10.200.0.1"])?;
+        pod.ip(&["-6", "route", "add", "default", "via", "fd00:200::1"])?;
+        remote.ip(&["route", "add", "default", "via", "10.201.0.1"])?;
+        remote.ip(&["-6", "route", "add", "default", "via", "fd00:201::1"])?;
+        node.ip(&["route", "add", "198.51.100.0/24", "via", "10.201.0.2"])?;
+        node.ip(&["-6", "route", "add", "2001:db8::/64", "via", "fd00:201::2"])?;
+        for a in ["198.51.100.101/32", "198.51.100.102/32", "198.51.100.103/32"] {
+            remote.ip(&["addr", "add", a, "dev", "lo"])?;
+        }
+        for a in ["2001:db8::101/128", "2001:db8::102/128", "2001:db8::103/128"] {
+            remote.ip(&["addr", "add", a, "dev", "lo", "nodad"])?;
+        }
+        node.sysctl("net.ipv4.ip_forward", "1")?;
+        node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+
+        let server = EchoServer::start(&remote, &[API_V4, API_V6, OTHER_V4, OTHER_V6])?;
+        Ok(Topology { id, server, cgroup, pod, node, remote })
+    }
+
+    /// A config for this topology's cgroup with the given routes (`direct`).
+    pub fn config(&self, routes: &[&str]) -> Config {
+        let routes: String =
+            routes.iter().map(|r| format!("  - {{ cidr: \"{r}\", via: direct }}\n")).collect();
+        let text = format!(
+            "node: test-{}\nsteering:\n  cgroup: {}\ntimeouts: {{ connect: 2s, shutdown_grace: 2s }}\nroutes:\n{routes}",
+            self.id,
+            self.cgroup.path.display()
+        );
+        Config::parse(&text).expect("test config is valid")
+    }
+
+    /// A workload in the pod namespace and the test cgroup.
+    pub fn pod_probe(&self) -> Probe {
+        Probe { cgroup: Some(self.cgroup.path.clone()), netns: self.pod.path() }
+    }
+
+    /// A process beside the agent (hostNetwork), in the test cgroup.
+    pub fn node_probe(&self) -> Probe {
+        Probe { cgroup: Some(self.cgroup.path.clone()), netns: self.node.path() }
+    }
+
+    /// Starts the agent in process, in the node namespace.
+    pub fn start_agent(&self, config: Config) -> Result<RunningAgent> {
+        RunningAgent::start(&self.node, config)
+    }
+}
+
+/// Listens on the given addresses; each connection gets `peer=ADDR\n` (the
+/// address the server saw) and then an echo of what it sends, until EOF.
+pub struct EchoServer {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    pub seen: Arc<Mutex<Vec<SocketAddr>>>,
+}
+
+impl EchoServer {
+    pub fn start(ns: &Netns, addrs: &[&str]) -> Result<EchoServer> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let mut threads = Vec::new();
+        for a in addrs {
+            let a = addr(a);
+            let listener = ns.run(move || TcpListener::bind(a))?.with_context(|| format!("binding {a}"))?;
+            listener.set_nonblocking(true)?;
+            let (stop, seen) = (stop.clone(), seen.clone());
+            threads.push(std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((conn, peer)) => {
+                            seen.lock().expect("lock").push(peer);
+                            std::thread::spawn(move || echo(conn, peer));
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(1)),
+                    }
+                }
+            }));
+        }
+        Ok(EchoServer { stop, threads, seen })
+    }
+}
+
+fn echo(mut conn: std::net::TcpStream, peer: SocketAddr) {
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = conn.write_all(format!("peer={peer}\n").as_bytes());
+    let mut buf = [0u8; 16384];
+    while let Ok(n) = conn.read(&mut buf) {
+        if n == 0 || conn.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = conn.shutdown(Shutdown::Write);
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The agent running in process on its own runtime in a namespace.
+pub struct RunningAgent {
+    pub handle: AgentHandle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<Summary>>,
+}
+
+impl RunningAgent {
+    pub fn start(ns: &Netns, config: Config) -> Result<RunningAgent> {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("info,aya=warn,aya_obj=warn")
+            .with_test_writer()
+            .try_init();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = ns.spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let agent = match Agent::start(config).await {
+                    Ok(a) => a,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(anyhow::Error::new(e)));
+                        return None;
+                    }
+                };
+                let _ = ready_tx.send(Ok(agent.handle()));
+                Some(
+                    agent
+                        .run(async {
+                            let _ = stop_rx.await;
+                        })
+                        .await,
+                )
+            })
+        })?;
+        let handle = ready_rx.recv().context("agent thread died")??;
+        let thread = Some(std::thread::spawn(move || thread.join().ok().flatten().expect("agent ran")));
+        Ok(RunningAgent { handle, stop: Some(stop), thread })
+    }
+
+    /// Stops the agent (as SIGTERM would) and returns its final summary.
+    pub fn stop(mut self) -> Summary {
+        self.shutdown().expect("agent stopped cleanly")
+    }
+
+    fn shutdown(&mut self) -> Option<Summary> {
+        let _ = self.stop.take()?.send(());
+        self.thread.take()?.join().ok()
+    }
+}
+
+impl Drop for RunningAgent {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}

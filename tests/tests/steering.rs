@@ -1,0 +1,213 @@
+//! Kernel steering end to end on the real kernel: programs attached to a child
+//! cgroup, a workload in its own network namespace (as a pod), the agent in
+//! process in the node namespace, routed destinations in a server namespace.
+
+use std::net::SocketAddr;
+
+use dataplane::agent::ReloadError;
+use dataplane_common::Counter;
+use tests::{
+    require_root,
+    topology::{
+        API_V4, API_V6, CLOSED_V4, NODE_TO_SERVER_V4, NODE_TO_SERVER_V6, OTHER_V4, OTHER_V6, POD_V4, POD_V6,
+        Topology, addr,
+    },
+};
+
+const ROUTES: [&str; 3] = ["198.51.100.101/32", "2001:db8::101/128", "198.51.100.103/32"];
+
+fn ip_of(s: Option<SocketAddr>) -> String {
+    s.map(|a| a.ip().to_string()).unwrap_or_default()
+}
+
+/// (a) (b) (c) (f): routed v4 and v6 connects from a pod reach the server
+/// through the agent, getpeername() shows the dialled address, unrouted TCP
+/// and UDP are untouched, and every counter matches the flows made.
+#[test]
+fn routed_connects_from_a_pod_go_through_the_agent_and_counters_match() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::new().expect("topology");
+    let agent = topo.start_agent(topo.config(&ROUTES)).expect("agent starts");
+    let before = agent.handle.kernel_counters().expect("counters");
+    let pod = topo.pod_probe();
+
+    for (dst, via) in [(API_V4, NODE_TO_SERVER_V4), (API_V6, NODE_TO_SERVER_V6)] {
+        let a = pod.connect(addr(dst)).expect("probe");
+        assert!(a.ok, "{dst}: {a:?}");
+        assert_eq!(a.peer.as_deref(), Some(addr(dst).to_string().as_str()), "getpeername shows {dst}");
+        assert_eq!(ip_of(a.server_saw()), via, "{dst} reached the server from the agent, not the pod");
+        assert_eq!(a.echoed(), "hello through the dataplane", "bytes and half-close both ways");
+    }
+
+    for (dst, pod_ip) in [(OTHER_V4, POD_V4), (OTHER_V6, POD_V6)] {
+        let a = pod.connect(addr(dst)).expect("probe");
+        assert!(a.ok, "{dst}: {a:?}");
+        assert_eq!(ip_of(a.server_saw()), pod_ip, "unrouted {dst} went direct from the pod");
+        assert_eq!(a.peer.as_deref(), Some(addr(dst).to_string().as_str()));
+    }
+
+    let udp = pod.udp_connect(addr(API_V4)).expect("probe");
+    assert_eq!(udp.peer.as_deref(), Some(API_V4), "UDP to a routed address is untouched");
+
+    let k = agent.handle.kernel_counters().expect("counters").since(&before);
+    assert_eq!(k.get(Counter::ConnectRedirected), 2, "{k:?}");
+    assert_eq!(k.get(Counter::SockOpsFlowRecorded), 2, "{k:?}");
+    assert_eq!(k.get(Counter::GetpeernameRestored), 2, "{k:?}");
+    assert_eq!(k.get(Counter::ConnectNotRouted), 2, "{k:?}");
+    assert_eq!(k.get(Counter::ConnectNotTcp), 1, "{k:?}");
+    assert_eq!(k.get(Counter::ConnectMapError) + k.get(Counter::SockOpsMapError), 0, "{k:?}");
+    assert_eq!(k.get(Counter::ConnectAgentSocket), 0, "the agent is outside the cgroup here");
+
+    let summary = agent.stop();
+    assert_eq!(summary.flows.accepted, 2, "{:?}", summary.flows);
+    assert_eq!(summary.flows.completed, 2, "{:?}", summary.flows);
+    assert_eq!(summary.flows.unrecovered + summary.flows.dial_failed, 0, "{:?}", summary.flows);
+    assert_eq!(summary.flows.active, 0);
+    let payload = "hello through the dataplane".len() as u64;
+    assert_eq!(summary.flows.bytes_up, 2 * payload);
+    assert!(
+        summary.kernel.get(Counter::SockOpsClosed) >= 2,
+        "closed sockets were forgotten: {:?}",
+        summary.kernel
+    );
+    assert_eq!(topo.server.seen.lock().expect("lock").len(), 4, "4 TCP connections reached the server");
+}
+
+/// A process beside the agent (hostNetwork pods, node daemons) is steered too.
+#[test]
+fn a_client_in_the_node_namespace_is_steered_too() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::new().expect("topology");
+    let agent = topo.start_agent(topo.config(&ROUTES)).expect("agent starts");
+    let a = topo.node_probe().connect(addr(API_V4)).expect("probe");
+    assert!(a.ok, "{a:?}");
+    assert_eq!(a.peer.as_deref(), Some(API_V4));
+    assert_eq!(agent.stop().flows.completed, 1);
+}
+
+/// A routed destination that refuses: the application gets an error at once.
+#[test]
+fn a_failed_upstream_dial_resets_the_client() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::new().expect("topology");
+    let agent = topo.start_agent(topo.config(&ROUTES)).expect("agent starts");
+    let a = topo.pod_probe().connect(addr(CLOSED_V4)).expect("probe");
+    assert!(!a.ok, "nothing listens at {CLOSED_V4}: {a:?}");
+    let err = a.error.unwrap_or_default();
+    assert!(err.contains("reset") || err.contains("refused"), "application sees a reset: {err}");
+    assert!(a.elapsed_us < 1_000_000, "fails fast, took {} us", a.elapsed_us);
+    assert_eq!(agent.stop().flows.dial_failed, 1);
+}
+
+/// (d): removing a route at runtime stops steering it; a refused reload
+/// changes nothing.
+#[test]
+fn removing_a_route_at_runtime_stops_steering_it() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::new().expect("topology");
+    let agent = topo.start_agent(topo.config(&ROUTES)).expect("agent starts");
+    let pod = topo.pod_probe();
+    assert_eq!(agent.handle.route_entries(), (2, 1));
+    assert_eq!(ip_of(pod.connect(addr(API_V4)).expect("probe").server_saw()), NODE_TO_SERVER_V4);
+
+    // A reload that also changes a restart-only field is refused whole.
+    let mut bad = topo.config(&["2001:db8::101/128"]);
+    bad.steering.redirect.interface = "other0".into();
+    assert!(
+        matches!(agent.handle.reload(bad), Err(ReloadError::RestartRequired(ref f)) if f == &["steering.redirect"])
+    );
+    assert_eq!(agent.handle.route_entries(), (2, 1), "a refused reload applies nothing");
+
+    agent.handle.reload(topo.config(&["2001:db8::101/128"])).expect("reload");
+    assert_eq!(agent.handle.route_entries(), (0, 1));
+    let a = pod.connect(addr(API_V4)).expect("probe");
+    assert!(a.ok, "{a:?}");
+    assert_eq!(ip_of(a.server_saw()), POD_V4, "no longer steered: the pod reached the server itself");
+    let a = pod.connect(addr(API_V6)).expect("probe");
+    assert_eq!(ip_of(a.server_saw()), NODE_TO_SERVER_V6, "the remaining route is still steered");
+
+    // Adding it back steers it again.
+    agent.handle.reload(topo.config(&ROUTES)).expect("reload");
+    assert_eq!(ip_of(pod.connect(addr(API_V4)).expect("probe").server_saw()), NODE_TO_SERVER_V4);
+}
+
+/// (e): after the agent stops, steering is gone and the interface removed; and
+/// while it stops, no connect fails (none points at a closed listener).
+#[test]
+fn stopping_the_agent_removes_steering_without_failing_connects() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::new().expect("topology");
+    let agent = topo.start_agent(topo.config(&ROUTES)).expect("agent starts");
+    let pod = topo.pod_probe();
+    assert_eq!(ip_of(pod.connect(addr(API_V4)).expect("probe").server_saw()), NODE_TO_SERVER_V4);
+
+    // Connects keep coming while the agent shuts down.
+    let load = pod.spawn_repeat(addr(API_V4), 400).expect("probe");
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    let summary = agent.stop();
+    let during = tests::probe::wait_summary(load).expect("probe");
+    assert_eq!(during.failed, 0, "a connect failed during shutdown: {during:?}");
+    assert_eq!(during.ok, 400);
+    assert!(summary.flows.accepted >= 2, "some load went through the agent: {:?}", summary.flows);
+    assert_eq!(summary.flows.unrecovered, 0, "{:?}", summary.flows);
+
+    let a = pod.connect(addr(API_V4)).expect("probe");
+    assert!(a.ok, "{a:?}");
+    assert_eq!(ip_of(a.server_saw()), POD_V4, "steering is gone after the agent stopped");
+    assert!(topo.node.ip(&["link", "show", "dataplane0"]).is_err(), "redirect interface removed");
+}
+
+/// A second agent with the same config starts after the first stopped: nothing
+/// (interface, addresses, listeners) is left behind to collide with.
+#[test]
+fn the_agent_restarts_cleanly() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::new().expect("topology");
+    topo.start_agent(topo.config(&ROUTES)).expect("first start").stop();
+    let agent = topo.start_agent(topo.config(&ROUTES)).expect("second start");
+    let a = topo.pod_probe().connect(addr(API_V6)).expect("probe");
+    assert_eq!(ip_of(a.server_saw()), NODE_TO_SERVER_V6, "{a:?}");
+    assert_eq!(agent.stop().flows.completed, 1);
+}
+
+/// A start that fails half way leaves nothing behind.
+#[test]
+fn a_failed_start_cleans_up() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::new().expect("topology");
+    let mut config = topo.config(&ROUTES);
+    config.steering.cgroup = Some("/proc".into());
+    let err = topo.start_agent(config).err().expect("must fail").to_string();
+    assert!(err.contains("steering.cgroup") && err.contains("/proc"), "{err}");
+    // Bind failure after the interface exists: the interface must go again.
+    let blocker = topo
+        .node
+        .run(|| {
+            // Occupy the listener port on the node so the agent's bind fails.
+            let s = std::net::TcpListener::bind("0.0.0.0:15001");
+            s.map(|l| l.local_addr().map(|_| l))
+        })
+        .expect("thread")
+        .expect("bind")
+        .expect("addr");
+    let err = topo.start_agent(topo.config(&ROUTES)).err().expect("must fail").to_string();
+    assert!(err.contains("steering.redirect.v4"), "{err}");
+    assert!(topo.node.ip(&["link", "show", "dataplane0"]).is_err(), "interface removed after a failed start");
+    drop(blocker);
+    let a = topo.pod_probe().connect(addr(API_V4)).expect("probe");
+    assert_eq!(ip_of(a.server_saw()), POD_V4, "no steering left attached: {a:?}");
+}
