@@ -227,12 +227,15 @@ pub const fn connect_verdict(
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY (all impls): the types are #[repr(C)], Copy, contain only integers
-    // and have no implicit padding (sizes asserted above), so every bit pattern
-    // is a valid value.
+    // Each type is #[repr(C)], Copy, made only of integers, and has no implicit
+    // padding (sizes asserted above), so every bit pattern is a valid value.
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::RouteValue {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::RedirectTarget {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::OrigDst {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::FlowKey {}
 }
 

@@ -106,14 +106,14 @@ fn routed_socket_of(ctx: &SockAddrContext) -> Option<(u64, RedirectTarget)> {
 #[inline(always)]
 fn is_agent_socket(cookie: u64) -> bool {
     // SAFETY: the value is only tested for presence, never read.
-    unsafe { BYPASS.get(&cookie).is_some() }
+    unsafe { BYPASS.get(cookie).is_some() }
 }
 
 /// Records the original destination; on failure the connect stays untouched
 /// (an unrecoverable redirect would only produce a flow the agent must reset).
 #[inline(always)]
 fn record(cookie: u64, orig: &OrigDst) -> bool {
-    if ORIG_DST.insert(&cookie, orig, 0).is_err() {
+    if ORIG_DST.insert(cookie, orig, 0).is_err() {
         count(Counter::ConnectMapError);
         return false;
     }
@@ -231,7 +231,7 @@ fn restore_peer(ctx: &SockAddrContext, v6: bool) -> i32 {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the entry is copied out at once; a concurrent close may delete it,
     // in which case the stale copy is still the right answer for this socket.
-    let Some(orig) = (unsafe { ORIG_DST.get(&cookie) }).copied() else {
+    let Some(orig) = (unsafe { ORIG_DST.get(cookie) }).copied() else {
         return ALLOW;
     };
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
@@ -275,7 +275,7 @@ fn try_sock_ops(ctx: &SockOpsContext) {
         if ctx.arg(1) == TCP_CLOSE {
             // SAFETY: cookie helper on the program's own context.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-            if ORIG_DST.remove(&cookie).is_ok() {
+            if ORIG_DST.remove(cookie).is_ok() {
                 count(Counter::SockOpsClosed);
             }
         }
@@ -287,7 +287,7 @@ fn try_sock_ops(ctx: &SockOpsContext) {
     // SAFETY: cookie helper on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: copied out at once.
-    let Some(orig) = (unsafe { ORIG_DST.get(&cookie) }).copied() else {
+    let Some(orig) = (unsafe { ORIG_DST.get(cookie) }).copied() else {
         return;
     };
     // Each field is read unconditionally, then chosen: branch-dependent ctx
@@ -302,7 +302,7 @@ fn try_sock_ops(ctx: &SockOpsContext) {
         )
     };
     let key = if family == AF_INET6 { FlowKey::v6(ip6, port as u16) } else { FlowKey::v4(ip4, port as u16) };
-    if FLOWS.insert(&key, &orig, 0).is_err() {
+    if FLOWS.insert(key, orig, 0).is_err() {
         count(Counter::SockOpsMapError);
         warn!(ctx, "sock_ops: FLOWS insert failed");
         return;

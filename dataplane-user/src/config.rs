@@ -53,7 +53,7 @@ pub struct Config {
 }
 
 /// Kernel-side steering settings. Changing them needs a restart.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Steering {
     /// cgroup v2 directory the programs attach to; default: the cgroup v2 mount.
@@ -61,12 +61,6 @@ pub struct Steering {
     pub cgroup: Option<PathBuf>,
     #[serde(default)]
     pub redirect: Redirect,
-}
-
-impl Default for Steering {
-    fn default() -> Self {
-        Steering { cgroup: None, redirect: Redirect::default() }
-    }
 }
 
 /// The node-local listeners that routed connects are rewritten to. They sit on

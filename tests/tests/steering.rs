@@ -41,6 +41,14 @@ fn routed_connects_from_a_pod_go_through_the_agent_and_counters_match() {
         assert_eq!(a.echoed(), "hello through the dataplane", "bytes and half-close both ways");
     }
 
+    // A dual-stack AF_INET6 socket dialling the IPv4-mapped form of a routed
+    // IPv4 address is steered by the IPv4 table to the IPv4 listener.
+    let mapped = "[::ffff:198.51.100.101]:6443";
+    let a = pod.connect(addr(mapped)).expect("probe");
+    assert!(a.ok, "{mapped}: {a:?}");
+    assert_eq!(a.peer.as_deref(), Some(mapped), "getpeername shows the mapped address");
+    assert_eq!(ip_of(a.server_saw()), NODE_TO_SERVER_V4, "{mapped} went through the agent");
+
     for (dst, pod_ip) in [(OTHER_V4, POD_V4), (OTHER_V6, POD_V6)] {
         let a = pod.connect(addr(dst)).expect("probe");
         assert!(a.ok, "{dst}: {a:?}");
@@ -52,27 +60,28 @@ fn routed_connects_from_a_pod_go_through_the_agent_and_counters_match() {
     assert_eq!(udp.peer.as_deref(), Some(API_V4), "UDP to a routed address is untouched");
 
     let k = agent.handle.kernel_counters().expect("counters").since(&before);
-    assert_eq!(k.get(Counter::ConnectRedirected), 2, "{k:?}");
-    assert_eq!(k.get(Counter::SockOpsFlowRecorded), 2, "{k:?}");
-    assert_eq!(k.get(Counter::GetpeernameRestored), 2, "{k:?}");
+    assert_eq!(k.get(Counter::ConnectRedirected), 3, "{k:?}");
+    assert_eq!(k.get(Counter::Connect6V4Mapped), 1, "{k:?}");
+    assert_eq!(k.get(Counter::SockOpsFlowRecorded), 3, "{k:?}");
+    assert_eq!(k.get(Counter::GetpeernameRestored), 3, "{k:?}");
     assert_eq!(k.get(Counter::ConnectNotRouted), 2, "{k:?}");
     assert_eq!(k.get(Counter::ConnectNotTcp), 1, "{k:?}");
     assert_eq!(k.get(Counter::ConnectMapError) + k.get(Counter::SockOpsMapError), 0, "{k:?}");
     assert_eq!(k.get(Counter::ConnectAgentSocket), 0, "the agent is outside the cgroup here");
 
     let summary = agent.stop();
-    assert_eq!(summary.flows.accepted, 2, "{:?}", summary.flows);
-    assert_eq!(summary.flows.completed, 2, "{:?}", summary.flows);
+    assert_eq!(summary.flows.accepted, 3, "{:?}", summary.flows);
+    assert_eq!(summary.flows.completed, 3, "{:?}", summary.flows);
     assert_eq!(summary.flows.unrecovered + summary.flows.dial_failed, 0, "{:?}", summary.flows);
     assert_eq!(summary.flows.active, 0);
     let payload = "hello through the dataplane".len() as u64;
-    assert_eq!(summary.flows.bytes_up, 2 * payload);
+    assert_eq!(summary.flows.bytes_up, 3 * payload);
     assert!(
-        summary.kernel.get(Counter::SockOpsClosed) >= 2,
+        summary.kernel.get(Counter::SockOpsClosed) >= 3,
         "closed sockets were forgotten: {:?}",
         summary.kernel
     );
-    assert_eq!(topo.server.seen.lock().expect("lock").len(), 4, "4 TCP connections reached the server");
+    assert_eq!(topo.server.seen.lock().expect("lock").len(), 5, "5 TCP connections reached the server");
 }
 
 /// A process beside the agent (hostNetwork pods, node daemons) is steered too.

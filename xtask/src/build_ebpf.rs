@@ -211,7 +211,8 @@ fn ensure_bpf_linker(n: &Nightly) -> Result<PathBuf> {
     Ok(bin_dir)
 }
 
-fn build_object(root: &Path, linker_dir: &Path, debug: bool) -> Result<PathBuf> {
+/// `cargo build` (or another cargo subcommand) of the eBPF crate for its target.
+fn ebpf_cargo(root: &Path, linker_dir: &Path, subcommand: &str) -> Command {
     let mut path = OsString::from(linker_dir);
     if let Some(old) = env::var_os("PATH") {
         path.push(":");
@@ -221,12 +222,29 @@ fn build_object(root: &Path, linker_dir: &Path, debug: bool) -> Result<PathBuf> 
         ["--cfg=bpf_target_arch=\"x86_64\"", "-C", "debuginfo=2", "-C", "link-arg=--btf"].join("\x1f");
     let mut cmd = clean_command("rustup");
     cmd.current_dir(root)
-        .args(["run", NIGHTLY, "cargo", "build", "-p", "dataplane-ebpf", "--bins"])
+        .args(["run", NIGHTLY, "cargo", subcommand, "-p", "dataplane-ebpf", "--bins"])
         .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
         .arg("--target-dir")
         .arg(root.join("target/ebpf"))
         .env("PATH", path)
         .env("CARGO_ENCODED_RUSTFLAGS", rustflags);
+    cmd
+}
+
+/// `cargo xtask clippy-ebpf`: clippy on the eBPF crate for the BPF target,
+/// warnings denied (the host clippy run cannot see target-specific code).
+pub fn clippy() -> Result<()> {
+    let root = workspace_root();
+    let nightly = probe_nightly()?;
+    ensure_rust_src(&nightly)?;
+    let linker_dir = ensure_bpf_linker(&nightly)?;
+    let mut cmd = ebpf_cargo(&root, &linker_dir, "clippy");
+    cmd.args(["--release", "--", "-D", "warnings"]);
+    status_of(&mut cmd, "clippy on the eBPF crate", "fix the lints reported above")
+}
+
+fn build_object(root: &Path, linker_dir: &Path, debug: bool) -> Result<PathBuf> {
+    let mut cmd = ebpf_cargo(root, linker_dir, "build");
     if !debug {
         cmd.arg("--release");
     }

@@ -3,7 +3,9 @@
 
 mod build_ebpf;
 
-use anyhow::Result;
+use std::process::Command as Process;
+
+use anyhow::{Context, Result, ensure};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -17,10 +19,53 @@ struct Cli {
 enum Command {
     /// Build the eBPF object (installs nightly rust-src and a matching bpf-linker if missing).
     BuildEbpf(build_ebpf::Options),
+    /// Run clippy on the eBPF crate for the BPF target, warnings denied.
+    ClippyEbpf,
+    /// Build everything and run the whole test suite (privileged tests need root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run the local demo: namespaces, the agent, a steered connection, counters (needs root).
+    Demo,
 }
 
-fn main() -> Result<()> {
-    match Cli::parse().command {
-        Command::BuildEbpf(opts) => build_ebpf::run(&opts).map(|_| ()),
+fn main() -> std::process::ExitCode {
+    // Print the error chain, not a backtrace: every message says what to run.
+    match run(Cli::parse().command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::BuildEbpf(opts) => build_ebpf::run(&opts).map(|_| ()),
+        Command::ClippyEbpf => build_ebpf::clippy(),
+        Command::Test { args } => {
+            build_ebpf::run(&build_ebpf::Options::default())?;
+            cargo(&["test", "--workspace", "--exclude", "dataplane-ebpf"], &args)
+        }
+        Command::Demo => {
+            build_ebpf::run(&build_ebpf::Options::default())?;
+            cargo(&["run", "--quiet", "-p", "tests", "--bin", "dataplane-demo"], &[])
+        }
+    }
+}
+
+/// Runs the cargo that runs us, in the workspace root.
+fn cargo(args: &[&str], extra: &[String]) -> Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Process::new(&cargo)
+        .current_dir(build_ebpf::workspace_root())
+        .args(args)
+        .args(extra)
+        .status()
+        .with_context(|| format!("running cargo {args:?}"))?;
+    ensure!(status.success(), "cargo {} failed ({status})", args.join(" "));
+    Ok(())
 }
