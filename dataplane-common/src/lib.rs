@@ -23,7 +23,9 @@ pub const MAP_REDIRECT: &str = "REDIRECT";
 pub const MAP_ORIG_DST: &str = "ORIG_DST";
 /// LRU hash: the client's own (address, port) as [`FlowKey`] -> [`OrigDst`].
 /// Written by sock_ops when a redirected socket is established; the agent looks
-/// it up with the peer address of the socket it accepted, then deletes it.
+/// it up with the peer address of the socket it accepted. sock_ops deletes it
+/// when the client socket closes: the agent never deletes, because a client
+/// reset before accept and a reused port would make it delete a newer flow's.
 pub const MAP_FLOWS: &str = "FLOWS";
 /// LRU hash: socket cookie (u64) -> u32 marker. Sockets the agent itself opens
 /// are registered here before `connect()` so they are never redirected.

@@ -271,25 +271,40 @@ fn try_sock_ops(ctx: &SockOpsContext) {
     let ops: *mut bpf_sock_ops = ctx.ops;
     // SAFETY: plain load of the op field.
     let op = unsafe { read_volatile(addr_of!((*ops).op)) };
-    if op == BPF_SOCK_OPS_STATE_CB {
-        if ctx.arg(1) == TCP_CLOSE {
-            // SAFETY: cookie helper on the program's own context.
-            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-            if ORIG_DST.remove(cookie).is_ok() {
-                count(Counter::SockOpsClosed);
-            }
-        }
-        return;
-    }
-    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+    let closing = op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == TCP_CLOSE;
+    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && !closing {
         return;
     }
     // SAFETY: cookie helper on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = client_key(ops);
+    if closing {
+        // The client reaches CLOSE only after a reset or after the agent's own
+        // FIN (TIME_WAIT), so the agent no longer needs the flow: forget it.
+        // While this socket lived no other socket could hold the same key.
+        let _ = FLOWS.remove(key);
+        if ORIG_DST.remove(cookie).is_ok() {
+            count(Counter::SockOpsClosed);
+        }
+        return;
+    }
     // SAFETY: copied out at once.
     let Some(orig) = (unsafe { ORIG_DST.get(cookie) }).copied() else {
         return;
     };
+    if FLOWS.insert(key, orig, 0).is_err() {
+        count(Counter::SockOpsMapError);
+        warn!(ctx, "sock_ops: FLOWS insert failed");
+        return;
+    }
+    count(Counter::SockOpsFlowRecorded);
+    // Ask for state callbacks on this socket only, to forget it at close.
+    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+}
+
+/// The client's own (address, port): what the agent sees as its peer.
+#[inline(always)]
+fn client_key(ops: *mut bpf_sock_ops) -> FlowKey {
     // Each field is read unconditionally, then chosen: branch-dependent ctx
     // loads that LLVM merges are rejected by the verifier.
     // SAFETY: loads of sock_ops context fields, one word at a time.
@@ -301,15 +316,7 @@ fn try_sock_ops(ctx: &SockOpsContext) {
             read_volatile(addr_of!((*ops).local_port)),
         )
     };
-    let key = if family == AF_INET6 { FlowKey::v6(ip6, port as u16) } else { FlowKey::v4(ip4, port as u16) };
-    if FLOWS.insert(key, orig, 0).is_err() {
-        count(Counter::SockOpsMapError);
-        warn!(ctx, "sock_ops: FLOWS insert failed");
-        return;
-    }
-    count(Counter::SockOpsFlowRecorded);
-    // Ask for state callbacks on this socket only, to delete ORIG_DST at close.
-    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+    if family == AF_INET6 { FlowKey::v6(ip6, port as u16) } else { FlowKey::v4(ip4, port as u16) }
 }
 
 #[cfg(not(test))]

@@ -161,6 +161,8 @@ impl Agent {
                                     return listener;
                                 }
                             }
+                            // A connection that died in the queue: next one.
+                            Err(e) if steer::is_per_connection(&e) => {}
                             // EMFILE and friends: back off instead of spinning.
                             Err(e) => {
                                 warn!(error = %e, "accept failed");
@@ -226,9 +228,11 @@ fn spawn_flow(shared: &Arc<Shared>, flows: &mut JoinSet<()>, stream: TcpStream, 
 async fn serve_flow(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr) {
     let stats = &shared.stats;
     let _active = ActiveFlow::new(stats);
-    let Some(flow) = shared.steering.take_flow(peer) else {
+    let Some(flow) = shared.steering.lookup_flow(peer) else {
+        // Usually a client that reset before we accepted (its entry is gone
+        // with it); otherwise something connected to the listener directly.
         stats.unrecovered.fetch_add(1, Relaxed);
-        warn!("no original destination recorded for this peer; resetting");
+        debug!("no original destination recorded for this peer; resetting");
         return reset(client);
     };
     let upstream = lock(&shared.routes).get(flow.route_id).map(|r| r.upstream.clone());

@@ -213,18 +213,14 @@ impl Steering {
         (lock(&self.routes_v4).keys().count(), lock(&self.routes_v6).keys().count())
     }
 
-    /// Takes the original destination of a flow accepted from `peer`, removing
-    /// the entry: each flow is recovered once.
-    pub fn take_flow(&self, peer: SocketAddr) -> Option<Recovered> {
+    /// The original destination of a flow accepted from `peer`. The entry
+    /// stays: the kernel removes it when the client socket closes.
+    pub fn lookup_flow(&self, peer: SocketAddr) -> Option<Recovered> {
         let key = match peer.ip() {
             IpAddr::V4(ip) => FlowKey::v4(common::v4_word(ip.octets()), peer.port()),
             IpAddr::V6(ip) => FlowKey::v6(common::v6_words(ip.octets()), peer.port()),
         };
-        let mut flows = lock(&self.flows);
-        let orig = flows.get(&key, 0).ok()?;
-        if let Err(e) = flows.remove(&key) {
-            warn!(error = %e, %peer, "FLOWS entry could not be removed; LRU eviction will reclaim it");
-        }
+        let orig = lock(&self.flows).get(&key, 0).ok()?;
         Some(Recovered { dst: orig_socket_addr(&orig), route_id: orig.route_id })
     }
 

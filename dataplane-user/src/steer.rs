@@ -28,6 +28,12 @@ pub fn bind(field: &'static str, addr: SocketAddr) -> Result<TcpListener, BindEr
     socket.listen(4096).map_err(err)
 }
 
+/// Whether an accept() error concerns only the connection being accepted
+/// (it died in the queue), as opposed to the process (EMFILE, ENOBUFS, ...).
+pub fn is_per_connection(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ECONNABORTED | libc::ECONNRESET | libc::EPROTO | libc::EPERM))
+}
+
 /// Accepts whatever the kernel already queued on `listener` without waiting:
 /// after the programs are detached no new connect can arrive, but connects
 /// redirected just before are established and waiting here.
@@ -35,9 +41,15 @@ pub fn drain_queued(listener: TcpListener) -> Vec<(TcpStream, SocketAddr)> {
     let Ok(std) = listener.into_std() else { return Vec::new() };
     let mut out = Vec::new();
     // into_std keeps the socket non-blocking, so accept ends on WouldBlock.
-    while let Ok((stream, peer)) = std.accept() {
-        if let Ok(stream) = TcpStream::from_std(stream) {
-            out.push((stream, peer));
+    loop {
+        match std.accept() {
+            Ok((stream, peer)) => {
+                if let Ok(stream) = TcpStream::from_std(stream) {
+                    out.push((stream, peer));
+                }
+            }
+            Err(e) if is_per_connection(&e) => {}
+            Err(_) => break,
         }
     }
     out

@@ -92,6 +92,41 @@ impl Drop for Netns {
     }
 }
 
+/// A listener with a deep backlog (bursts of connects must not overflow it
+/// and fall back to SYN retransmits, which would dominate any measurement).
+pub fn listen(addr: std::net::SocketAddr) -> Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.bind(&addr.into()).with_context(|| format!("binding {addr}"))?;
+    s.listen(4096)?;
+    Ok(s.into())
+}
+
+/// Accepts on `listener` until `stop` is set, handing each connection to
+/// `handle`. Waits in poll(2), so a connection is accepted the moment it
+/// arrives and `stop` is noticed within 50 ms.
+pub fn accept_until(
+    listener: std::net::TcpListener,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    mut handle: impl FnMut(std::net::TcpStream, std::net::SocketAddr),
+) {
+    use std::os::fd::AsRawFd;
+    let _ = listener.set_nonblocking(true);
+    let mut pfd = libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    while !stop.load(Ordering::Relaxed) {
+        // SAFETY: pfd is a valid pollfd for the listener, which outlives the call.
+        let ready = unsafe { libc::poll(&raw mut pfd, 1, 50) };
+        if ready <= 0 {
+            continue;
+        }
+        while let Ok((conn, peer)) = listener.accept() {
+            let _ = conn.set_nonblocking(false);
+            handle(conn, peer);
+        }
+    }
+}
+
 /// The cgroup v2 mount point of this host.
 pub fn cgroup2_root() -> Result<PathBuf> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;

@@ -24,7 +24,17 @@ pub struct Attempt {
 impl Attempt {
     /// The address the server saw the connection come from (`peer=` line).
     pub fn server_saw(&self) -> Option<SocketAddr> {
-        self.response.lines().next()?.strip_prefix("peer=")?.parse().ok()
+        self.header_field("peer=")
+    }
+
+    /// The server address the connection actually reached (`local=`).
+    pub fn reached(&self) -> Option<SocketAddr> {
+        self.header_field("local=")
+    }
+
+    fn header_field(&self, name: &str) -> Option<SocketAddr> {
+        let line = self.response.lines().next()?;
+        line.split_whitespace().find_map(|f| f.strip_prefix(name))?.parse().ok()
     }
 
     /// The echoed payload.
@@ -81,6 +91,16 @@ impl Probe {
     /// One TCP connect + exchange.
     pub fn connect(&self, addr: SocketAddr) -> Result<Attempt> {
         self.run(&[], addr)
+    }
+
+    /// Connects from a fixed source port, then resets at once (no exchange).
+    pub fn connect_and_reset(&self, addr: SocketAddr, port: u16) -> Result<Attempt> {
+        self.run(&["--bind-port", &port.to_string(), "--reset"], addr)
+    }
+
+    /// One exchange from a fixed source port.
+    pub fn connect_from(&self, addr: SocketAddr, port: u16) -> Result<Attempt> {
+        self.run(&["--bind-port", &port.to_string()], addr)
     }
 
     /// One UDP connect (no traffic).

@@ -10,7 +10,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{Shutdown, SocketAddr, TcpListener},
+    net::{Shutdown, SocketAddr},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -123,8 +123,9 @@ impl Topology {
     }
 }
 
-/// Listens on the given addresses; each connection gets `peer=ADDR\n` (the
-/// address the server saw) and then an echo of what it sends, until EOF.
+/// Listens on the given addresses; each connection gets `peer=ADDR local=ADDR\n`
+/// (who connected, and which of the server's addresses was reached) and then
+/// an echo of what it sends, until EOF.
 pub struct EchoServer {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
@@ -138,19 +139,13 @@ impl EchoServer {
         let mut threads = Vec::new();
         for a in addrs {
             let a = addr(a);
-            let listener = ns.run(move || TcpListener::bind(a))?.with_context(|| format!("binding {a}"))?;
-            listener.set_nonblocking(true)?;
+            let listener = ns.run(move || crate::listen(a))??;
             let (stop, seen) = (stop.clone(), seen.clone());
             threads.push(std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match listener.accept() {
-                        Ok((conn, peer)) => {
-                            seen.lock().expect("lock").push(peer);
-                            std::thread::spawn(move || echo(conn, peer));
-                        }
-                        Err(_) => std::thread::sleep(Duration::from_millis(1)),
-                    }
-                }
+                crate::accept_until(listener, stop, |conn, peer| {
+                    seen.lock().expect("lock").push(peer);
+                    std::thread::spawn(move || echo(conn, peer));
+                })
             }));
         }
         Ok(EchoServer { stop, threads, seen })
@@ -158,9 +153,10 @@ impl EchoServer {
 }
 
 fn echo(mut conn: std::net::TcpStream, peer: SocketAddr) {
-    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_nodelay(true);
     let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
-    let _ = conn.write_all(format!("peer={peer}\n").as_bytes());
+    let local = conn.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let _ = conn.write_all(format!("peer={peer} local={local}\n").as_bytes());
     let mut buf = [0u8; 16384];
     while let Ok(n) = conn.read(&mut buf) {
         if n == 0 || conn.write_all(&buf[..n]).is_err() {

@@ -220,3 +220,30 @@ fn a_failed_start_cleans_up() {
     let a = topo.pod_probe().connect(addr(API_V4)).expect("probe");
     assert_eq!(ip_of(a.server_saw()), POD_V4, "no steering left attached: {a:?}");
 }
+
+/// A client that resets before the agent serves it, then a new flow from the
+/// same source port to another routed destination: each flow reaches its own
+/// destination (the kernel, not the agent, forgets flows, at client close).
+#[test]
+fn port_reuse_after_a_reset_never_misroutes() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::new().expect("topology");
+    let routes = ["198.51.100.101/32", "198.51.100.102/32"];
+    let agent = topo.start_agent(topo.config(&routes)).expect("agent starts");
+    let pod = topo.pod_probe();
+    for i in 0..40u16 {
+        let port = 41000 + i;
+        let a = pod.connect_and_reset(addr(OTHER_V4), port).expect("probe");
+        assert!(a.ok, "reset connect {i}: {a:?}");
+        let b = pod.connect_from(addr(API_V4), port).expect("probe");
+        assert!(b.ok, "flow {i} after a reset on port {port}: {b:?}");
+        assert_eq!(b.reached(), Some(addr(API_V4)), "flow {i} reached its own destination: {b:?}");
+        assert_eq!(ip_of(b.server_saw()), NODE_TO_SERVER_V4, "flow {i} went through the agent");
+    }
+    let k = agent.handle.kernel_counters().expect("counters");
+    assert_eq!(k.get(Counter::ConnectRedirected), 80, "{k:?}");
+    let summary = agent.stop();
+    assert_eq!(summary.flows.completed, 40, "{:?}", summary.flows);
+}

@@ -29,6 +29,12 @@ enum Command {
     },
     /// Run the local demo: namespaces, the agent, a steered connection, counters (needs root).
     Demo,
+    /// Measure what steering costs (release build, needs root); writes target/bench/steering.json.
+    Bench {
+        /// Extra arguments for dataplane-bench (--rounds, --connects, --exchanges).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -53,6 +59,13 @@ fn run(command: Command) -> Result<()> {
         Command::Demo => {
             build_ebpf::run(&build_ebpf::Options::default())?;
             cargo(&["run", "--quiet", "-p", "tests", "--bin", "dataplane-demo"], &[])
+        }
+        Command::Bench { mut args } => {
+            build_ebpf::run(&build_ebpf::Options::default())?;
+            let out = build_ebpf::workspace_root().join("target/bench");
+            std::fs::create_dir_all(&out)?;
+            args.extend(["--json".into(), out.join("steering.json").display().to_string()]);
+            cargo(&["run", "--quiet", "--release", "-p", "tests", "--bin", "dataplane-bench", "--"], &args)
         }
     }
 }

@@ -2,7 +2,8 @@
 //! (in that order: `ip netns exec` would remount /sys and lose the cgroup
 //! path), makes TCP or UDP connects, and prints what it saw as JSON.
 //!
-//! `dataplane-probe [--cgroup DIR] [--netns PATH] [--udp] [--repeat N] [--payload TEXT] ADDR`
+//! `dataplane-probe [--cgroup DIR] [--netns PATH] [--udp] [--repeat N] [--payload TEXT]
+//!                  [--bind-port P] [--reset] ADDR`
 
 use std::{
     io::{Read, Write},
@@ -11,6 +12,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use socket2::{Domain, Socket, Type};
 use tests::probe::{Attempt, Summary};
 
 struct Args {
@@ -19,6 +21,8 @@ struct Args {
     udp: bool,
     repeat: usize,
     payload: String,
+    bind_port: Option<u16>,
+    reset: bool,
     addr: SocketAddr,
 }
 
@@ -26,6 +30,7 @@ fn parse() -> Result<Args> {
     let mut args = std::env::args().skip(1);
     let (mut cgroup, mut netns, mut udp, mut repeat, mut payload, mut addr) =
         (None, None, false, 1, "hello through the dataplane".to_owned(), None);
+    let (mut bind_port, mut reset) = (None, false);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--cgroup" => cgroup = Some(args.next().context("--cgroup needs a value")?),
@@ -33,11 +38,13 @@ fn parse() -> Result<Args> {
             "--udp" => udp = true,
             "--repeat" => repeat = args.next().context("--repeat needs a value")?.parse()?,
             "--payload" => payload = args.next().context("--payload needs a value")?,
+            "--bind-port" => bind_port = Some(args.next().context("--bind-port needs a value")?.parse()?),
+            "--reset" => reset = true,
             other if other.starts_with("--") => bail!("unknown option {other}"),
             other => addr = Some(other.parse().with_context(|| format!("bad address {other}"))?),
         }
     }
-    Ok(Args { cgroup, netns, udp, repeat, payload, addr: addr.context("missing ADDR")? })
+    Ok(Args { cgroup, netns, udp, repeat, payload, bind_port, reset, addr: addr.context("missing ADDR")? })
 }
 
 fn main() -> Result<()> {
@@ -61,12 +68,13 @@ fn main() -> Result<()> {
         return Ok(());
     }
     if args.repeat == 1 {
-        println!("{}", serde_json::to_string(&attempt(args.addr, &args.payload))?);
+        let a = attempt(args.addr, &args.payload, args.bind_port, args.reset);
+        println!("{}", serde_json::to_string(&a)?);
         return Ok(());
     }
     let mut summary = Summary::default();
     for _ in 0..args.repeat {
-        let a = attempt(args.addr, &args.payload);
+        let a = attempt(args.addr, &args.payload, None, false);
         if a.ok {
             summary.ok += 1;
         } else {
@@ -78,14 +86,29 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// connect, getpeername, send, half-close, read to the end.
-fn attempt(addr: SocketAddr, payload: &str) -> Attempt {
+/// connect, getpeername, send, half-close, read to the end; or with `reset`,
+/// connect and close with RST at once.
+fn attempt(addr: SocketAddr, payload: &str, bind_port: Option<u16>, reset: bool) -> Attempt {
     let start = Instant::now();
     let mut out = Attempt::default();
     let result = (|| -> std::io::Result<()> {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let domain = if addr.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
+        let sock = Socket::new(domain, Type::STREAM, None)?;
+        if let Some(port) = bind_port {
+            // Reusing a port right after an RST close is what the test is about.
+            sock.set_reuse_address(true)?;
+            let any: SocketAddr =
+                if addr.is_ipv4() { ([0, 0, 0, 0], port).into() } else { ([0u16; 8], port).into() };
+            sock.bind(&any.into())?;
+        }
+        sock.connect_timeout(&addr.into(), Duration::from_secs(5))?;
+        let mut s: TcpStream = sock.into();
         out.peer = Some(s.peer_addr()?.to_string());
+        if reset {
+            socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO))?;
+            return Ok(());
+        }
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
         s.write_all(payload.as_bytes())?;
         s.shutdown(Shutdown::Write)?;
         let mut response = String::new();
