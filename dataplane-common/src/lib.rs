@@ -183,12 +183,16 @@ pub const fn v6_octets(w: [u32; 4]) -> [u8; 16] {
     [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3]]
 }
 
-/// What a connect hook does with a socket, decided from plain values so the
+/// Whether a socket is plain TCP: the only kind steered. UDP, raw and MPTCP
+/// (a stream socket with protocol 262) pass untouched.
+pub const fn is_tcp_stream(sock_type: u32, protocol: u32) -> bool {
+    sock_type == SOCK_STREAM && protocol == IPPROTO_TCP
+}
+
+/// What a connect hook does with a TCP socket, decided from plain values so the
 /// decision is unit-tested on the host and the kernel code stays straight-line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConnectVerdict {
-    /// Not a TCP socket: untouched.
-    NotTcp,
     /// No route matched: untouched.
     NotRouted,
     /// The agent's own socket: untouched.
@@ -199,20 +203,14 @@ pub enum ConnectVerdict {
     Redirect,
 }
 
-/// Decides a connect from the socket's type and protocol, the route lookup
-/// result, whether the agent registered the socket and whether the family has a
-/// listener. The order is the kernel's evaluation order: the bypass map is only
-/// consulted for routed connects, so unrouted connects pay one LPM lookup.
+/// Decides a TCP connect from the route lookup result, whether the agent
+/// registered the socket and whether the family has a listener. The kernel
+/// consults the bypass map only for routed connects.
 pub const fn connect_verdict(
-    sock_type: u32,
-    protocol: u32,
     route: Option<RouteValue>,
     agent_socket: bool,
     listener: bool,
 ) -> ConnectVerdict {
-    if sock_type != SOCK_STREAM || protocol != IPPROTO_TCP {
-        return ConnectVerdict::NotTcp;
-    }
     match route {
         Some(r) if r.action == ACTION_REDIRECT => {
             if agent_socket {

@@ -47,18 +47,23 @@ fn v4_mapped_flow_keys_become_v4() {
 }
 
 #[test]
+fn only_plain_tcp_is_steered() {
+    assert!(is_tcp_stream(SOCK_STREAM, IPPROTO_TCP));
+    assert!(!is_tcp_stream(2, 17), "UDP");
+    assert!(!is_tcp_stream(SOCK_STREAM, 262), "MPTCP");
+    assert!(!is_tcp_stream(3, IPPROTO_TCP), "raw");
+}
+
+#[test]
 fn connect_verdicts_cover_every_exit() {
     let route = Some(RouteValue { route_id: 3, action: ACTION_REDIRECT });
     use ConnectVerdict::*;
-    assert_eq!(connect_verdict(SOCK_STREAM, IPPROTO_TCP, route, false, true), Redirect);
-    assert_eq!(connect_verdict(2, 17, route, false, true), NotTcp);
-    // MPTCP (protocol 262) is a stream socket but not plain TCP.
-    assert_eq!(connect_verdict(SOCK_STREAM, 262, route, false, true), NotTcp);
-    assert_eq!(connect_verdict(SOCK_STREAM, IPPROTO_TCP, route, true, true), AgentSocket);
-    assert_eq!(connect_verdict(SOCK_STREAM, IPPROTO_TCP, None, false, true), NotRouted);
+    assert_eq!(connect_verdict(route, false, true), Redirect);
+    assert_eq!(connect_verdict(route, true, true), AgentSocket);
+    assert_eq!(connect_verdict(None, false, true), NotRouted);
     // An unrouted agent socket counts as unrouted: bypass is only checked for routes.
-    assert_eq!(connect_verdict(SOCK_STREAM, IPPROTO_TCP, None, true, true), NotRouted);
-    assert_eq!(connect_verdict(SOCK_STREAM, IPPROTO_TCP, route, false, false), NoListener);
+    assert_eq!(connect_verdict(None, true, true), NotRouted);
+    assert_eq!(connect_verdict(route, false, false), NoListener);
     let other = Some(RouteValue { route_id: 1, action: 0 });
-    assert_eq!(connect_verdict(SOCK_STREAM, IPPROTO_TCP, other, false, true), NotRouted);
+    assert_eq!(connect_verdict(other, false, true), NotRouted);
 }

@@ -25,7 +25,7 @@ use aya_log_ebpf::{debug, warn};
 use dataplane_common::{
     AF_INET, AF_INET6, BYPASS_MAX_ENTRIES, ConnectVerdict, Counter, FLOWS_MAX_ENTRIES, FlowKey, OrigDst,
     REDIRECT_V4_ENABLED, REDIRECT_V6_ENABLED, ROUTES_MAX_ENTRIES, RedirectTarget, RouteValue,
-    connect_verdict, is_v4_mapped,
+    connect_verdict, is_tcp_stream, is_v4_mapped, v4_mapped_words,
 };
 
 /// Return value of cgroup sock_addr programs that lets the syscall proceed.
@@ -81,7 +81,6 @@ unsafe fn write_ip6(p: *mut [u32; 4], w: [u32; 4]) {
 #[inline(always)]
 fn settle(verdict: ConnectVerdict) -> bool {
     match verdict {
-        ConnectVerdict::NotTcp => count(Counter::ConnectNotTcp),
         ConnectVerdict::NotRouted => count(Counter::ConnectNotRouted),
         ConnectVerdict::AgentSocket => count(Counter::ConnectAgentSocket),
         ConnectVerdict::NoListener => count(Counter::ConnectNoListener),
@@ -90,35 +89,53 @@ fn settle(verdict: ConnectVerdict) -> bool {
     false
 }
 
-/// For a routed connect: the socket's cookie and the redirect target. Looked
-/// up only after a route matched, so unrouted connects pay one LPM lookup.
+/// Reads type and protocol; counts and returns false for anything but TCP.
 #[inline(always)]
-fn routed_socket_of(ctx: &SockAddrContext) -> Option<(u64, RedirectTarget)> {
+fn tcp_only(sa: *const bpf_sock_addr) -> bool {
+    // SAFETY: plain loads of context fields allowed for connect4/6.
+    let (sock_type, protocol) = unsafe { ((*sa).type_, (*sa).protocol) };
+    let tcp = is_tcp_stream(sock_type, protocol);
+    if !tcp {
+        count(Counter::ConnectNotTcp);
+    }
+    tcp
+}
+
+/// The tail both connect hooks share once a route matched: the agent's own
+/// sockets and families without a listener pass; otherwise the original
+/// destination is recorded and the redirect target returned. The cookie and
+/// target are read only here, so unrouted connects pay one LPM lookup.
+#[inline(always)]
+fn redirect_routed(
+    ctx: &SockAddrContext,
+    route: RouteValue,
+    listener_flag: u32,
+    addr: [u32; 4],
+    family: u32,
+) -> Option<RedirectTarget> {
     let Some(target) = REDIRECT.get(0).copied() else {
         count(Counter::ConnectConfigError);
         return None;
     };
     // SAFETY: cookie helper on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    Some((cookie, target))
-}
-
-#[inline(always)]
-fn is_agent_socket(cookie: u64) -> bool {
     // SAFETY: the value is only tested for presence, never read.
-    unsafe { BYPASS.get(cookie).is_some() }
-}
-
-/// Records the original destination; on failure the connect stays untouched
-/// (an unrecoverable redirect would only produce a flow the agent must reset).
-#[inline(always)]
-fn record(cookie: u64, orig: &OrigDst) -> bool {
+    let agent = unsafe { BYPASS.get(cookie).is_some() };
+    if !settle(connect_verdict(Some(route), agent, target.flags & listener_flag != 0)) {
+        return None;
+    }
+    // SAFETY: read of user_port, allowed for connect4/6.
+    let port = unsafe { read_volatile(addr_of!((*ctx.sock_addr).user_port)) };
+    let orig = OrigDst { addr, port, family, route_id: route.route_id, _pad: 0 };
+    // On failure the connect stays untouched: an unrecoverable redirect would
+    // only produce a flow the agent must reset.
     if ORIG_DST.insert(cookie, orig, 0).is_err() {
         count(Counter::ConnectMapError);
-        return false;
+        return None;
     }
     count(Counter::ConnectRedirected);
-    true
+    debug!(ctx, "connect redirected, route {}", route.route_id);
+    Some(target)
 }
 
 #[cgroup_sock_addr(connect4)]
@@ -129,37 +146,23 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
 
 fn try_connect4(ctx: &SockAddrContext) {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
-    // SAFETY: plain loads of context fields the verifier allows for connect4.
-    let (sock_type, protocol, dst) = unsafe { ((*sa).type_, (*sa).protocol, (*sa).user_ip4) };
-    if sock_type != dataplane_common::SOCK_STREAM || protocol != dataplane_common::IPPROTO_TCP {
-        count(Counter::ConnectNotTcp);
+    if !tcp_only(sa) {
         return;
     }
+    // SAFETY: plain load of user_ip4, allowed for connect4.
+    let dst = unsafe { read_volatile(addr_of!((*sa).user_ip4)) };
     let Some(route) = ROUTES_V4.get(Key::new(32, dst)).copied() else {
         count(Counter::ConnectNotRouted);
         return;
     };
-    let Some((cookie, target)) = routed_socket_of(ctx) else {
+    let Some(target) = redirect_routed(ctx, route, REDIRECT_V4_ENABLED, [dst, 0, 0, 0], AF_INET) else {
         return;
     };
-    let listener = target.flags & REDIRECT_V4_ENABLED != 0;
-    let agent = is_agent_socket(cookie);
-    if !settle(connect_verdict(sock_type, protocol, Some(route), agent, listener)) {
-        return;
-    }
-    let route_id = route.route_id;
-    // SAFETY: read of user_port, allowed for connect4.
-    let port = unsafe { read_volatile(addr_of!((*sa).user_port)) };
-    let orig = OrigDst { addr: [dst, 0, 0, 0], port, family: AF_INET, route_id, _pad: 0 };
-    if !record(cookie, &orig) {
-        return;
-    }
     // SAFETY: user_ip4 and user_port are writable in connect4.
     unsafe {
         write_volatile(addr_of_mut!((*sa).user_ip4), target.v4_addr);
         write_volatile(addr_of_mut!((*sa).user_port), target.v4_port);
     }
-    debug!(ctx, "connect4 redirected route {}", route_id);
 }
 
 #[cgroup_sock_addr(connect6)]
@@ -170,13 +173,11 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
 
 fn try_connect6(ctx: &SockAddrContext) {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
-    // SAFETY: loads of context fields allowed for connect6, one word at a time.
-    let (sock_type, protocol, dst) =
-        unsafe { ((*sa).type_, (*sa).protocol, read_ip6(addr_of!((*sa).user_ip6))) };
-    if sock_type != dataplane_common::SOCK_STREAM || protocol != dataplane_common::IPPROTO_TCP {
-        count(Counter::ConnectNotTcp);
+    if !tcp_only(sa) {
         return;
     }
+    // SAFETY: loads of user_ip6, one word at a time.
+    let dst = unsafe { read_ip6(addr_of!((*sa).user_ip6)) };
     // A dual-stack socket dialling ::ffff:a.b.c.d is an IPv4 flow: route it by
     // the IPv4 table and send it to the IPv4 listener in mapped form.
     let mapped = is_v4_mapped(dst);
@@ -189,39 +190,21 @@ fn try_connect6(ctx: &SockAddrContext) {
         count(Counter::ConnectNotRouted);
         return;
     };
-    let Some((cookie, target)) = routed_socket_of(ctx) else {
+    let flag = if mapped { REDIRECT_V4_ENABLED } else { REDIRECT_V6_ENABLED };
+    let Some(target) = redirect_routed(ctx, route, flag, dst, AF_INET6) else {
         return;
     };
-    let listener = if mapped {
-        target.flags & REDIRECT_V4_ENABLED != 0
-    } else {
-        target.flags & REDIRECT_V6_ENABLED != 0
-    };
-    let agent = is_agent_socket(cookie);
-    if !settle(connect_verdict(sock_type, protocol, Some(route), agent, listener)) {
-        return;
-    }
-    let route_id = route.route_id;
-    // SAFETY: read of user_port, allowed for connect6.
-    let port = unsafe { read_volatile(addr_of!((*sa).user_port)) };
-    let orig = OrigDst { addr: dst, port, family: AF_INET6, route_id, _pad: 0 };
-    if !record(cookie, &orig) {
-        return;
-    }
     let (addr, port) = if mapped {
-        (dataplane_common::v4_mapped_words(target.v4_addr), target.v4_port)
+        count(Counter::Connect6V4Mapped);
+        (v4_mapped_words(target.v4_addr), target.v4_port)
     } else {
         (target.v6_addr, target.v6_port)
     };
-    if mapped {
-        count(Counter::Connect6V4Mapped);
-    }
     // SAFETY: user_ip6 and user_port are writable in connect6.
     unsafe {
         write_ip6(addr_of_mut!((*sa).user_ip6), addr);
         write_volatile(addr_of_mut!((*sa).user_port), port);
     }
-    debug!(ctx, "connect6 redirected route {}", route_id);
 }
 
 /// Returns the original destination of a redirected socket to getpeername().
