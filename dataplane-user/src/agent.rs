@@ -24,6 +24,7 @@ use crate::{
     config::{Config, ConfigError},
     direct,
     ebpf::{KernelCounters, Steering, SteeringError},
+    kernel::{self, KernelError},
     netlink::{NetlinkError, RedirectInterface},
     routes::{RouteTable, Upstream},
     sockopt,
@@ -36,6 +37,8 @@ pub enum AgentError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
     #[error("setting up the redirect interface: {0}")]
     Netlink(#[from] NetlinkError),
     #[error(transparent)]
@@ -91,6 +94,16 @@ impl Agent {
     pub async fn start(config: Config) -> Result<Agent, AgentError> {
         config.validate()?;
         let routes = config.valid_routes()?;
+        let features = kernel::probe()?;
+        info!(
+            kernel = %features.release,
+            btf = features.btf,
+            ring_buf = features.ring_buf,
+            "kernel features probed"
+        );
+        if !features.ring_buf {
+            warn!("no BPF ring buffer (Linux < 5.8): eBPF programs' logs are unavailable");
+        }
         let cgroup = cgroup::resolve(config.steering.cgroup.as_deref())?;
         let redirect = &config.steering.redirect;
         let addrs: Vec<_> = redirect.v4.iter().chain(&redirect.v6).map(|a| a.ip()).collect();

@@ -7,6 +7,7 @@ pub mod config;
 pub mod config_watch;
 pub mod direct;
 pub mod ebpf;
+pub mod kernel;
 pub mod netlink;
 pub mod routes;
 pub mod sockopt;

@@ -2,6 +2,7 @@
 //! object (and the toolchain it needs), the demo, and benchmarks.
 
 mod build_ebpf;
+mod vm_test;
 
 use std::process::Command as Process;
 
@@ -29,6 +30,8 @@ enum Command {
     },
     /// Run the local demo: namespaces, the agent, a steered connection, counters (needs root).
     Demo,
+    /// Run the privileged eBPF tests on Debian's 6.1 and 6.12 kernels under qemu (needs root).
+    VmTest(vm_test::Options),
     /// Measure what steering costs (release build, needs root); writes target/bench/steering.json.
     Bench {
         /// Extra arguments for dataplane-bench (--rounds, --connects, --exchanges).
@@ -59,6 +62,10 @@ fn run(command: Command) -> Result<()> {
         Command::Demo => {
             build_ebpf::run(&build_ebpf::Options::default())?;
             cargo(&["run", "--quiet", "-p", "tests", "--bin", "dataplane-demo"], &[])
+        }
+        Command::VmTest(opts) => {
+            build_ebpf::run(&build_ebpf::Options::default())?;
+            vm_test::run(&opts)
         }
         Command::Bench { mut args } => {
             build_ebpf::run(&build_ebpf::Options::default())?;
