@@ -341,6 +341,8 @@ fn initramfs(modules_dir: &Path) -> Result<Vec<u8>> {
 /// The guest's /init: load modules, mount the host root read-only (9p) under
 /// a tmpfs overlay, mount the kernel filesystems inside it, run the tests
 /// script named on the kernel command line with its output on ttyS1, power off.
+/// /tmp is left to the overlay (writable, host content visible): a checkout
+/// under /tmp must stay reachable.
 const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
@@ -357,7 +359,6 @@ mount -t proc proc /newroot/proc
 mount -t sysfs sys /newroot/sys
 mount -t devtmpfs dev /newroot/dev
 mount -t tmpfs tmpfs /newroot/run
-mount -t tmpfs tmpfs /newroot/tmp
 mount -t cgroup2 cgroup2 /newroot/sys/fs/cgroup
 mount -t bpf bpf /newroot/sys/fs/bpf
 echo "=== BOOTED $(uname -r)" > /dev/ttyS1
