@@ -5,9 +5,10 @@
 //! the byte layout; each type carries a compile-time size assertion naming the
 //! map that uses it. Addresses are kept in the kernel's own representation
 //! (network-order bytes in memory) so the eBPF side never converts them.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 pub mod counter;
+pub mod protocol;
 
 pub use counter::Counter;
 

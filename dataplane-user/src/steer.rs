@@ -44,7 +44,10 @@ pub fn drain_queued(listener: TcpListener) -> Vec<(TcpStream, SocketAddr)> {
     loop {
         match std.accept() {
             Ok((stream, peer)) => {
-                if let Ok(stream) = TcpStream::from_std(stream) {
+                // accept(2) does not pass O_NONBLOCK on; tokio needs it.
+                if stream.set_nonblocking(true).is_ok()
+                    && let Ok(stream) = TcpStream::from_std(stream)
+                {
                     out.push((stream, peer));
                 }
             }
@@ -118,5 +121,32 @@ impl<'a> ActiveFlow<'a> {
 impl Drop for ActiveFlow<'_> {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn drained_connections_are_usable_async_streams() {
+        let listener = bind("steering.redirect.v4", "127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        // Completed by the kernel, waiting in the accept queue.
+        let mut clients: Vec<_> =
+            (0..3).map(|_| std::net::TcpStream::connect(addr).expect("connect")).collect();
+        let drained = drain_queued(listener);
+        assert_eq!(drained.len(), 3, "every queued connection is taken");
+        for ((mut stream, peer), client) in drained.into_iter().zip(&mut clients) {
+            assert_eq!(Some(peer), client.local_addr().ok());
+            stream.write_all(b"x").await.expect("write");
+            let mut b = [0u8; 1];
+            std::io::Read::read_exact(client, &mut b).expect("read");
+            std::io::Write::write_all(client, b"y").expect("write");
+            stream.read_exact(&mut b).await.expect("async read");
+            assert_eq!(&b, b"y");
+        }
     }
 }
