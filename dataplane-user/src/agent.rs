@@ -1,6 +1,7 @@
-//! The agent: starts steering (interface, listeners, programs, routes), serves
-//! steered flows, applies reloads, and shuts down in an order that never
-//! leaves a connect pointing at a dead listener.
+//! The agent: starts steering (interface, listeners, programs, routes) when it
+//! routes something, the tunnel when it has peers, the connector role when it
+//! serves something; serves steered flows; applies reloads; and shuts down in
+//! an order that never leaves a connect pointing at a dead listener.
 
 use std::{
     future::Future,
@@ -13,6 +14,9 @@ use std::{
     time::Duration,
 };
 
+use dataplane_common::protocol::{
+    self, Decoded, MAX_REQUEST, META_SOURCE_NODE, META_WORKLOAD, Metadata, Request, Status,
+};
 use tokio::{
     net::{TcpListener, TcpStream},
     task::JoinSet,
@@ -22,13 +26,16 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::{
     cgroup::{self, CgroupError},
     config::{Config, ConfigError},
+    connector::{Connector, ServePolicy},
     direct,
-    ebpf::{KernelCounters, Steering, SteeringError},
+    ebpf::{KernelCounters, Recovered, Steering, SteeringError},
     kernel::{self, KernelError},
     netlink::{NetlinkError, RedirectInterface},
     routes::{RouteTable, Upstream},
-    sockopt,
+    sockopt, splice,
     steer::{self, ActiveFlow, BindError, FlowSnapshot, FlowStats},
+    tls::{TlsError, TlsMaterial},
+    tunnel::{Tunnel, TunnelError},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +52,10 @@ pub enum AgentError {
     Bind(#[from] BindError),
     #[error(transparent)]
     Steering(#[from] SteeringError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Tunnel(#[from] TunnelError),
 }
 
 /// Why a reload was not applied. Nothing of a refused reload takes effect.
@@ -62,18 +73,28 @@ pub enum ReloadError {
 
 /// State shared by the accept loops, flows and handles.
 struct Shared {
-    steering: Steering,
+    node: String,
+    steering: Option<Steering>,
+    tunnel: Option<Arc<Tunnel>>,
+    connector: Option<Arc<Connector>>,
     config: Mutex<Config>,
     routes: Mutex<RouteTable>,
     stats: FlowStats,
     next_flow_id: AtomicU64,
+    stopping: std::sync::atomic::AtomicBool,
+}
+
+/// Kernel-side steering set up at start.
+struct SteeringParts {
+    listeners: Vec<TcpListener>,
+    iface: RedirectInterface,
 }
 
 /// A started agent, ready to [`Agent::run`].
 pub struct Agent {
     shared: Arc<Shared>,
-    listeners: Vec<TcpListener>,
-    iface: RedirectInterface,
+    steering: Option<SteeringParts>,
+    tunnel_tasks: JoinSet<()>,
 }
 
 /// A cheap handle to a running agent, for reloads and inspection.
@@ -88,58 +109,46 @@ pub struct Summary {
 }
 
 impl Agent {
-    /// Sets up steering: the redirect interface and listeners first, then the
-    /// programs (so no connect is redirected before its listener exists), then
-    /// the routes. On failure everything created so far is removed again.
+    /// Starts the parts the config asks for. Steering: the redirect interface
+    /// and listeners first, then the programs (so no connect is redirected
+    /// before its listener exists), then the routes. On failure everything
+    /// created so far is removed again.
     pub async fn start(config: Config) -> Result<Agent, AgentError> {
         config.validate()?;
         let routes = config.valid_routes()?;
-        let features = kernel::probe()?;
-        info!(
-            kernel = %features.release,
-            btf = features.btf,
-            ring_buf = features.ring_buf,
-            "kernel features probed"
-        );
-        if !features.ring_buf {
-            warn!("no BPF ring buffer (Linux < 5.8): eBPF programs' logs are unavailable");
-        }
-        let cgroup = cgroup::resolve(config.steering.cgroup.as_deref())?;
-        let redirect = &config.steering.redirect;
-        let addrs: Vec<_> = redirect.v4.iter().chain(&redirect.v6).map(|a| a.ip()).collect();
-        let iface = RedirectInterface::create(&redirect.interface, &addrs).await?;
-        info!(interface = %iface.name, kind = ?iface.kind, "redirect interface ready");
+        let serve = config.valid_serve()?;
 
-        let setup = async {
-            let mut listeners = Vec::new();
-            for (field, addr) in
-                [("steering.redirect.v4", redirect.v4), ("steering.redirect.v6", redirect.v6)]
-            {
-                if let Some(addr) = addr {
-                    listeners.push(steer::bind(field, addr)?);
-                }
+        let connector = (!serve.is_empty())
+            .then(|| Arc::new(Connector::new(ServePolicy::new(serve), config.timeouts.connect)));
+        let tunnel = match &config.tls {
+            Some(files) => {
+                let tls = TlsMaterial::load(files)?;
+                info!(identity = %tls.identity, "tunnel identity loaded");
+                Some(Tunnel::bind(&config.tunnel, &config.peers, &tls, connector.clone())?)
             }
-            let steering = Steering::load(&cgroup, redirect.v4, redirect.v6)?;
-            let table = RouteTable::build(&routes, &RouteTable::default());
-            steering.apply(&RouteTable::default().diff(&table))?;
-            Ok::<_, AgentError>((listeners, steering, table))
+            None => None,
         };
-        let (listeners, steering, table) = match setup.await {
-            Ok(v) => v,
-            Err(e) => {
-                iface.remove().await;
-                return Err(e);
-            }
+
+        let table = RouteTable::build(&routes, &RouteTable::default());
+        let (steering, parts) = if routes.is_empty() {
+            (None, None)
+        } else {
+            let (steering, parts) = start_steering(&config, &table).await?;
+            (Some(steering), Some(parts))
         };
-        info!(cgroup = %cgroup.display(), routes = table.entries().len(), "steering attached");
         let shared = Arc::new(Shared {
+            node: config.node.clone(),
             steering,
+            tunnel,
+            connector,
             config: Mutex::new(config),
             routes: Mutex::new(table),
             stats: FlowStats::default(),
             next_flow_id: AtomicU64::new(1),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         });
-        Ok(Agent { shared, listeners, iface })
+        let tunnel_tasks = shared.tunnel.as_ref().map(|t| t.start()).unwrap_or_default();
+        Ok(Agent { shared, steering: parts, tunnel_tasks })
     }
 
     pub fn handle(&self) -> AgentHandle {
@@ -148,14 +157,20 @@ impl Agent {
 
     /// The addresses the redirect listeners are bound to.
     pub fn listen_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners.iter().filter_map(|l| l.local_addr().ok()).collect()
+        let listeners = self.steering.iter().flat_map(|s| &s.listeners);
+        listeners.filter_map(|l| l.local_addr().ok()).collect()
     }
 
-    /// Serves steered flows until `shutdown` resolves, then: detaches the
-    /// programs, accepts what was already redirected, closes the listeners,
-    /// gives open flows the grace period, and removes the interface.
+    /// Serves until `shutdown` resolves, then: detaches the programs, accepts
+    /// what was already redirected, closes the listeners, gives open flows the
+    /// grace period, closes the tunnel (peers learn at once), and removes the
+    /// interface.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Summary {
-        let Agent { shared, listeners, iface } = self;
+        let Agent { shared, steering, mut tunnel_tasks } = self;
+        let (listeners, iface) = match steering {
+            Some(p) => (p.listeners, Some(p.iface)),
+            None => (Vec::new(), None),
+        };
         let mut flows = JoinSet::new();
         let (accepted_tx, mut accepted_rx) = tokio::sync::mpsc::channel::<(TcpStream, SocketAddr)>(1024);
         let mut acceptors = JoinSet::new();
@@ -197,8 +212,11 @@ impl Agent {
             }
         }
 
-        info!("shutting down: detaching steering");
-        shared.steering.detach();
+        shared.stopping.store(true, Relaxed);
+        if let Some(s) = &shared.steering {
+            info!("shutting down: detaching steering");
+            s.detach();
+        }
         let _ = stop_tx.send(true);
         while let Some(Ok(listener)) = acceptors.join_next().await {
             for (stream, peer) in steer::drain_queued(listener) {
@@ -218,10 +236,53 @@ impl Agent {
                 flows.shutdown().await;
             }
         }
-        iface.remove().await;
+        if let Some(t) = &shared.tunnel {
+            t.close().await;
+        }
+        tunnel_tasks.shutdown().await;
+        if let Some(iface) = iface {
+            iface.remove().await;
+        }
         let summary = AgentHandle(shared).summary();
         info!(kernel = ?summary.kernel, flows = ?summary.flows, "agent stopped");
         summary
+    }
+}
+
+async fn start_steering(
+    config: &Config,
+    table: &RouteTable,
+) -> Result<(Steering, SteeringParts), AgentError> {
+    let features = kernel::probe()?;
+    info!(kernel = %features.release, btf = features.btf, ring_buf = features.ring_buf, "kernel features probed");
+    if !features.ring_buf {
+        warn!("no BPF ring buffer (Linux < 5.8): eBPF programs' logs are unavailable");
+    }
+    let cgroup = cgroup::resolve(config.steering.cgroup.as_deref())?;
+    let redirect = &config.steering.redirect;
+    let addrs: Vec<_> = redirect.v4.iter().chain(&redirect.v6).map(|a| a.ip()).collect();
+    let iface = RedirectInterface::create(&redirect.interface, &addrs).await?;
+    info!(interface = %iface.name, kind = ?iface.kind, "redirect interface ready");
+    let setup = async {
+        let mut listeners = Vec::new();
+        for (field, addr) in [("steering.redirect.v4", redirect.v4), ("steering.redirect.v6", redirect.v6)] {
+            if let Some(addr) = addr {
+                listeners.push(steer::bind(field, addr)?);
+            }
+        }
+        let steering = Steering::load(&cgroup, redirect.v4, redirect.v6)?;
+        steering.apply(&RouteTable::default().diff(table))?;
+        Ok::<_, AgentError>((listeners, steering))
+    };
+    match setup.await {
+        Ok((listeners, steering)) => {
+            info!(cgroup = %cgroup.display(), routes = table.entries().len(), "steering attached");
+            Ok((steering, SteeringParts { listeners, iface }))
+        }
+        Err(e) => {
+            iface.remove().await;
+            Err(e)
+        }
     }
 }
 
@@ -233,70 +294,151 @@ fn spawn_flow(shared: &Arc<Shared>, flows: &mut JoinSet<()>, stream: TcpStream, 
     shared.stats.accepted.fetch_add(1, Relaxed);
     let id = shared.next_flow_id.fetch_add(1, Relaxed);
     let span = info_span!("flow", id, %peer);
-    flows.spawn(serve_flow(shared.clone(), stream, peer).instrument(span));
+    flows.spawn(serve_flow(shared.clone(), stream, peer, id).instrument(span));
 }
 
-/// Serves one steered connection: recover its destination, dial, splice.
-/// Every failure resets the client so the application sees an error at once.
-async fn serve_flow(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr) {
+/// Serves one steered connection: recover its destination, reach it through
+/// the route's upstream, splice. Every failure resets the client so the
+/// application sees an error at once.
+async fn serve_flow(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, id: u64) {
     let stats = &shared.stats;
     let _active = ActiveFlow::new(stats);
-    let Some(flow) = shared.steering.lookup_flow(peer) else {
+    let Some(flow) = shared.steering.as_ref().and_then(|s| s.lookup_flow(peer)) else {
         // Usually a client that reset before we accepted (its entry is gone
         // with it); otherwise something connected to the listener directly.
         stats.unrecovered.fetch_add(1, Relaxed);
         debug!("no original destination recorded for this peer; resetting");
-        return reset(client);
+        return reset(&client);
     };
     let upstream = lock(&shared.routes).get(flow.route_id).map(|r| r.upstream.clone());
     let Some(upstream) = upstream else {
         stats.route_gone.fetch_add(1, Relaxed);
         info!(dst = %flow.dst, route = flow.route_id, "route removed since the connect; resetting");
-        return reset(client);
+        return reset(&client);
     };
+    match upstream {
+        Upstream::Direct => direct_flow(&shared, client, flow).await,
+        Upstream::Peer(name) => tunnel_flow(&shared, client, peer, flow, &name, id).await,
+    }
+}
+
+async fn direct_flow(shared: &Shared, mut client: TcpStream, flow: Recovered) {
+    let stats = &shared.stats;
     let timeout = lock(&shared.config).timeouts.connect;
-    let mut server = match upstream {
-        Upstream::Direct => match direct::dial(&shared.steering, flow.dst, timeout).await {
-            Ok(s) => s,
-            Err(e) => {
-                stats.dial_failed.fetch_add(1, Relaxed);
-                info!(dst = %flow.dst, route = flow.route_id, error = %e, "upstream dial failed; resetting");
-                return reset(client);
-            }
-        },
-    };
-    debug!(dst = %flow.dst, route = flow.route_id, "flow open");
-    match tokio::io::copy_bidirectional(&mut client, &mut server).await {
-        Ok((up, down)) => {
-            stats.bytes_up.fetch_add(up, Relaxed);
-            stats.bytes_down.fetch_add(down, Relaxed);
-            stats.completed.fetch_add(1, Relaxed);
-            debug!(up, down, "flow closed");
+    let Some(steering) = &shared.steering else { return reset(&client) };
+    let mut server = match direct::dial(steering, flow.dst, timeout).await {
+        Ok(s) => s,
+        Err(e) => {
+            stats.dial_failed.fetch_add(1, Relaxed);
+            info!(dst = %flow.dst, route = flow.route_id, error = %e, "upstream dial failed; resetting");
+            return reset(&client);
         }
+    };
+    debug!(dst = %flow.dst, route = flow.route_id, "flow open (direct)");
+    match tokio::io::copy_bidirectional(&mut client, &mut server).await {
+        Ok((up, down)) => finished(stats, up, down),
         // One side reset or failed: pass the failure on rather than a clean FIN.
         Err(e) => {
             debug!(error = %e, "flow failed");
-            reset(client);
-            reset(server);
+            reset(&client);
+            reset(&server);
         }
     }
 }
 
-fn reset(stream: TcpStream) {
-    let _ = sockopt::reset_on_close(&stream);
+/// Sends the flow through the tunnel: a request header on a new stream, the
+/// connector's status, then the payload.
+async fn tunnel_flow(
+    shared: &Shared,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    flow: Recovered,
+    to: &str,
+    id: u64,
+) {
+    let stats = &shared.stats;
+    let Some(tunnel) = &shared.tunnel else { return reset(&client) };
+    let (mut send, mut recv) = match tunnel.open(to).await {
+        Ok(s) => s,
+        Err(e) => {
+            stats.no_tunnel.fetch_add(1, Relaxed);
+            info!(dst = %flow.dst, error = %e, "no tunnel to the route's peer; resetting");
+            return reset(&client);
+        }
+    };
+    let mut meta = [0u8; 2 * (2 + 255)];
+    let node = &shared.node.as_bytes()[..shared.node.len().min(255)];
+    let workload = peer.to_string();
+    let end = protocol::put_metadata(&mut meta, 0, META_SOURCE_NODE, node)
+        .and_then(|end| protocol::put_metadata(&mut meta, end, META_WORKLOAD, workload.as_bytes()))
+        .expect("two entries of at most 255 bytes fit");
+    let metadata = Metadata::new(&meta[..end]).expect("entries written by put_metadata are valid");
+    let mut header = [0u8; MAX_REQUEST];
+    let len = match (Request { dst: flow.dst, flow_id: id, metadata }).encode(&mut header) {
+        Ok(n) => n,
+        Err(e) => {
+            warn!(error = %e, "cannot encode the stream header; resetting");
+            return reset(&client);
+        }
+    };
+    // The connector dials with its own timeout; allow for the round trip.
+    let wait = lock(&shared.config).timeouts.connect + Duration::from_secs(1);
+    let status = async {
+        send.write_all(&header[..len]).await.map_err(|e| e.to_string())?;
+        let mut buf = [0u8; protocol::RESPONSE_LEN];
+        recv.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+        match protocol::decode_response(&buf).map_err(|e| e.to_string())? {
+            Decoded::Complete(r, _) => Ok(r.status),
+            Decoded::Incomplete(_) => Err("short response".to_owned()),
+        }
+    };
+    match tokio::time::timeout(wait, status).await {
+        Ok(Ok(Status::Ok)) => {}
+        outcome => {
+            stats.refused_by_peer.fetch_add(1, Relaxed);
+            let why = match outcome {
+                Ok(Ok(s)) => s.as_str().to_owned(),
+                Ok(Err(e)) => e,
+                Err(_) => "no answer in time".to_owned(),
+            };
+            info!(dst = %flow.dst, peer = to, status = %why, "connector did not connect the flow; resetting");
+            let _ = send.reset(splice::RESET_TCP_FAILED);
+            return reset(&client);
+        }
+    }
+    debug!(dst = %flow.dst, route = flow.route_id, peer = to, "flow open (tunnel)");
+    match splice::splice(&mut client, &mut send, &mut recv, &[]).await {
+        Ok((up, down)) => finished(stats, up, down),
+        Err(e) => debug!(error = %e, "flow failed"),
+    }
+}
+
+fn finished(stats: &FlowStats, up: u64, down: u64) {
+    stats.bytes_up.fetch_add(up, Relaxed);
+    stats.bytes_down.fetch_add(down, Relaxed);
+    stats.completed.fetch_add(1, Relaxed);
+    debug!(up, down, "flow closed");
+}
+
+fn reset(stream: &TcpStream) {
+    let _ = sockopt::reset_on_close(stream);
 }
 
 impl AgentHandle {
-    /// Applies a new configuration. Only routes change at runtime; a config
-    /// that changes anything else is refused whole.
+    /// Applies a new configuration: routes and what this agent serves change
+    /// at runtime; a config that changes anything else is refused whole.
     pub fn reload(&self, next: Config) -> Result<(), ReloadError> {
         let shared = &self.0;
-        if !shared.steering.attached() {
+        if shared.stopping.load(Relaxed) {
             return Err(ReloadError::Stopped);
         }
         next.validate()?;
         let mut config = lock(&shared.config);
-        let restart = config.restart_only_changes(&next);
+        let mut restart = config.restart_only_changes(&next);
+        let serve = next.valid_serve()?;
+        if shared.connector.is_none() && !serve.is_empty() {
+            restart.push("serve (the connector role is set up at start)");
+        }
         if !restart.is_empty() {
             return Err(ReloadError::RestartRequired(restart));
         }
@@ -304,16 +446,21 @@ impl AgentHandle {
         let mut table = lock(&shared.routes);
         let new_table = RouteTable::build(&routes, &table);
         let diff = table.diff(&new_table);
-        shared.steering.apply(&diff)?;
-        info!(added = diff.upsert.len(), removed = diff.remove.len(), "routes reloaded");
+        if let Some(s) = &shared.steering {
+            s.apply(&diff)?;
+        }
+        if let Some(c) = &shared.connector {
+            c.set_policy(ServePolicy::new(serve));
+        }
+        info!(added = diff.upsert.len(), removed = diff.remove.len(), "configuration reloaded");
         *table = new_table;
         *config = next;
         Ok(())
     }
 
-    /// Kernel counters summed over CPUs.
+    /// Kernel counters summed over CPUs (zero for an agent without steering).
     pub fn kernel_counters(&self) -> Result<KernelCounters, SteeringError> {
-        self.0.steering.counters()
+        self.0.steering.as_ref().map_or(Ok(KernelCounters::default()), |s| s.counters())
     }
 
     pub fn flow_stats(&self) -> FlowSnapshot {
@@ -322,11 +469,19 @@ impl AgentHandle {
 
     /// Route trie sizes (v4, v6) as the kernel holds them.
     pub fn route_entries(&self) -> (usize, usize) {
-        self.0.steering.route_entries()
+        self.0.steering.as_ref().map_or((0, 0), |s| s.route_entries())
     }
 
-    pub fn cgroup(&self) -> PathBuf {
-        self.0.steering.cgroup().to_owned()
+    pub fn cgroup(&self) -> Option<PathBuf> {
+        self.0.steering.as_ref().map(|s| s.cgroup().to_owned())
+    }
+
+    pub fn tunnel(&self) -> Option<&Arc<Tunnel>> {
+        self.0.tunnel.as_ref()
+    }
+
+    pub fn connector(&self) -> Option<&Arc<Connector>> {
+        self.0.connector.as_ref()
     }
 
     pub fn summary(&self) -> Summary {

@@ -50,6 +50,82 @@ pub struct Config {
     /// CIDRs whose TCP connects are steered into the agent.
     #[serde(default)]
     pub routes: Vec<Route>,
+    /// Certificates for the tunnel (required with peers, serve or tunnel.listen).
+    #[serde(default)]
+    pub tls: Option<TlsFiles>,
+    #[serde(default)]
+    pub tunnel: TunnelSettings,
+    /// Agents this one exchanges flows with.
+    #[serde(default)]
+    pub peers: Vec<Peer>,
+    /// As a connector: what this agent dials on behalf of peers. Nothing else.
+    #[serde(default)]
+    pub serve: Vec<Serve>,
+}
+
+/// PEM files: the private CA, this node's certificate (identity in a URI SAN)
+/// and its key.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// QUIC endpoint settings. Restart-only.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelSettings {
+    /// Accept QUIC from peers here; omit to only dial out.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// Keep-alive interval on every tunnel connection.
+    #[serde(default = "default_keep_alive", with = "humantime_serde")]
+    pub keep_alive: Duration,
+    /// A connection silent this long is dead (both ends' minimum applies).
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// UDP socket buffer size to force (SO_RCVBUFFORCE/SO_SNDBUFFORCE).
+    #[serde(default = "default_udp_buffer")]
+    pub udp_buffer_bytes: usize,
+}
+
+impl Default for TunnelSettings {
+    fn default() -> Self {
+        TunnelSettings {
+            listen: None,
+            keep_alive: default_keep_alive(),
+            idle_timeout: default_idle_timeout(),
+            udp_buffer_bytes: default_udp_buffer(),
+        }
+    }
+}
+
+/// Another agent.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    /// Referenced by `routes[].via`.
+    pub name: String,
+    /// Addresses to dial; omit for a peer that dials us (a connector behind a
+    /// firewall that allows no inbound traffic).
+    #[serde(default)]
+    pub dial: Vec<SocketAddr>,
+    /// The URI SAN its certificate must carry.
+    pub identity: String,
+    /// Connections to keep to it (when dialing).
+    #[serde(default = "default_connections")]
+    pub connections: u32,
+}
+
+/// Destinations a connector dials for its peers.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Serve {
+    pub cidr: String,
+    /// Destination ports allowed; at least one.
+    pub ports: Vec<u16>,
 }
 
 /// Kernel-side steering settings. Changing them needs a restart.
@@ -127,6 +203,18 @@ fn default_v4() -> Option<SocketAddr> {
 fn default_v6() -> Option<SocketAddr> {
     Some(SocketAddr::new(Ipv6Addr::new(0xfd00, 0xd47a, 0, 0, 0, 0, 0, 1).into(), 15001))
 }
+fn default_keep_alive() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(8)
+}
+fn default_udp_buffer() -> usize {
+    8 << 20
+}
+fn default_connections() -> u32 {
+    2
+}
 fn default_connect() -> Duration {
     Duration::from_secs(10)
 }
@@ -140,6 +228,26 @@ pub struct ValidRoute {
     pub net: IpNet,
     pub via: String,
 }
+
+/// A validated serve entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ValidServe {
+    pub net: IpNet,
+    pub ports: Vec<u16>,
+}
+
+/// Ranges a connector never dials, whatever it is configured to serve: the
+/// classic SSRF targets on a node.
+pub const NEVER_SERVED: [(&str, &str); 8] = [
+    ("0.0.0.0/8", "unspecified/this-network addresses"),
+    ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "link-local (incl. the cloud metadata address 169.254.169.254)"),
+    ("224.0.0.0/4", "multicast"),
+    ("::/128", "the unspecified address"),
+    ("::1/128", "loopback"),
+    ("fe80::/10", "link-local"),
+    ("fd00:ec2::254/128", "the cloud metadata address"),
+];
 
 impl Config {
     /// Reads and validates a file.
@@ -162,29 +270,131 @@ impl Config {
             return Err(ConfigError::invalid("node", "must not be empty"));
         }
         self.steering.redirect.validate()?;
-        self.valid_routes()?;
+        self.validate_peers()?;
+        let routes = self.valid_routes()?;
+        let serve = self.valid_serve()?;
+        if routes.is_empty() && serve.is_empty() {
+            return Err(ConfigError::invalid(
+                "routes",
+                "routes and serve are both empty: the agent would do nothing",
+            ));
+        }
+        for (i, s) in serve.iter().enumerate() {
+            if let Some(j) = routes.iter().position(|r| overlaps(&r.net, &s.net)) {
+                return Err(ConfigError::invalid(
+                    format!("serve[{i}].cidr"),
+                    format!(
+                        "{} overlaps routes[{j}].cidr {}: a node never steers what it serves",
+                        s.net, routes[j].net
+                    ),
+                ));
+            }
+        }
+        let uses_tunnel = !self.peers.is_empty() || !serve.is_empty() || self.tunnel.listen.is_some();
+        if uses_tunnel && self.tls.is_none() {
+            return Err(ConfigError::invalid(
+                "tls",
+                "required with peers, serve or tunnel.listen (mutual TLS always)",
+            ));
+        }
+        if !serve.is_empty() && self.peers.is_empty() {
+            return Err(ConfigError::invalid(
+                "serve",
+                "needs at least one entry in peers: only configured peers may send flows",
+            ));
+        }
         Ok(())
+    }
+
+    fn validate_peers(&self) -> Result<(), ConfigError> {
+        let t = &self.tunnel;
+        if t.keep_alive.is_zero() || t.keep_alive >= t.idle_timeout {
+            return Err(ConfigError::invalid(
+                "tunnel.keep_alive",
+                "must be above 0 and below tunnel.idle_timeout",
+            ));
+        }
+        if !(64 << 10..=1 << 30).contains(&t.udp_buffer_bytes) {
+            return Err(ConfigError::invalid("tunnel.udp_buffer_bytes", "must be between 64 KiB and 1 GiB"));
+        }
+        for (i, p) in self.peers.iter().enumerate() {
+            let field = |f: &str| format!("peers[{i}].{f}");
+            if p.name.is_empty() || p.name == VIA_DIRECT {
+                return Err(ConfigError::invalid(
+                    field("name"),
+                    format!("`{}` is reserved or empty", p.name),
+                ));
+            }
+            if let Some(j) = self.peers[..i].iter().position(|q| q.name == p.name) {
+                return Err(ConfigError::invalid(
+                    field("name"),
+                    format!("`{}` is also peers[{j}].name", p.name),
+                ));
+            }
+            if !p.identity.contains("://") {
+                return Err(ConfigError::invalid(
+                    field("identity"),
+                    format!("`{}` is not a URI (expected e.g. spiffe://example.org/connector/a)", p.identity),
+                ));
+            }
+            if let Some(j) = self.peers[..i].iter().position(|q| q.identity == p.identity) {
+                return Err(ConfigError::invalid(field("identity"), format!("also peers[{j}].identity")));
+            }
+            if !(1..=16).contains(&p.connections) {
+                return Err(ConfigError::invalid(field("connections"), "must be between 1 and 16"));
+            }
+            if let Some(a) = p.dial.iter().find(|a| a.port() == 0 || a.ip().is_unspecified()) {
+                return Err(ConfigError::invalid(field("dial"), format!("{a} is not a dialable address")));
+            }
+            if p.dial.is_empty() && t.listen.is_none() {
+                return Err(ConfigError::invalid(
+                    field("dial"),
+                    format!(
+                        "`{}` has no dial addresses and tunnel.listen is not set: nothing would ever connect",
+                        p.name
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The serve entries, parsed, checked against the ranges never served.
+    pub fn valid_serve(&self) -> Result<Vec<ValidServe>, ConfigError> {
+        let never: Vec<(IpNet, &str)> =
+            NEVER_SERVED.iter().map(|(c, why)| (c.parse().expect("static CIDR"), *why)).collect();
+        let mut out = Vec::with_capacity(self.serve.len());
+        for (i, s) in self.serve.iter().enumerate() {
+            let net = parse_cidr(&s.cidr).map_err(|e| ConfigError::invalid(format!("serve[{i}].cidr"), e))?;
+            if let Some((range, why)) = never.iter().find(|(n, _)| overlaps(n, &net)) {
+                return Err(ConfigError::invalid(
+                    format!("serve[{i}].cidr"),
+                    format!("{net} overlaps {range}, {why}, which a connector never dials"),
+                ));
+            }
+            if s.ports.is_empty() || s.ports.contains(&0) {
+                return Err(ConfigError::invalid(
+                    format!("serve[{i}].ports"),
+                    "list at least one port, none of them 0",
+                ));
+            }
+            out.push(ValidServe { net, ports: s.ports.clone() });
+        }
+        Ok(out)
     }
 
     /// The routes, parsed and checked against each other and the listeners.
     pub fn valid_routes(&self) -> Result<Vec<ValidRoute>, ConfigError> {
-        if self.routes.is_empty() {
-            return Err(ConfigError::invalid(
-                "routes",
-                "must list at least one route (an agent without routes steers nothing)",
-            ));
-        }
         let mut out: Vec<ValidRoute> = Vec::with_capacity(self.routes.len());
         for (i, r) in self.routes.iter().enumerate() {
             let net =
                 parse_cidr(&r.cidr).map_err(|e| ConfigError::invalid(format!("routes[{i}].cidr"), e))?;
-            if r.via != VIA_DIRECT {
+            if r.via != VIA_DIRECT && !self.peers.iter().any(|p| p.name == r.via) {
+                let known: Vec<&str> =
+                    std::iter::once(VIA_DIRECT).chain(self.peers.iter().map(|p| p.name.as_str())).collect();
                 return Err(ConfigError::invalid(
                     format!("routes[{i}].via"),
-                    format!(
-                        "unknown upstream `{}`: no peers are configured; the only upstream is `{VIA_DIRECT}`",
-                        r.via
-                    ),
+                    format!("unknown upstream `{}` (known: {})", r.via, known.join(", ")),
                 ));
             }
             for (what, addr) in self.reserved_addresses() {
@@ -234,6 +444,19 @@ impl Config {
         }
         if self.steering.redirect != other.steering.redirect {
             v.push("steering.redirect");
+        }
+        if self.tls != other.tls {
+            v.push("tls");
+        }
+        if self.tunnel != other.tunnel {
+            v.push("tunnel");
+        }
+        if self.peers != other.peers {
+            v.push("peers");
+        }
+        // Steering is set up at start only for an agent that routes something.
+        if self.routes.is_empty() && !other.routes.is_empty() {
+            v.push("routes (the first route needs steering, set up at start)");
         }
         v
     }

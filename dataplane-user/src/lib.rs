@@ -2,13 +2,18 @@
 //! over [`agent::Agent`], and tests run the same agent in process.
 
 pub mod agent;
+pub mod certs;
 pub mod cgroup;
 pub mod config;
 pub mod config_watch;
+pub mod connector;
 pub mod direct;
 pub mod ebpf;
 pub mod kernel;
 pub mod netlink;
 pub mod routes;
 pub mod sockopt;
+pub mod splice;
 pub mod steer;
+pub mod tls;
+pub mod tunnel;

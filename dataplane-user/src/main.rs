@@ -33,6 +33,47 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Create the tunnel's private CA and node certificates.
+    #[command(subcommand)]
+    Cert(CertCommand),
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// Create a CA: writes ca.crt and ca.key into --out.
+    Ca {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "dataplane CA")]
+        name: String,
+        #[arg(long, default_value_t = 3650)]
+        days: u64,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a node certificate signed by the CA in --ca: writes tls.crt,
+    /// tls.key and ca.crt into --out.
+    Issue {
+        /// Directory holding ca.crt and ca.key.
+        #[arg(long)]
+        ca: PathBuf,
+        /// The node's identity, a URI SAN (e.g. spiffe://example.org/node/worker-1).
+        #[arg(long)]
+        identity: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Extra DNS SANs.
+        #[arg(long)]
+        dns: Vec<String>,
+        /// Extra IP SANs.
+        #[arg(long)]
+        ip: Vec<std::net::IpAddr>,
+        #[arg(long, default_value_t = 365)]
+        days: u64,
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -50,6 +91,32 @@ fn main() -> ExitCode {
             }
         },
         Command::Agent { config, reload_interval } => run_agent(config, reload_interval),
+        Command::Cert(cmd) => cert(cmd),
+    }
+}
+
+fn cert(cmd: CertCommand) -> ExitCode {
+    let day = Duration::from_secs(86_400);
+    let result = match cmd {
+        CertCommand::Ca { out, name, days, force } => {
+            dataplane::certs::write_ca(&out, &name, day * days as u32, force)
+                .map(|()| format!("{}/ca.crt", out.display()))
+        }
+        CertCommand::Issue { ca, identity, out, dns, ip, days, force } => {
+            let spec = dataplane::certs::NodeSpec { identity, dns, ips: ip, validity: day * days as u32 };
+            dataplane::certs::write_node(&ca, &spec, &out, force)
+                .map(|()| format!("{}/tls.crt", out.display()))
+        }
+    };
+    match result {
+        Ok(path) => {
+            println!("wrote {path}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("dataplane cert: {e}");
+            ExitCode::from(EXIT_BAD_CONFIG as u8)
+        }
     }
 }
 
@@ -82,7 +149,7 @@ fn run_agent(path: PathBuf, reload_interval: Duration) -> ExitCode {
 async fn serve(path: PathBuf, config: Config, reload_interval: Duration) -> anyhow::Result<()> {
     let agent = Agent::start(config).await?;
     let handle = agent.handle();
-    info!(listeners = ?agent.listen_addrs(), cgroup = %handle.cgroup().display(), "agent running");
+    info!(listeners = ?agent.listen_addrs(), cgroup = ?handle.cgroup(), "agent running");
     let watcher = tokio::spawn(config_watch::watch(path, handle, reload_interval));
     agent.run(shutdown_signal()).await;
     watcher.abort();

@@ -12,6 +12,14 @@ use crate::config::ValidRoute;
 pub enum Upstream {
     /// Dial the original destination from the agent.
     Direct,
+    /// Carry the flow through the tunnel to the named peer, which dials it.
+    Peer(std::sync::Arc<str>),
+}
+
+impl Upstream {
+    fn of(via: &str) -> Upstream {
+        if via == crate::config::VIA_DIRECT { Upstream::Direct } else { Upstream::Peer(via.into()) }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,8 +57,7 @@ impl RouteTable {
                     next += 1;
                     next - 1
                 });
-                // Config validation admits only `direct` until peers exist.
-                RouteEntry { id, net: r.net, upstream: Upstream::Direct }
+                RouteEntry { id, net: r.net, upstream: Upstream::of(&r.via) }
             })
             .collect();
         RouteTable { entries }
@@ -71,6 +78,8 @@ impl RouteTable {
 
     /// Changes that turn `self` (what the kernel has) into `next`.
     pub fn diff(&self, next: &RouteTable) -> RouteDiff {
+        // The kernel keys on (net, id); a changed upstream alone needs no update
+        // there, but upserting it is harmless and keeps this simple.
         let upsert = next.entries.iter().filter(|e| !self.entries.contains(e)).cloned().collect();
         let remove = self
             .entries
@@ -110,6 +119,15 @@ mod tests {
         assert_eq!(b.diff(&b), RouteDiff::default());
         let from_empty = RouteTable::default().diff(&b);
         assert_eq!(from_empty.upsert, b.entries().to_vec());
+    }
+
+    #[test]
+    fn routes_name_their_upstream() {
+        let mut r = routes(&["10.0.0.0/8", "192.0.2.0/24"]);
+        r[1].via = "private".into();
+        let t = RouteTable::build(&r, &RouteTable::default());
+        assert_eq!(t.entries()[0].upstream, Upstream::Direct);
+        assert_eq!(t.entries()[1].upstream, Upstream::Peer("private".into()));
     }
 
     #[test]

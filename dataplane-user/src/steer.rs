@@ -70,6 +70,10 @@ pub struct FlowStats {
     pub route_gone: AtomicU64,
     /// The upstream could not be dialled: reset.
     pub dial_failed: AtomicU64,
+    /// The route's peer had no live tunnel connection: reset at once.
+    pub no_tunnel: AtomicU64,
+    /// The connector answered with a status other than ok (or none): reset.
+    pub refused_by_peer: AtomicU64,
     /// Flows that reached their destination and ran to the end.
     pub completed: AtomicU64,
     /// Flows being served now.
@@ -87,6 +91,8 @@ pub struct FlowSnapshot {
     pub unrecovered: u64,
     pub route_gone: u64,
     pub dial_failed: u64,
+    pub no_tunnel: u64,
+    pub refused_by_peer: u64,
     pub completed: u64,
     pub active: u64,
     pub bytes_up: u64,
@@ -100,6 +106,8 @@ impl FlowStats {
             unrecovered: self.unrecovered.load(Relaxed),
             route_gone: self.route_gone.load(Relaxed),
             dial_failed: self.dial_failed.load(Relaxed),
+            no_tunnel: self.no_tunnel.load(Relaxed),
+            refused_by_peer: self.refused_by_peer.load(Relaxed),
             completed: self.completed.load(Relaxed),
             active: self.active.load(Relaxed),
             bytes_up: self.bytes_up.load(Relaxed),

@@ -3,8 +3,10 @@
 //! echo server that reports who connected, and the agent run in process inside
 //! the node namespace.
 
+pub mod apiserver;
 pub mod probe;
 pub mod topology;
+pub mod tunnel_env;
 
 use std::{
     fs::File,

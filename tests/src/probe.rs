@@ -37,10 +37,30 @@ impl Attempt {
         line.split_whitespace().find_map(|f| f.strip_prefix(name))?.parse().ok()
     }
 
+    /// The connection was cut with an error the application sees at once:
+    /// a reset, seen on read (ECONNRESET) or on write (EPIPE) depending on
+    /// which came first, or a refusal.
+    pub fn was_reset(&self) -> bool {
+        let e = self.error.as_deref().unwrap_or_default();
+        !self.ok && (e.contains("reset") || e.contains("Broken pipe") || e.contains("refused"))
+    }
+
     /// The echoed payload.
     pub fn echoed(&self) -> &str {
         self.response.split_once('\n').map(|(_, rest)| rest).unwrap_or("")
     }
+}
+
+/// The result of a `--bulk` transfer.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Bulk {
+    pub ok: bool,
+    pub sent: u64,
+    pub received: u64,
+    /// SHA-256 of the bytes sent equals that of the bytes echoed back.
+    pub digests_match: bool,
+    pub secs: f64,
+    pub error: Option<String>,
 }
 
 /// Totals of a `--repeat` run.
@@ -111,6 +131,24 @@ impl Probe {
     /// `n` sequential TCP exchanges.
     pub fn repeat(&self, addr: SocketAddr, n: usize) -> Result<Summary> {
         self.run(&["--repeat", &n.to_string()], addr)
+    }
+
+    /// Sends `bytes` through an echo server and back, comparing digests.
+    pub fn bulk(&self, addr: SocketAddr, bytes: u64) -> Result<Bulk> {
+        self.run(&["--bulk", &bytes.to_string()], addr)
+    }
+
+    /// Runs `program args` as the workload (in the cgroup and namespace).
+    pub fn exec(&self, program: &str, args: &[&str], env: &[(&str, &Path)]) -> Result<std::process::Output> {
+        let mut cmd = Command::new(probe_bin());
+        if let Some(cg) = &self.cgroup {
+            cmd.arg("--cgroup").arg(cg);
+        }
+        cmd.arg("--netns").arg(&self.netns).arg("--exec").arg(program).args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().with_context(|| format!("running {program} as the workload"))
     }
 
     /// Starts `n` sequential exchanges in the background.

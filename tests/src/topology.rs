@@ -56,6 +56,11 @@ pub struct Topology {
 
 impl Topology {
     pub fn new() -> Result<Topology> {
+        Topology::with_echo(&[API_V4, API_V6, OTHER_V4, OTHER_V6])
+    }
+
+    /// A topology whose server namespace runs the echo server on `echo`.
+    pub fn with_echo(echo: &[&str]) -> Result<Topology> {
         let id = unique_id();
         let cgroup = Cgroup::new(&id)?;
         let pod = Netns::new(format!("dpt-{id}-pod"))?;
@@ -91,7 +96,7 @@ impl Topology {
         node.sysctl("net.ipv4.ip_forward", "1")?;
         node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
 
-        let server = EchoServer::start(&remote, &[API_V4, API_V6, OTHER_V4, OTHER_V6])?;
+        let server = EchoServer::start(&remote, echo)?;
         Ok(Topology { id, server, cgroup, pod, node, remote })
     }
 

@@ -77,15 +77,94 @@ fn overlapping_routes_are_rejected_in_either_order() {
 }
 
 #[test]
-fn empty_routes_are_rejected() {
-    assert!(err("routes: []").contains("routes: must list at least one route"));
+fn an_agent_that_does_nothing_is_rejected() {
+    assert!(err("routes: []").contains("routes and serve are both empty"));
     assert!(err("node: a").contains("routes"));
 }
 
 #[test]
 fn unknown_upstreams_are_rejected() {
     let e = err("routes: [{ cidr: 10.0.0.0/8, via: private-cluster }]");
-    assert!(e.contains("routes[0].via") && e.contains("private-cluster"), "{e}");
+    assert!(
+        e.contains("routes[0].via") && e.contains("private-cluster") && e.contains("known: direct"),
+        "{e}"
+    );
+}
+
+const TLS: &str = "tls: { ca: /c/ca.crt, cert: /c/tls.crt, key: /c/tls.key }\n";
+
+#[test]
+fn a_client_and_a_connector_config_parse() {
+    let client = format!(
+        "{TLS}peers:\n  - {{ name: private, dial: ['10.0.0.2:4433'], identity: 'spiffe://t/connector' }}\n\
+         routes: [{{ cidr: 198.51.100.101/32, via: private }}]\n"
+    );
+    let c = Config::parse(&client).expect("client config");
+    assert_eq!(c.peers[0].connections, 2, "default connections per peer");
+    assert_eq!(c.tunnel.keep_alive, Duration::from_secs(2));
+    let connector = format!(
+        "{TLS}tunnel: {{ listen: '0.0.0.0:4433' }}\npeers: [{{ name: client, identity: 'spiffe://t/node' }}]\n\
+         serve: [{{ cidr: 198.51.100.101/32, ports: [6443] }}]\n"
+    );
+    let c = Config::parse(&connector).expect("connector config");
+    assert_eq!(c.valid_serve().expect("serve")[0].ports, vec![6443]);
+    assert!(c.valid_routes().expect("routes").is_empty());
+}
+
+#[test]
+fn tunnel_configs_are_checked() {
+    let peer = "peers: [{ name: p, dial: ['10.0.0.2:4433'], identity: 'spiffe://t/p' }]\n";
+    let route = "routes: [{ cidr: 198.51.100.101/32, via: p }]\n";
+    let e = err(&format!("{peer}{route}"));
+    assert!(e.contains("tls: required"), "{e}");
+    let e = err(&format!("{TLS}peers: [{{ name: p, identity: 'spiffe://t/p' }}]\n{route}"));
+    assert!(e.contains("peers[0].dial") && e.contains("nothing would ever connect"), "{e}");
+    let e = err(&format!(
+        "{TLS}peers: [{{ name: direct, dial: ['10.0.0.2:1'], identity: 'spiffe://t/p' }}]\n{route}"
+    ));
+    assert!(e.contains("peers[0].name"), "{e}");
+    let e = err(&format!("{TLS}peers: [{{ name: p, dial: ['10.0.0.2:1'], identity: nope }}]\n{route}"));
+    assert!(e.contains("peers[0].identity") && e.contains("not a URI"), "{e}");
+    let two = "peers: [{ name: p, dial: ['10.0.0.2:1'], identity: 'spiffe://t/p' }, { name: q, dial: ['10.0.0.3:1'], identity: 'spiffe://t/p' }]\n";
+    let e = err(&format!("{TLS}{two}{route}"));
+    assert!(e.contains("peers[1].identity"), "{e}");
+    let e = err(&format!(
+        "{TLS}peers: [{{ name: p, dial: ['10.0.0.2:1'], identity: 'spiffe://t/p', connections: 0 }}]\n{route}"
+    ));
+    assert!(e.contains("peers[0].connections"), "{e}");
+    let e = err(&format!("{TLS}{peer}{route}tunnel: {{ keep_alive: 10s, idle_timeout: 5s }}\n"));
+    assert!(e.contains("tunnel.keep_alive"), "{e}");
+}
+
+#[test]
+fn a_connector_never_serves_loopback_link_local_or_metadata() {
+    let base = format!(
+        "{TLS}tunnel: {{ listen: '0.0.0.0:4433' }}\npeers: [{{ name: c, identity: 'spiffe://t/c' }}]\n"
+    );
+    for (cidr, needle) in [
+        ("127.0.0.1/32", "loopback"),
+        ("169.254.169.254/32", "metadata"),
+        ("0.0.0.0/0", "unspecified"),
+        ("'fe80::/64'", "link-local"),
+        ("'fd00:ec2::254/128'", "metadata"),
+        ("'::/0'", "unspecified"),
+    ] {
+        let e = err(&format!("{base}serve: [{{ cidr: {cidr}, ports: [443] }}]\n"));
+        assert!(e.contains("serve[0].cidr") && e.contains(needle), "{cidr}: {e}");
+    }
+    let e = err(&format!("{base}serve: [{{ cidr: 10.0.0.0/8, ports: [] }}]\n"));
+    assert!(e.contains("serve[0].ports"), "{e}");
+    let e = err(&format!("{TLS}serve: [{{ cidr: 10.0.0.0/8, ports: [443] }}]\n"));
+    assert!(e.contains("serve: needs at least one entry in peers"), "{e}");
+}
+
+#[test]
+fn a_cidr_both_routed_and_served_is_rejected() {
+    let e = err(&format!(
+        "{TLS}tunnel: {{ listen: '0.0.0.0:4433' }}\npeers: [{{ name: c, identity: 'spiffe://t/c' }}]\n\
+         routes: [{{ cidr: 10.1.0.0/16, via: c }}]\nserve: [{{ cidr: 10.0.0.0/8, ports: [443] }}]\n"
+    ));
+    assert!(e.contains("serve[0].cidr") && e.contains("overlaps routes[0].cidr"), "{e}");
 }
 
 #[test]

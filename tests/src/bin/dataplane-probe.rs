@@ -3,7 +3,9 @@
 //! path), makes TCP or UDP connects, and prints what it saw as JSON.
 //!
 //! `dataplane-probe [--cgroup DIR] [--netns PATH] [--udp] [--repeat N] [--payload TEXT]
-//!                  [--bind-port P] [--reset] ADDR`
+//!                  [--bind-port P] [--reset] [--bulk BYTES] ADDR`
+//! `dataplane-probe [--cgroup DIR] [--netns PATH] --exec PROGRAM ARGS...` runs a
+//! program (kubectl) as the workload.
 
 use std::{
     io::{Read, Write},
@@ -13,7 +15,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use socket2::{Domain, Socket, Type};
-use tests::probe::{Attempt, Summary};
+use tests::probe::{Attempt, Bulk, Summary};
 
 struct Args {
     cgroup: Option<String>,
@@ -23,14 +25,16 @@ struct Args {
     payload: String,
     bind_port: Option<u16>,
     reset: bool,
-    addr: SocketAddr,
+    bulk: Option<u64>,
+    exec: Vec<String>,
+    addr: Option<SocketAddr>,
 }
 
 fn parse() -> Result<Args> {
     let mut args = std::env::args().skip(1);
     let (mut cgroup, mut netns, mut udp, mut repeat, mut payload, mut addr) =
         (None, None, false, 1, "hello through the dataplane".to_owned(), None);
-    let (mut bind_port, mut reset) = (None, false);
+    let (mut bind_port, mut reset, mut bulk, mut exec) = (None, false, None, Vec::new());
     while let Some(a) = args.next() {
         match a.as_str() {
             "--cgroup" => cgroup = Some(args.next().context("--cgroup needs a value")?),
@@ -40,11 +44,19 @@ fn parse() -> Result<Args> {
             "--payload" => payload = args.next().context("--payload needs a value")?,
             "--bind-port" => bind_port = Some(args.next().context("--bind-port needs a value")?.parse()?),
             "--reset" => reset = true,
+            "--bulk" => bulk = Some(args.next().context("--bulk needs a value")?.parse()?),
+            "--exec" => {
+                exec = args.by_ref().collect();
+                break;
+            }
             other if other.starts_with("--") => bail!("unknown option {other}"),
             other => addr = Some(other.parse().with_context(|| format!("bad address {other}"))?),
         }
     }
-    Ok(Args { cgroup, netns, udp, repeat, payload, bind_port, reset, addr: addr.context("missing ADDR")? })
+    if exec.is_empty() && addr.is_none() {
+        bail!("missing ADDR");
+    }
+    Ok(Args { cgroup, netns, udp, repeat, payload, bind_port, reset, bulk, exec, addr })
 }
 
 fn main() -> Result<()> {
@@ -57,9 +69,20 @@ fn main() -> Result<()> {
         nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
             .with_context(|| format!("entering {ns}"))?;
     }
+    if let Some((program, rest)) = args.exec.split_first() {
+        use std::os::unix::process::CommandExt;
+        let err = std::process::Command::new(program).args(rest).exec();
+        bail!("exec {program}: {err}");
+    }
+    let addr = args.addr.context("missing ADDR")?;
+    if let Some(bytes) = args.bulk {
+        println!("{}", serde_json::to_string(&bulk(addr, bytes))?);
+        return Ok(());
+    }
+    let args = Args { addr: Some(addr), ..args };
     if args.udp {
-        let sock = UdpSocket::bind(if args.addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
-        sock.connect(args.addr)?;
+        let sock = UdpSocket::bind(if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
+        sock.connect(addr)?;
         let peer = sock.peer_addr()?;
         println!(
             "{}",
@@ -68,13 +91,13 @@ fn main() -> Result<()> {
         return Ok(());
     }
     if args.repeat == 1 {
-        let a = attempt(args.addr, &args.payload, args.bind_port, args.reset);
+        let a = attempt(addr, &args.payload, args.bind_port, args.reset);
         println!("{}", serde_json::to_string(&a)?);
         return Ok(());
     }
     let mut summary = Summary::default();
     for _ in 0..args.repeat {
-        let a = attempt(args.addr, &args.payload, None, false);
+        let a = attempt(addr, &args.payload, None, false);
         if a.ok {
             summary.ok += 1;
         } else {
@@ -121,5 +144,57 @@ fn attempt(addr: SocketAddr, payload: &str, bind_port: Option<u16>, reset: bool)
         Ok(()) => out.ok = true,
         Err(e) => out.error = Some(e.to_string()),
     }
+    out
+}
+
+/// Sends `bytes` of pseudo-random data to an echo server while reading the
+/// echo back; compares SHA-256 digests of what went out and what came back.
+fn bulk(addr: SocketAddr, bytes: u64) -> Bulk {
+    use aws_lc_rs::digest::{Context, SHA256};
+    let start = Instant::now();
+    let run = || -> std::io::Result<Bulk> {
+        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut writer = s.try_clone()?;
+        let sender = std::thread::spawn(move || -> std::io::Result<Vec<u8>> {
+            let mut digest = Context::new(&SHA256);
+            let mut block = vec![0u8; 64 * 1024];
+            let mut x: u64 = 0x243f_6a88_85a3_08d3;
+            let mut left = bytes;
+            while left > 0 {
+                for chunk in block.chunks_mut(8) {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+                }
+                let n = left.min(block.len() as u64) as usize;
+                writer.write_all(&block[..n])?;
+                digest.update(&block[..n]);
+                left -= n as u64;
+            }
+            writer.shutdown(Shutdown::Write)?;
+            Ok(digest.finish().as_ref().to_vec())
+        });
+        let mut reader = std::io::BufReader::with_capacity(256 * 1024, s);
+        let mut header = String::new();
+        std::io::BufRead::read_line(&mut reader, &mut header)?;
+        let mut digest = Context::new(&SHA256);
+        let mut received = 0u64;
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = reader.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            digest.update(&buf[..n]);
+            received += n as u64;
+        }
+        let sent = sender.join().map_err(|_| std::io::Error::other("sender panicked"))??;
+        let got = digest.finish().as_ref().to_vec();
+        Ok(Bulk { ok: true, sent: bytes, received, digests_match: sent == got, ..Default::default() })
+    };
+    let mut out = run().unwrap_or_else(|e| Bulk { error: Some(e.to_string()), ..Default::default() });
+    out.secs = start.elapsed().as_secs_f64();
     out
 }

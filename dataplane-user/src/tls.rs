@@ -1,0 +1,284 @@
+//! Mutual TLS for the tunnel: one crypto provider (aws-lc-rs, with the
+//! X25519MLKEM768 hybrid key exchange preferred), TLS 1.3 only, the project
+//! ALPN, and peers identified by the URI SAN of a certificate from the private
+//! CA. Names in SNI play no part: the dialer checks the chain and that the URI
+//! is the identity configured for the peer it meant to reach; the acceptor
+//! checks the chain and maps the URI to a configured peer.
+
+use std::{path::PathBuf, sync::Arc};
+
+use rustls::{
+    DigitallySignedStruct, RootCertStore, SignatureScheme,
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    crypto::CryptoProvider,
+    server::{ParsedCertificate, WebPkiClientVerifier},
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject};
+
+use crate::config::TlsFiles;
+
+/// ALPN of the tunnel protocol; a peer that does not offer it is refused.
+pub const ALPN: &[u8] = b"dataplane/1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read or parsed.
+    #[error("tls.{field}: {path}: {reason}")]
+    File { field: &'static str, path: PathBuf, reason: String },
+    /// The own certificate has no URI SAN.
+    #[error("tls.cert: {path} has no URI SAN identity (issue it with `dataplane cert issue --identity ...`)")]
+    NoIdentity { path: PathBuf },
+    /// rustls refused the material (key does not match, ...).
+    #[error("tls: {0}")]
+    Config(#[from] rustls::Error),
+    #[error("tls: {0}")]
+    Verifier(String),
+}
+
+/// The crypto provider for the whole tree. X25519MLKEM768 comes first among
+/// the key exchange groups (rustls' `prefer-post-quantum`), classic X25519 next.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Loaded CA, own chain and key, and the own identity.
+#[derive(Clone)]
+pub struct TlsMaterial {
+    pub roots: Arc<RootCertStore>,
+    pub chain: Vec<CertificateDer<'static>>,
+    key: Arc<PrivateKeyDer<'static>>,
+    pub identity: String,
+}
+
+impl std::fmt::Debug for TlsMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsMaterial").field("identity", &self.identity).finish_non_exhaustive()
+    }
+}
+
+impl TlsMaterial {
+    pub fn load(files: &TlsFiles) -> Result<TlsMaterial, TlsError> {
+        let read = |field: &'static str, path: &PathBuf| {
+            std::fs::read(path).map_err(|e| TlsError::File {
+                field,
+                path: path.clone(),
+                reason: e.to_string(),
+            })
+        };
+        Self::parse(&read("ca", &files.ca)?, &read("cert", &files.cert)?, &read("key", &files.key)?, files)
+    }
+
+    /// Built from PEM text already in memory (tests, the demo).
+    pub fn from_pem(ca: &str, cert: &str, key: &str) -> Result<TlsMaterial, TlsError> {
+        let files = TlsFiles { ca: "<memory>".into(), cert: "<memory>".into(), key: "<memory>".into() };
+        Self::parse(ca.as_bytes(), cert.as_bytes(), key.as_bytes(), &files)
+    }
+
+    /// `files` only names the sources in errors.
+    fn parse(ca: &[u8], cert: &[u8], key: &[u8], files: &TlsFiles) -> Result<TlsMaterial, TlsError> {
+        let bad = |field: &'static str, path: &PathBuf, reason: String| TlsError::File {
+            field,
+            path: path.clone(),
+            reason,
+        };
+        let mut roots = RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(ca) {
+            let c = c.map_err(|e| bad("ca", &files.ca, e.to_string()))?;
+            roots.add(c).map_err(|e| bad("ca", &files.ca, e.to_string()))?;
+        }
+        if roots.is_empty() {
+            return Err(bad("ca", &files.ca, "no certificate in the file".into()));
+        }
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert)
+            .collect::<Result<_, _>>()
+            .map_err(|e| bad("cert", &files.cert, e.to_string()))?;
+        let leaf =
+            chain.first().ok_or_else(|| bad("cert", &files.cert, "no certificate in the file".into()))?;
+        let identity = uri_san(leaf).ok_or_else(|| TlsError::NoIdentity { path: files.cert.clone() })?;
+        let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| bad("key", &files.key, e.to_string()))?;
+        let material = TlsMaterial { roots: Arc::new(roots), chain, key: Arc::new(key), identity };
+        // Fails here, naming the problem, if the key does not match the cert.
+        material.server_config()?;
+        Ok(material)
+    }
+
+    /// Accepting side: a client certificate from the CA is required.
+    pub fn server_config(&self) -> Result<rustls::ServerConfig, TlsError> {
+        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+        config.alpn_protocols = vec![ALPN.to_vec()];
+        Ok(config)
+    }
+
+    /// Dialing side, for a peer that must present `expected_identity`.
+    pub fn client_config(&self, expected_identity: &str) -> Result<rustls::ClientConfig, TlsError> {
+        let verifier = Arc::new(PeerVerifier {
+            roots: self.roots.clone(),
+            expected: expected_identity.to_owned(),
+            provider: provider(),
+        });
+        let mut config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
+        config.alpn_protocols = vec![ALPN.to_vec()];
+        Ok(config)
+    }
+}
+
+/// The first URI SAN of a certificate: a peer's identity.
+pub fn uri_san(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let san = parsed.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(u) => Some((*u).to_owned()),
+        _ => None,
+    })
+}
+
+/// Checks a server's chain against the private CA and its URI SAN against
+/// the identity configured for the peer being dialled; the SNI name is unused.
+#[derive(Debug)]
+struct PeerVerifier {
+    roots: Arc<RootCertStore>,
+    expected: String,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PeerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let cert = ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        match uri_san(end_entity) {
+            Some(id) if id == self.expected => Ok(ServerCertVerified::assertion()),
+            other => {
+                Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+                    Arc::new(IdentityMismatch { expected: self.expected.clone(), found: other }),
+                ))))
+            }
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // The configs allow TLS 1.3 only.
+        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The peer presented a valid certificate for someone else.
+#[derive(Debug)]
+struct IdentityMismatch {
+    expected: String,
+    found: Option<String>,
+}
+
+impl std::fmt::Display for IdentityMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "peer identity {:?} is not the expected {}", self.found, self.expected)
+    }
+}
+
+impl std::error::Error for IdentityMismatch {}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::certs::{self, NodeSpec};
+
+    fn node(ca: &certs::Pem, id: &str) -> TlsMaterial {
+        let spec =
+            NodeSpec { identity: id.into(), validity: Duration::from_secs(3600), ..Default::default() };
+        let pem = certs::issue(ca, &spec).expect("issue");
+        TlsMaterial::from_pem(&ca.cert, &pem.cert, &pem.key).expect("load")
+    }
+
+    #[test]
+    fn identities_come_from_the_uri_san() {
+        let ca = certs::new_ca("test CA", Duration::from_secs(3600)).expect("ca");
+        let m = node(&ca, "spiffe://dataplane.test/node/a");
+        assert_eq!(m.identity, "spiffe://dataplane.test/node/a");
+        assert_eq!(uri_san(&m.chain[0]).as_deref(), Some("spiffe://dataplane.test/node/a"));
+    }
+
+    #[test]
+    fn bad_material_names_the_file() {
+        let ca = certs::new_ca("test CA", Duration::from_secs(3600)).expect("ca");
+        let a = certs::issue(
+            &ca,
+            &NodeSpec {
+                identity: "spiffe://t/a".into(),
+                validity: Duration::from_secs(60),
+                ..Default::default()
+            },
+        )
+        .expect("a");
+        let b = certs::issue(
+            &ca,
+            &NodeSpec {
+                identity: "spiffe://t/b".into(),
+                validity: Duration::from_secs(60),
+                ..Default::default()
+            },
+        )
+        .expect("b");
+        let err = TlsMaterial::from_pem(&ca.cert, &a.cert, &b.key).expect_err("key of another cert");
+        assert!(err.to_string().contains("tls"), "{err}");
+        let err = TlsMaterial::from_pem("not pem", &a.cert, &a.key).expect_err("bad CA");
+        assert!(err.to_string().contains("tls.ca"), "{err}");
+        assert!(matches!(
+            certs::issue(&ca, &NodeSpec { identity: "no-scheme".into(), ..Default::default() }),
+            Err(certs::CertError::BadIdentity(_))
+        ));
+    }
+
+    #[test]
+    fn the_provider_prefers_the_post_quantum_hybrid() {
+        let p = provider();
+        let first = p.kx_groups.first().expect("kx groups").name();
+        assert_eq!(first, rustls::NamedGroup::X25519MLKEM768, "X25519MLKEM768 first");
+    }
+}

@@ -1,0 +1,230 @@
+//! The end-to-end tunnel setup: the test topology with the private network cut
+//! off from the node (only the tunnel reaches it), a private CA for the
+//! tunnel, a stand-in API server with its own CA at 198.51.100.101:6443 and
+//! [2001:db8::101]:6443, a kubeconfig for it, and configs for a client agent
+//! (node namespace) and a connector agent (private namespace).
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use dataplane::{
+    agent::AgentHandle,
+    certs::{self, NodeSpec, Pem},
+    config::Config,
+};
+
+use crate::{
+    apiserver::ApiServer,
+    topology::{OTHER_V4, OTHER_V6, RunningAgent, Topology, addr},
+};
+
+pub const PEER: &str = "private-cluster";
+pub const CLIENT_ID: &str = "spiffe://dataplane.test/node/worker-1";
+pub const CONNECTOR_ID: &str = "spiffe://dataplane.test/connector/private-cluster";
+/// Routed through the tunnel but not served by the connector.
+pub const UNSERVED_V4: &str = "198.51.100.103:6443";
+
+/// Which side dials the tunnel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// The client agent dials the connector's listener.
+    ConnectorListens,
+    /// The connector, allowing no inbound traffic, dials out to the client agent.
+    ConnectorDialsOut,
+}
+
+pub struct TunnelEnv {
+    // Drop order: the API server before the namespaces it lives in.
+    pub api: ApiServer,
+    pub topo: Topology,
+    pub dir: tempfile::TempDir,
+    pub kubeconfig: PathBuf,
+    pub tunnel_ca: Pem,
+}
+
+/// TLS file paths for a config.
+pub struct TlsPaths {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TunnelEnv {
+    pub fn new() -> Result<TunnelEnv> {
+        let topo = Topology::with_echo(&[OTHER_V4, OTHER_V6])?;
+        // The private network is reachable only through the tunnel.
+        topo.node.ip(&["route", "del", "198.51.100.0/24"])?;
+        topo.node.ip(&["-6", "route", "del", "2001:db8::/64"])?;
+        let dir = tempfile::tempdir()?;
+        let year = Duration::from_secs(365 * 86_400);
+        let tunnel_ca = certs::new_ca("dataplane test tunnel CA", year)?;
+
+        // The API server's own PKI, unrelated to the tunnel's.
+        let api_ca = certs::new_ca("test cluster CA", year)?;
+        let server = certs::issue(
+            &api_ca,
+            &NodeSpec {
+                identity: "spiffe://cluster.test/kube-apiserver".into(),
+                dns: vec!["kubernetes.default".into()],
+                ips: vec!["198.51.100.101".parse()?, "2001:db8::101".parse()?],
+                validity: year,
+            },
+        )?;
+        let admin = certs::issue(
+            &api_ca,
+            &NodeSpec {
+                identity: "spiffe://cluster.test/user/admin".into(),
+                validity: year,
+                ..Default::default()
+            },
+        )?;
+        let api = ApiServer::start(
+            &topo.remote,
+            &[addr("198.51.100.101:6443"), addr("[2001:db8::101]:6443")],
+            &api_ca.cert,
+            &server.cert,
+            &server.key,
+        )?;
+        let write = |name: &str, text: &str| -> Result<PathBuf> {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text)?;
+            Ok(p)
+        };
+        let (ca, crt, key) = (
+            write("api-ca.crt", &api_ca.cert)?,
+            write("admin.crt", &admin.cert)?,
+            write("admin.key", &admin.key)?,
+        );
+        let kubeconfig = write(
+            "kubeconfig",
+            &format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: private\n  cluster:\n    server: https://198.51.100.101:6443\n    certificate-authority: {}\nusers:\n- name: admin\n  user:\n    client-certificate: {}\n    client-key: {}\ncontexts:\n- name: private\n  context: {{cluster: private, user: admin, namespace: default}}\ncurrent-context: private\n",
+                ca.display(),
+                crt.display(),
+                key.display()
+            ),
+        )?;
+        Ok(TunnelEnv { api, topo, dir, kubeconfig, tunnel_ca })
+    }
+
+    /// Issues a tunnel certificate for `identity` from `ca` (default: the
+    /// tunnel CA) into its own directory.
+    pub fn tls(&self, name: &str, identity: &str, ca: Option<&Pem>) -> Result<TlsPaths> {
+        let ca = ca.unwrap_or(&self.tunnel_ca);
+        let pem = certs::issue(
+            ca,
+            &NodeSpec {
+                identity: identity.into(),
+                validity: Duration::from_secs(3600),
+                ..Default::default()
+            },
+        )?;
+        let d = self.dir.path().join(name);
+        std::fs::create_dir_all(&d)?;
+        let paths = TlsPaths { ca: d.join("ca.crt"), cert: d.join("tls.crt"), key: d.join("tls.key") };
+        std::fs::write(&paths.ca, &ca.cert)?;
+        std::fs::write(&paths.cert, &pem.cert)?;
+        std::fs::write(&paths.key, &pem.key)?;
+        Ok(paths)
+    }
+
+    fn tls_yaml(t: &TlsPaths) -> String {
+        format!("tls: {{ ca: {}, cert: {}, key: {} }}\n", t.ca.display(), t.cert.display(), t.key.display())
+    }
+
+    /// Short keep-alive and idle timeout: the tests wait for dead tunnels.
+    const TUNNEL_TIMERS: &str = "keep_alive: 300ms, idle_timeout: 1500ms";
+
+    /// The client agent: steers the private addresses into the tunnel.
+    pub fn client_config(&self, mode: Mode, tls: &TlsPaths) -> Config {
+        let (dial, listen) = match mode {
+            Mode::ConnectorListens => ("dial: ['10.201.0.2:4433'], ", String::new()),
+            Mode::ConnectorDialsOut => ("", "listen: '10.201.0.1:4433', ".to_owned()),
+        };
+        let text = format!(
+            "node: worker-1\nsteering: {{ cgroup: {} }}\ntimeouts: {{ connect: 2s, shutdown_grace: 2s }}\n{}\
+             tunnel: {{ {listen}{} }}\npeers:\n  - {{ name: {PEER}, {dial}identity: '{CONNECTOR_ID}' }}\nroutes:\n{}",
+            self.topo.cgroup.path.display(),
+            Self::tls_yaml(tls),
+            Self::TUNNEL_TIMERS,
+            [
+                "198.51.100.101/32",
+                "2001:db8::101/128",
+                "198.51.100.102/32",
+                "2001:db8::102/128",
+                "198.51.100.103/32"
+            ]
+            .iter()
+            .map(|c| format!("  - {{ cidr: '{c}', via: {PEER} }}\n"))
+            .collect::<String>()
+        );
+        Config::parse(&text).expect("client config is valid")
+    }
+
+    /// The connector agent in the private namespace.
+    pub fn connector_config(&self, mode: Mode, tls: &TlsPaths) -> Config {
+        let (dial, listen) = match mode {
+            Mode::ConnectorListens => ("", "listen: '10.201.0.2:4433', ".to_owned()),
+            Mode::ConnectorDialsOut => ("dial: ['10.201.0.1:4433'], ", String::new()),
+        };
+        let text = format!(
+            "node: connector-1\ntimeouts: {{ connect: 2s, shutdown_grace: 1s }}\n{}tunnel: {{ {listen}{} }}\n\
+             peers:\n  - {{ name: worker-1, {dial}identity: '{CLIENT_ID}' }}\nserve:\n{}",
+            Self::tls_yaml(tls),
+            Self::TUNNEL_TIMERS,
+            ["198.51.100.101/32", "2001:db8::101/128", "198.51.100.102/32", "2001:db8::102/128"]
+                .iter()
+                .map(|c| format!("  - {{ cidr: '{c}', ports: [6443] }}\n"))
+                .collect::<String>()
+        );
+        Config::parse(&text).expect("connector config is valid")
+    }
+
+    /// A client (node namespace) and a connector (private namespace), both
+    /// up, with the tunnel established.
+    pub fn start(&self, mode: Mode) -> Result<(RunningAgent, RunningAgent)> {
+        let client =
+            self.topo.start_agent(self.client_config(mode, &self.tls("client", CLIENT_ID, None)?))?;
+        let connector = self.start_connector(mode)?;
+        ensure_tunnel(&client.handle, Duration::from_secs(10))?;
+        Ok((client, connector))
+    }
+
+    pub fn start_connector(&self, mode: Mode) -> Result<RunningAgent> {
+        let cfg = self.connector_config(mode, &self.tls("connector", CONNECTOR_ID, None)?);
+        RunningAgent::start(&self.topo.remote, cfg)
+    }
+
+    /// Runs kubectl as a workload in the pod namespace and cgroup.
+    pub fn kubectl(&self, args: &[&str]) -> Result<std::process::Output> {
+        let home = self.dir.path().join("home");
+        std::fs::create_dir_all(&home)?;
+        let mut all = vec!["--request-timeout=20s"];
+        all.extend_from_slice(args);
+        self.topo.pod_probe().exec(
+            "/usr/bin/kubectl",
+            &all,
+            &[("KUBECONFIG", self.kubeconfig.as_path()), ("HOME", home.as_path())],
+        )
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// Waits until the agent has a live tunnel connection to the peer.
+pub fn ensure_tunnel(handle: &AgentHandle, within: Duration) -> Result<Duration> {
+    let start = Instant::now();
+    let tunnel = handle.tunnel().context("agent has no tunnel")?;
+    while start.elapsed() < within {
+        if tunnel.live_connections(PEER) > 0 {
+            return Ok(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    anyhow::bail!("no tunnel connection to {PEER} within {within:?}")
+}

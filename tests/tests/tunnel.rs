@@ -1,0 +1,226 @@
+//! The product end to end: a workload in a pod namespace, steered by eBPF
+//! into the client agent, carried over the mutual-TLS QUIC tunnel to a
+//! connector in a private namespace the node has no route to, which dials the
+//! destination. The real kubectl talks to a stand-in API server that requires
+//! a client certificate, so TLS to the API server is end to end.
+
+use std::time::{Duration, Instant};
+
+use tests::{
+    apiserver::{POD_NAME, SERVER_VERSION},
+    require_root,
+    topology::{OTHER_V4, OTHER_V6, addr},
+    tunnel_env::{CLIENT_ID, CONNECTOR_ID, Mode, PEER, TunnelEnv, UNSERVED_V4, ensure_tunnel},
+};
+
+fn text(o: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn kubectl_works(env: &TunnelEnv) {
+    let v = env.kubectl(&["version"]).expect("kubectl runs");
+    assert!(v.status.success(), "kubectl version: {}", text(&v));
+    assert!(text(&v).contains(&format!("Server Version: {SERVER_VERSION}")), "{}", text(&v));
+    let pods = env.kubectl(&["get", "pods"]).expect("kubectl runs");
+    assert!(pods.status.success(), "kubectl get pods: {}", text(&pods));
+    let out = text(&pods);
+    assert!(out.contains("NAME") && out.contains(POD_NAME) && out.contains("Running"), "{out}");
+    eprintln!("$ kubectl version\n{}$ kubectl get pods\n{out}", text(&v));
+}
+
+#[test]
+fn kubectl_reaches_the_private_api_server_through_the_tunnel() {
+    if !require_root() {
+        return;
+    }
+    let env = TunnelEnv::new().expect("environment");
+    // Without the tunnel the private network is out of reach from the pod.
+    let direct = env.topo.pod_probe().connect(addr(OTHER_V4)).expect("probe");
+    assert!(!direct.ok, "the node must not route to the private network: {direct:?}");
+
+    let (client, connector) = env.start(Mode::ConnectorListens).expect("agents start");
+    kubectl_works(&env);
+    assert!(env.api.requests.load(std::sync::atomic::Ordering::Relaxed) >= 2);
+
+    // IPv6 too, with half-close both ways (the echo server answers after our FIN).
+    let a = env.topo.pod_probe().connect(addr(OTHER_V6)).expect("probe");
+    assert!(a.ok, "{a:?}");
+    assert_eq!(a.peer.as_deref(), Some(OTHER_V6), "getpeername shows the dialled address");
+    assert_eq!(a.echoed(), "hello through the dataplane");
+    assert!(
+        a.server_saw().is_some_and(|s| s.ip().to_string().starts_with("2001:db8::")),
+        "dialled by the connector"
+    );
+
+    let c = connector.handle.connector().expect("connector role");
+    assert!(c.stats.status("ok") >= 3, "{:?}", c.stats.statuses);
+    let flows = client.handle.flow_stats();
+    assert_eq!(flows.no_tunnel + flows.refused_by_peer + flows.unrecovered, 0, "{flows:?}");
+    assert!(flows.completed >= 3, "{flows:?}");
+    drop(connector);
+    client.stop();
+}
+
+/// A connector behind a firewall that allows no inbound traffic: it has no
+/// listener at all and dials out; the client agent still opens the flows.
+#[test]
+fn the_connector_dials_out_and_still_receives_flows() {
+    if !require_root() {
+        return;
+    }
+    let env = TunnelEnv::new().expect("environment");
+    let (client, connector) = env.start(Mode::ConnectorDialsOut).expect("agents start");
+    let cfg =
+        env.connector_config(Mode::ConnectorDialsOut, &env.tls("check", CONNECTOR_ID, None).expect("tls"));
+    assert!(cfg.tunnel.listen.is_none(), "the connector accepts nothing inbound");
+    let local = connector.handle.tunnel().and_then(|t| t.local_addr()).expect("bound");
+    assert_ne!(local.port(), 4433, "the connector's only socket is an ephemeral one it dials from");
+
+    kubectl_works(&env);
+    let a = env.topo.pod_probe().connect(addr(OTHER_V4)).expect("probe");
+    assert!(a.ok && a.echoed() == "hello through the dataplane", "{a:?}");
+    let opened = client
+        .handle
+        .tunnel()
+        .expect("tunnel")
+        .stats
+        .streams_opened
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(opened >= 3, "the client opened the streams over the connector's outbound connection: {opened}");
+    drop(connector);
+    client.stop();
+}
+
+/// 256 MiB out and back through the tunnel, byte-exact by SHA-256.
+#[test]
+fn a_256_mib_transfer_arrives_byte_exact() {
+    if !require_root() {
+        return;
+    }
+    let env = TunnelEnv::new().expect("environment");
+    let (client, _connector) = env.start(Mode::ConnectorListens).expect("agents start");
+    let bytes = 256u64 << 20;
+    let b = env.topo.pod_probe().bulk(addr(OTHER_V4), bytes).expect("probe");
+    assert!(b.ok, "{b:?}");
+    assert_eq!((b.sent, b.received), (bytes, bytes), "{b:?}");
+    assert!(b.digests_match, "the echoed bytes differ from the sent ones: {b:?}");
+    eprintln!(
+        "256 MiB each way through the tunnel in {:.2}s: {:.0} Mbit/s per direction",
+        b.secs,
+        bytes as f64 * 8.0 / b.secs / 1e6
+    );
+    let f = client.handle.flow_stats();
+    assert_eq!(f.bytes_up, bytes, "{f:?}");
+    assert!(f.bytes_down > bytes, "the echo plus the server's header line: {f:?}");
+}
+
+/// A routed destination the connector does not serve: it answers `denied`,
+/// counts why, and the application gets a reset at once, never a hang.
+#[test]
+fn a_destination_the_connector_does_not_serve_is_refused_fast() {
+    if !require_root() {
+        return;
+    }
+    let env = TunnelEnv::new().expect("environment");
+    let (client, connector) = env.start(Mode::ConnectorListens).expect("agents start");
+    let a = env.topo.pod_probe().connect(addr(UNSERVED_V4)).expect("probe");
+    assert!(a.was_reset(), "{a:?}");
+    assert!(a.elapsed_us < 500_000, "refused fast, took {} us", a.elapsed_us);
+    let c = connector.handle.connector().expect("connector");
+    assert_eq!(c.stats.denials("not_served"), 1, "{:?}", c.stats.denials);
+    assert_eq!(c.stats.status("denied"), 1);
+    assert_eq!(client.handle.flow_stats().refused_by_peer, 1);
+    // The tunnel itself is unharmed.
+    assert!(env.topo.pod_probe().connect(addr(OTHER_V4)).expect("probe").ok);
+}
+
+/// Certificates from another CA are refused at the handshake, whichever side
+/// holds them, and counted by reason; flows fail at once meanwhile.
+#[test]
+fn a_peer_with_a_certificate_from_another_ca_is_refused_at_the_handshake() {
+    if !require_root() {
+        return;
+    }
+    let env = TunnelEnv::new().expect("environment");
+    let rogue = dataplane::certs::new_ca("rogue CA", Duration::from_secs(3600)).expect("ca");
+
+    // A client with the right identity, signed by the wrong CA.
+    let tls = env.tls("rogue-client", CLIENT_ID, Some(&rogue)).expect("tls");
+    std::fs::write(&tls.ca, &env.tunnel_ca.cert).expect("trusts the real CA");
+    let connector = env.start_connector(Mode::ConnectorListens).expect("connector");
+    let client = env.topo.start_agent(env.client_config(Mode::ConnectorListens, &tls)).expect("client");
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(ensure_tunnel(&client.handle, Duration::from_millis(100)).is_err(), "no tunnel may come up");
+    let server_side = connector.handle.tunnel().expect("tunnel");
+    let refused: u64 =
+        ["unknown_ca", "bad_certificate"].iter().map(|r| server_side.stats.handshake_failures(r)).sum();
+    assert!(refused >= 1, "{:?}", server_side.stats.handshake_failures);
+    let a = env.topo.pod_probe().connect(addr(OTHER_V4)).expect("probe");
+    assert!(a.was_reset() && a.elapsed_us < 500_000, "fails at once without a tunnel: {a:?}");
+    assert!(client.handle.flow_stats().no_tunnel >= 1);
+    drop(client);
+    drop(connector);
+
+    // A connector signed by the wrong CA: the client refuses it.
+    let tls = env.tls("rogue-connector", CONNECTOR_ID, Some(&rogue)).expect("tls");
+    std::fs::write(&tls.ca, &env.tunnel_ca.cert).expect("trusts the real CA");
+    let connector = tests::topology::RunningAgent::start(
+        &env.topo.remote,
+        env.connector_config(Mode::ConnectorListens, &tls),
+    )
+    .expect("connector");
+    let client = env
+        .topo
+        .start_agent(env.client_config(Mode::ConnectorListens, &env.tls("c2", CLIENT_ID, None).expect("tls")))
+        .expect("client");
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(ensure_tunnel(&client.handle, Duration::from_millis(100)).is_err());
+    let client_side = client.handle.tunnel().expect("tunnel");
+    assert!(
+        client_side.stats.handshake_failures("unknown_ca") >= 1,
+        "{:?}",
+        client_side.stats.handshake_failures
+    );
+    drop(connector);
+}
+
+/// The connector dies without a word (its link is cut first, so not even its
+/// CONNECTION_CLOSE gets out): the client notices within the idle timeout,
+/// new routed connects then fail at once, and flows work again as soon as the
+/// connector is back.
+#[test]
+fn killing_the_connector_fails_new_flows_fast_and_they_recover() {
+    if !require_root() {
+        return;
+    }
+    let env = TunnelEnv::new().expect("environment");
+    let (client, connector) = env.start(Mode::ConnectorListens).expect("agents start");
+    assert!(env.topo.pod_probe().connect(addr(OTHER_V4)).expect("probe").ok);
+
+    let link = format!("vt{}", env.topo.id);
+    env.topo.remote.ip(&["link", "set", &link, "down"]).expect("cut the link");
+    let cut = Instant::now();
+    // Its shutdown waits for acknowledgements that cannot arrive: let it.
+    let stopping = std::thread::spawn(move || drop(connector));
+    let tunnel = client.handle.tunnel().expect("tunnel").clone();
+    while tunnel.live_connections(PEER) > 0 {
+        assert!(cut.elapsed() < Duration::from_secs(5), "dead tunnel not noticed within 5 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let noticed = cut.elapsed();
+    assert!(
+        noticed >= Duration::from_millis(500),
+        "noticed by the idle timeout, not a close frame: {noticed:?}"
+    );
+    let a = env.topo.pod_probe().connect(addr(OTHER_V4)).expect("probe");
+    assert!(a.was_reset(), "{a:?}");
+    assert!(a.elapsed_us < 300_000, "fails fast once the tunnel is known dead: {} us", a.elapsed_us);
+
+    stopping.join().expect("connector stopped");
+    env.topo.remote.ip(&["link", "set", &link, "up"]).expect("restore the link");
+    let _connector = env.start_connector(Mode::ConnectorListens).expect("connector restarts");
+    let back = ensure_tunnel(&client.handle, Duration::from_secs(20)).expect("client reconnects");
+    let a = env.topo.pod_probe().connect(addr(OTHER_V4)).expect("probe");
+    assert!(a.ok, "flows work again: {a:?}");
+    eprintln!("dead tunnel noticed after {noticed:?}; reconnected {back:?} after the connector returned");
+}
