@@ -120,7 +120,20 @@ fn cert(cmd: CertCommand) -> ExitCode {
     }
 }
 
+/// A proxy holds two descriptors per flow: lift the soft limit to the hard one.
+fn raise_nofile_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: lim is a valid rlimit for both calls.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 fn run_agent(path: PathBuf, reload_interval: Duration) -> ExitCode {
+    raise_nofile_limit();
     let config = match Config::load(&path) {
         Ok(c) => c,
         Err(e) => {

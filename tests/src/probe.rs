@@ -63,6 +63,13 @@ pub struct Bulk {
     pub error: Option<String>,
 }
 
+/// Per-exchange latencies of a `--latencies` run.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Latencies {
+    pub latencies_us: Vec<f64>,
+    pub failed: u64,
+}
+
 /// Totals of a `--repeat` run.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Summary {
@@ -131,6 +138,11 @@ impl Probe {
     /// `n` sequential TCP exchanges.
     pub fn repeat(&self, addr: SocketAddr, n: usize) -> Result<Summary> {
         self.run(&["--repeat", &n.to_string()], addr)
+    }
+
+    /// `n` sequential exchanges of 100 bytes, each timed.
+    pub fn latencies(&self, addr: SocketAddr, n: usize) -> Result<Latencies> {
+        self.run(&["--latencies", &n.to_string()], addr)
     }
 
     /// Sends `bytes` through an echo server and back, comparing digests.

@@ -1,13 +1,19 @@
-//! `cargo xtask demo`: a local topology (workload namespace, node namespace
-//! with the agent, a private "API server" namespace), a routed connect steered
-//! through the agent, an unrouted one left alone, and the counters. Exits
-//! non-zero if anything does not behave as shown, so CI runs it too.
+//! `cargo xtask demo`: the whole product on one machine. A workload namespace
+//! (a pod) on a node whose agent steers the private API server's addresses
+//! with eBPF into a mutual-TLS QUIC tunnel; a "private cluster" namespace the
+//! node has no route to, whose connector allows no inbound traffic and dials
+//! out to the node's agent; the real kubectl in the pod talks to the API
+//! server through it. Exits non-zero if anything does not behave as shown,
+//! so CI runs it too.
 
-use std::process::ExitCode;
+use std::{process::ExitCode, sync::atomic::Ordering::Relaxed, time::Duration};
 
 use anyhow::{Context, Result, ensure};
 use dataplane_common::Counter;
-use tests::topology::{API_V4, API_V6, OTHER_V4, Topology, addr};
+use tests::{
+    topology::{OTHER_V6, addr},
+    tunnel_env::{CONNECTOR_ID, Mode, PEER, TunnelEnv, UNSERVED_V4},
+};
 
 fn main() -> ExitCode {
     match demo() {
@@ -19,63 +25,92 @@ fn main() -> ExitCode {
     }
 }
 
+fn out(o: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
 fn demo() -> Result<()> {
     ensure!(nix::unistd::geteuid().is_root(), "the demo needs root (eBPF, cgroups, network namespaces)");
-    println!("== topology");
-    let topo = Topology::new().context("creating namespaces")?;
+    let env = TunnelEnv::new().context("creating namespaces, certificates and the API server")?;
+    let t = &env.topo;
+    println!("== topology (network namespaces on this machine)");
     println!(
-        "   pod    {:<22} 10.200.0.2, fd00:200::2   (workload, own netns, cgroup {})",
-        topo.pod.name,
-        topo.cgroup.path.display()
+        "   pod      {:<20} 10.200.0.2        workload: the real kubectl, in cgroup {}",
+        t.pod.name,
+        t.cgroup.path.display()
     );
     println!(
-        "   node   {:<22} agent; redirect listeners 169.254.77.1:15001, [fd00:d47a::1]:15001",
-        topo.node.name
+        "   node     {:<20} 10.201.0.1        client agent: eBPF steering + QUIC tunnel (listens :4433)",
+        t.node.name
     );
     println!(
-        "   server {:<22} 'private' hosts 198.51.100.101-102, 2001:db8::101-102 :6443",
-        topo.remote.name
+        "   private  {:<20} 10.201.0.2        connector agent (no listener: dials out), API server",
+        t.remote.name
+    );
+    println!(
+        "            API server at https://198.51.100.101:6443 and [2001:db8::101]:6443, client certs required;"
+    );
+    println!("            the node has no route to 198.51.100.0/24: only the tunnel reaches it");
+
+    let (client, connector) = env.start(Mode::ConnectorDialsOut).context("starting the agents")?;
+    let tunnel = client.handle.tunnel().context("tunnel")?;
+    println!(
+        "\n== tunnel up: the connector dialled out; {} live connection(s) to `{PEER}` ({CONNECTOR_ID})",
+        tunnel.live_connections(PEER)
     );
 
-    let routes = ["198.51.100.101/32", "2001:db8::101/128"];
-    let config = topo.config(&routes);
-    println!("\n== agent config (routes)");
-    for r in &config.routes {
-        println!("   - {{ cidr: {}, via: {} }}", r.cidr, r.via);
+    for args in [&["version"][..], &["get", "pods"][..]] {
+        let o = env.kubectl(args)?;
+        println!("\n$ kubectl {}   (from the pod, unmodified, no proxy settings)", args.join(" "));
+        print!("{}", out(&o));
+        ensure!(o.status.success(), "kubectl {} failed", args.join(" "));
     }
-    let agent = topo.start_agent(config).context("starting the agent")?;
-    let pod = topo.pod_probe();
 
-    println!("\n== connects from the pod");
-    println!("   {:<24} {:<24} {:<26} path", "dialled", "getpeername()", "server saw connection from");
-    let mut steered = 0;
-    for dst in [API_V4, API_V6, OTHER_V4] {
-        let a = pod.connect(addr(dst))?;
-        ensure!(a.ok, "connect to {dst} failed: {:?}", a.error);
-        let saw = a.server_saw().map(|s| s.to_string()).unwrap_or_default();
-        let via_agent = !saw.starts_with("10.200.") && !saw.starts_with("[fd00:200::");
-        steered += usize::from(via_agent);
-        let path = if via_agent { "steered: pod -> eBPF -> agent -> server" } else { "direct (not routed)" };
-        println!("   {dst:<24} {:<24} {saw:<26} {path}", a.peer.as_deref().unwrap_or_default());
-        ensure!(a.echoed() == "hello through the dataplane", "echo mismatch for {dst}");
-    }
-    ensure!(steered == 2, "expected the two routed connects to be steered, got {steered}");
+    let pod = t.pod_probe();
+    let a = pod.connect(addr(OTHER_V6))?;
+    ensure!(a.ok, "IPv6 flow failed: {:?}", a.error);
+    println!(
+        "\n== IPv6: {OTHER_V6} answered through the tunnel; getpeername() in the pod: {}",
+        a.peer.unwrap_or_default()
+    );
+    let a = pod.connect(addr(UNSERVED_V4))?;
+    ensure!(a.was_reset(), "an unserved destination must be refused");
+    println!(
+        "== {UNSERVED_V4} is routed but not served by the connector: refused, the app got `{}` after {} us",
+        a.error.unwrap_or_default(),
+        a.elapsed_us
+    );
 
-    println!("\n== eBPF counters (summed over CPUs)");
-    let k = agent.handle.kernel_counters()?;
-    for c in Counter::ALL {
+    std::thread::sleep(Duration::from_millis(100));
+    println!("\n== client agent: eBPF counters (summed over CPUs)");
+    let k = client.handle.kernel_counters()?;
+    for c in Counter::ALL.into_iter().filter(|c| k.get(*c) > 0) {
         println!("   {:<12} {:<14} {}", c.hook(), c.reason(), k.get(c));
     }
-    let f = agent.handle.flow_stats();
+    let f = client.handle.flow_stats();
     println!(
-        "\n== agent flows\n   accepted {}  completed {}  bytes up {}  down {}",
-        f.accepted, f.completed, f.bytes_up, f.bytes_down
+        "== client agent: flows accepted {} completed {} refused by peer {} no tunnel {}; bytes up {} down {}",
+        f.accepted, f.completed, f.refused_by_peer, f.no_tunnel, f.bytes_up, f.bytes_down
+    );
+    let (rcv, snd) = *tunnel.stats.udp_buffers.lock().expect("lock");
+    println!(
+        "== client agent: QUIC streams opened {}, UDP buffers granted rcv {rcv} snd {snd}",
+        tunnel.stats.streams_opened.load(Relaxed)
+    );
+    let c = connector.handle.connector().context("connector")?;
+    println!(
+        "== connector: statuses {:?}, refusals {:?}",
+        c.stats.statuses.lock().expect("lock"),
+        c.stats.denials.lock().expect("lock")
     );
 
-    agent.stop();
-    let after = pod.connect(addr(API_V4))?;
-    let saw = after.server_saw().map(|s| s.to_string()).unwrap_or_default();
-    println!("\n== agent stopped: {API_V4} now goes direct (server saw {saw}); steering is gone");
-    ensure!(saw.starts_with("10.200.0.2"), "steering still active after stop");
+    drop(connector);
+    client.stop();
+    let a = pod.connect(addr(OTHER_V6))?;
+    ensure!(!a.ok, "the private network must be unreachable without the agents");
+    println!(
+        "\n== agents stopped: {OTHER_V6} is unreachable from the pod again ({})",
+        a.error.unwrap_or_default()
+    );
     Ok(())
 }

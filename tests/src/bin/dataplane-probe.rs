@@ -26,6 +26,7 @@ struct Args {
     bind_port: Option<u16>,
     reset: bool,
     bulk: Option<u64>,
+    latencies: Option<usize>,
     exec: Vec<String>,
     addr: Option<SocketAddr>,
 }
@@ -35,6 +36,7 @@ fn parse() -> Result<Args> {
     let (mut cgroup, mut netns, mut udp, mut repeat, mut payload, mut addr) =
         (None, None, false, 1, "hello through the dataplane".to_owned(), None);
     let (mut bind_port, mut reset, mut bulk, mut exec) = (None, false, None, Vec::new());
+    let mut latencies = None;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--cgroup" => cgroup = Some(args.next().context("--cgroup needs a value")?),
@@ -45,6 +47,7 @@ fn parse() -> Result<Args> {
             "--bind-port" => bind_port = Some(args.next().context("--bind-port needs a value")?.parse()?),
             "--reset" => reset = true,
             "--bulk" => bulk = Some(args.next().context("--bulk needs a value")?.parse()?),
+            "--latencies" => latencies = Some(args.next().context("--latencies needs a value")?.parse()?),
             "--exec" => {
                 exec = args.by_ref().collect();
                 break;
@@ -56,7 +59,7 @@ fn parse() -> Result<Args> {
     if exec.is_empty() && addr.is_none() {
         bail!("missing ADDR");
     }
-    Ok(Args { cgroup, netns, udp, repeat, payload, bind_port, reset, bulk, exec, addr })
+    Ok(Args { cgroup, netns, udp, repeat, payload, bind_port, reset, bulk, latencies, exec, addr })
 }
 
 fn main() -> Result<()> {
@@ -77,6 +80,21 @@ fn main() -> Result<()> {
     let addr = args.addr.context("missing ADDR")?;
     if let Some(bytes) = args.bulk {
         println!("{}", serde_json::to_string(&bulk(addr, bytes))?);
+        return Ok(());
+    }
+    if let Some(n) = args.latencies {
+        // 100-byte requests, as the benchmark's other exchange arms.
+        let payload = "x".repeat(100);
+        let mut out = tests::probe::Latencies::default();
+        for _ in 0..n {
+            let a = attempt(addr, &payload, None, false);
+            if a.ok && a.echoed() == payload {
+                out.latencies_us.push(a.elapsed_us as f64);
+            } else {
+                out.failed += 1;
+            }
+        }
+        println!("{}", serde_json::to_string(&out)?);
         return Ok(());
     }
     let args = Args { addr: Some(addr), ..args };
