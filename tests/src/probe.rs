@@ -140,6 +140,13 @@ impl Probe {
         self.run(&["--repeat", &n.to_string()], addr)
     }
 
+    /// Writes to a peer until a write blocks for a second (at most `limit`
+    /// bytes); returns how much the path accepted.
+    pub fn fill(&self, addr: SocketAddr, limit: u64) -> Result<u64> {
+        let v: serde_json::Value = self.run(&["--fill", &limit.to_string()], addr)?;
+        v["written"].as_u64().context("probe printed no `written`")
+    }
+
     /// `n` sequential exchanges of 100 bytes, each timed.
     pub fn latencies(&self, addr: SocketAddr, n: usize) -> Result<Latencies> {
         self.run(&["--latencies", &n.to_string()], addr)

@@ -26,6 +26,8 @@ pub const CLIENT_ID: &str = "spiffe://dataplane.test/node/worker-1";
 pub const CONNECTOR_ID: &str = "spiffe://dataplane.test/connector/private-cluster";
 /// Routed through the tunnel but not served by the connector.
 pub const UNSERVED_V4: &str = "198.51.100.103:6443";
+/// Served; a server there accepts and never reads (see [`TunnelEnv::stalled_server`]).
+pub const STALLED_V4: &str = "198.51.100.102:7000";
 
 /// Which side dials the tunnel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -177,7 +179,7 @@ impl TunnelEnv {
             Self::TUNNEL_TIMERS,
             ["198.51.100.101/32", "2001:db8::101/128", "198.51.100.102/32", "2001:db8::102/128"]
                 .iter()
-                .map(|c| format!("  - {{ cidr: '{c}', ports: [6443] }}\n"))
+                .map(|c| format!("  - {{ cidr: '{c}', ports: [6443, 7000] }}\n"))
                 .collect::<String>()
         );
         Config::parse(&text).expect("connector config is valid")
@@ -211,6 +213,19 @@ impl TunnelEnv {
         )
     }
 
+    /// A server at [`STALLED_V4`] that accepts connections and never reads;
+    /// it holds them until the returned guard is dropped.
+    pub fn stalled_server(&self) -> Result<StalledServer> {
+        let listener = self.topo.remote.run(|| crate::listen(addr(STALLED_V4)))??;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            crate::accept_until(listener, stop2, |conn, _| held.push(conn));
+        });
+        Ok(StalledServer { stop, thread: Some(thread) })
+    }
+
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
@@ -227,4 +242,18 @@ pub fn ensure_tunnel(handle: &AgentHandle, within: Duration) -> Result<Duration>
         std::thread::sleep(Duration::from_millis(20));
     }
     anyhow::bail!("no tunnel connection to {PEER} within {within:?}")
+}
+
+pub struct StalledServer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for StalledServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }

@@ -10,7 +10,7 @@ use tests::{
     apiserver::{POD_NAME, SERVER_VERSION},
     require_root,
     topology::{OTHER_V4, OTHER_V6, addr},
-    tunnel_env::{CLIENT_ID, CONNECTOR_ID, Mode, PEER, TunnelEnv, UNSERVED_V4, ensure_tunnel},
+    tunnel_env::{CLIENT_ID, CONNECTOR_ID, Mode, PEER, STALLED_V4, TunnelEnv, UNSERVED_V4, ensure_tunnel},
 };
 
 fn text(o: &std::process::Output) -> String {
@@ -112,6 +112,24 @@ fn a_256_mib_transfer_arrives_byte_exact() {
     let f = client.handle.flow_stats();
     assert_eq!(f.bytes_up, bytes, "{f:?}");
     assert!(f.bytes_down > bytes, "the echo plus the server's header line: {f:?}");
+}
+
+/// Backpressure end to end: a server that never reads stalls the writer after
+/// a bounded amount (socket buffers and flow-control windows along the path),
+/// because neither agent buffers without bound.
+#[test]
+fn a_slow_reader_stalls_the_writer_instead_of_filling_the_agents() {
+    if !require_root() {
+        return;
+    }
+    let env = TunnelEnv::new().expect("environment");
+    let (_client, _connector) = env.start(Mode::ConnectorListens).expect("agents start");
+    let _server = env.stalled_server().expect("server");
+    let limit = 1u64 << 30;
+    let written = env.topo.pod_probe().fill(addr(STALLED_V4), limit).expect("probe");
+    eprintln!("the path accepted {} KiB before the writer blocked", written >> 10);
+    assert!(written > 1 << 20, "the flow did carry data: {written}");
+    assert!(written < 128 << 20, "accepted {written} bytes: something buffers without bound");
 }
 
 /// A routed destination the connector does not serve: it answers `denied`,

@@ -27,6 +27,7 @@ struct Args {
     reset: bool,
     bulk: Option<u64>,
     latencies: Option<usize>,
+    fill: Option<u64>,
     exec: Vec<String>,
     addr: Option<SocketAddr>,
 }
@@ -36,7 +37,7 @@ fn parse() -> Result<Args> {
     let (mut cgroup, mut netns, mut udp, mut repeat, mut payload, mut addr) =
         (None, None, false, 1, "hello through the dataplane".to_owned(), None);
     let (mut bind_port, mut reset, mut bulk, mut exec) = (None, false, None, Vec::new());
-    let mut latencies = None;
+    let (mut latencies, mut fill) = (None, None);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--cgroup" => cgroup = Some(args.next().context("--cgroup needs a value")?),
@@ -48,6 +49,7 @@ fn parse() -> Result<Args> {
             "--reset" => reset = true,
             "--bulk" => bulk = Some(args.next().context("--bulk needs a value")?.parse()?),
             "--latencies" => latencies = Some(args.next().context("--latencies needs a value")?.parse()?),
+            "--fill" => fill = Some(args.next().context("--fill needs a value")?.parse()?),
             "--exec" => {
                 exec = args.by_ref().collect();
                 break;
@@ -59,7 +61,7 @@ fn parse() -> Result<Args> {
     if exec.is_empty() && addr.is_none() {
         bail!("missing ADDR");
     }
-    Ok(Args { cgroup, netns, udp, repeat, payload, bind_port, reset, bulk, latencies, exec, addr })
+    Ok(Args { cgroup, netns, udp, repeat, payload, bind_port, reset, bulk, latencies, fill, exec, addr })
 }
 
 fn main() -> Result<()> {
@@ -80,6 +82,21 @@ fn main() -> Result<()> {
     let addr = args.addr.context("missing ADDR")?;
     if let Some(bytes) = args.bulk {
         println!("{}", serde_json::to_string(&bulk(addr, bytes))?);
+        return Ok(());
+    }
+    if let Some(limit) = args.fill {
+        // Writes until a write blocks for a second (or `limit` bytes went).
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.set_write_timeout(Some(Duration::from_secs(1)))?;
+        let block = vec![0x5au8; 64 * 1024];
+        let mut written = 0u64;
+        while written < limit {
+            match s.write(&block) {
+                Ok(n) => written += n as u64,
+                Err(_) => break,
+            }
+        }
+        println!("{}", serde_json::json!({ "written": written }));
         return Ok(());
     }
     if let Some(n) = args.latencies {
