@@ -17,23 +17,28 @@ use std::{
 use dataplane_common::protocol::{
     self, Decoded, MAX_REQUEST, META_SOURCE_NODE, META_WORKLOAD, Metadata, Request, Status,
 };
+use prometheus_client::registry::Registry;
 use tokio::{
     net::{TcpListener, TcpStream},
     task::JoinSet,
+    time::Instant,
 };
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
+    admin::{self, AdminError},
     cgroup::{self, CgroupError},
     config::{Config, ConfigError},
     connector::{Connector, ServePolicy},
     direct,
     ebpf::{KernelCounters, Recovered, Steering, SteeringError},
+    flow_metrics::{FlowMetrics, FlowResult, FlowSnapshot, UNKNOWN_ROUTE},
     kernel::{self, KernelError},
+    metrics,
     netlink::{NetlinkError, RedirectInterface},
     routes::{RouteTable, Upstream},
     sockopt, splice,
-    steer::{self, ActiveFlow, BindError, FlowSnapshot, FlowStats},
+    steer::{self, BindError},
     tls::{TlsError, TlsMaterial},
     tunnel::{Tunnel, TunnelError},
 };
@@ -56,6 +61,8 @@ pub enum AgentError {
     Tls(#[from] TlsError),
     #[error(transparent)]
     Tunnel(#[from] TunnelError),
+    #[error(transparent)]
+    Admin(#[from] AdminError),
 }
 
 /// Why a reload was not applied. Nothing of a refused reload takes effect.
@@ -74,12 +81,13 @@ pub enum ReloadError {
 /// State shared by the accept loops, flows and handles.
 struct Shared {
     node: String,
-    steering: Option<Steering>,
+    steering: Option<Arc<Steering>>,
+    registry: Registry,
     tunnel: Option<Arc<Tunnel>>,
     connector: Option<Arc<Connector>>,
     config: Mutex<Config>,
     routes: Mutex<RouteTable>,
-    stats: FlowStats,
+    flows: FlowMetrics,
     next_flow_id: AtomicU64,
     stopping: std::sync::atomic::AtomicBool,
 }
@@ -95,6 +103,7 @@ pub struct Agent {
     shared: Arc<Shared>,
     steering: Option<SteeringParts>,
     tunnel_tasks: JoinSet<()>,
+    admin: Option<TcpListener>,
 }
 
 /// A cheap handle to a running agent, for reloads and inspection.
@@ -117,14 +126,22 @@ impl Agent {
         config.validate()?;
         let routes = config.valid_routes()?;
         let serve = config.valid_serve()?;
+        // First, so a taken admin port fails before anything is set up.
+        let admin = match config.admin {
+            Some(addr) => Some(admin::bind(addr).await?),
+            None => None,
+        };
 
-        let connector = (!serve.is_empty())
-            .then(|| Arc::new(Connector::new(ServePolicy::new(serve), config.timeouts.connect)));
+        let mut registry = Registry::with_prefix("dataplane");
+        let flows = FlowMetrics::register(&mut registry);
+        let connector = (!serve.is_empty()).then(|| {
+            Arc::new(Connector::new(ServePolicy::new(serve), config.timeouts.connect, &mut registry))
+        });
         let tunnel = match &config.tls {
             Some(files) => {
                 let tls = TlsMaterial::load(files)?;
                 info!(identity = %tls.identity, "tunnel identity loaded");
-                Some(Tunnel::bind(&config.tunnel, &config.peers, &tls, connector.clone())?)
+                Some(Tunnel::bind(&config.tunnel, &config.peers, &tls, connector.clone(), &mut registry)?)
             }
             None => None,
         };
@@ -134,25 +151,34 @@ impl Agent {
             (None, None)
         } else {
             let (steering, parts) = start_steering(&config, &table).await?;
+            let steering = Arc::new(steering);
+            registry.register_collector(Box::new(metrics::SteeringCollector(steering.clone())));
             (Some(steering), Some(parts))
         };
+        metrics::register_common(&mut registry);
         let shared = Arc::new(Shared {
             node: config.node.clone(),
             steering,
+            registry,
             tunnel,
             connector,
             config: Mutex::new(config),
             routes: Mutex::new(table),
-            stats: FlowStats::default(),
+            flows,
             next_flow_id: AtomicU64::new(1),
             stopping: std::sync::atomic::AtomicBool::new(false),
         });
         let tunnel_tasks = shared.tunnel.as_ref().map(|t| t.start()).unwrap_or_default();
-        Ok(Agent { shared, steering: parts, tunnel_tasks })
+        Ok(Agent { shared, steering: parts, tunnel_tasks, admin })
     }
 
     pub fn handle(&self) -> AgentHandle {
         AgentHandle(self.shared.clone())
+    }
+
+    /// The admin server's address, if enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The addresses the redirect listeners are bound to.
@@ -166,7 +192,8 @@ impl Agent {
     /// grace period, closes the tunnel (peers learn at once), and removes the
     /// interface.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Summary {
-        let Agent { shared, steering, mut tunnel_tasks } = self;
+        let Agent { shared, steering, mut tunnel_tasks, admin } = self;
+        let admin_task = admin.map(|l| tokio::spawn(admin::serve(l, AgentHandle(shared.clone()))));
         let (listeners, iface) = match steering {
             Some(p) => (p.listeners, Some(p.iface)),
             None => (Vec::new(), None),
@@ -243,6 +270,9 @@ impl Agent {
         if let Some(iface) = iface {
             iface.remove().await;
         }
+        if let Some(t) = admin_task {
+            t.abort();
+        }
         let summary = AgentHandle(shared).summary();
         info!(kernel = ?summary.kernel, flows = ?summary.flows, "agent stopped");
         summary
@@ -291,59 +321,113 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 fn spawn_flow(shared: &Arc<Shared>, flows: &mut JoinSet<()>, stream: TcpStream, peer: SocketAddr) {
-    shared.stats.accepted.fetch_add(1, Relaxed);
     let id = shared.next_flow_id.fetch_add(1, Relaxed);
-    let span = info_span!("flow", id, %peer);
+    let span = info_span!("flow", id, %peer, route = tracing::field::Empty, via = tracing::field::Empty);
     flows.spawn(serve_flow(shared.clone(), stream, peer, id).instrument(span));
+}
+
+/// Records a flow's end exactly once, also when its task is cut off at the
+/// end of the shutdown grace period (then as `failed`).
+struct FlowRecord<'a> {
+    metrics: &'a FlowMetrics,
+    route: String,
+    result: FlowResult,
+}
+
+impl<'a> FlowRecord<'a> {
+    fn open(metrics: &'a FlowMetrics, route: String) -> Self {
+        metrics.opened(&route);
+        FlowRecord { metrics, route, result: FlowResult::failed }
+    }
+}
+
+impl Drop for FlowRecord<'_> {
+    fn drop(&mut self) {
+        self.metrics.closed(&self.route, self.result);
+    }
 }
 
 /// Serves one steered connection: recover its destination, reach it through
 /// the route's upstream, splice. Every failure resets the client so the
 /// application sees an error at once.
 async fn serve_flow(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, id: u64) {
-    let stats = &shared.stats;
-    let _active = ActiveFlow::new(stats);
+    let accepted = Instant::now();
     let Some(flow) = shared.steering.as_ref().and_then(|s| s.lookup_flow(peer)) else {
+        let mut record = FlowRecord::open(&shared.flows, UNKNOWN_ROUTE.to_owned());
         // Usually a client that reset before we accepted (its entry is gone
         // with it); otherwise something connected to the listener directly.
-        stats.unrecovered.fetch_add(1, Relaxed);
+        record.result = FlowResult::unrecovered;
         debug!("no original destination recorded for this peer; resetting");
         return reset(&client);
     };
-    let upstream = lock(&shared.routes).get(flow.route_id).map(|r| r.upstream.clone());
-    let Some(upstream) = upstream else {
-        stats.route_gone.fetch_add(1, Relaxed);
+    let route = lock(&shared.routes).get(flow.route_id).map(|r| (r.net.to_string(), r.upstream.clone()));
+    let Some((route, upstream)) = route else {
+        let mut record = FlowRecord::open(&shared.flows, UNKNOWN_ROUTE.to_owned());
+        record.result = FlowResult::route_gone;
         info!(dst = %flow.dst, route = flow.route_id, "route removed since the connect; resetting");
         return reset(&client);
     };
-    match upstream {
-        Upstream::Direct => direct_flow(&shared, client, flow).await,
-        Upstream::Peer(name) => tunnel_flow(&shared, client, peer, flow, &name, id).await,
-    }
+    let span = tracing::Span::current();
+    span.record("route", route.as_str());
+    let mut record = FlowRecord::open(&shared.flows, route);
+    record.result = match upstream {
+        Upstream::Direct => {
+            span.record("via", "direct");
+            direct_flow(&shared, client, flow, accepted, &record.route).await
+        }
+        Upstream::Peer(name) => {
+            span.record("via", &*name);
+            let to = Target { peer: &name, flow, id, accepted, route: &record.route };
+            tunnel_flow(&shared, client, peer, to).await
+        }
+    };
 }
 
-async fn direct_flow(shared: &Shared, mut client: TcpStream, flow: Recovered) {
-    let stats = &shared.stats;
+async fn direct_flow(
+    shared: &Shared,
+    mut client: TcpStream,
+    flow: Recovered,
+    accepted: Instant,
+    route: &str,
+) -> FlowResult {
     let timeout = lock(&shared.config).timeouts.connect;
-    let Some(steering) = &shared.steering else { return reset(&client) };
+    let Some(steering) = &shared.steering else {
+        reset(&client);
+        return FlowResult::failed;
+    };
     let mut server = match direct::dial(steering, flow.dst, timeout).await {
         Ok(s) => s,
         Err(e) => {
-            stats.dial_failed.fetch_add(1, Relaxed);
-            info!(dst = %flow.dst, route = flow.route_id, error = %e, "upstream dial failed; resetting");
-            return reset(&client);
+            info!(dst = %flow.dst, error = %e, "upstream dial failed; resetting");
+            reset(&client);
+            return FlowResult::dial_failed;
         }
     };
-    debug!(dst = %flow.dst, route = flow.route_id, "flow open (direct)");
+    shared.flows.setup("direct", accepted.elapsed());
+    debug!(dst = %flow.dst, "flow open (direct)");
     match tokio::io::copy_bidirectional(&mut client, &mut server).await {
-        Ok((up, down)) => finished(stats, up, down),
+        Ok((up, down)) => {
+            shared.flows.bytes(route, up, down);
+            debug!(up, down, "flow closed");
+            FlowResult::completed
+        }
         // One side reset or failed: pass the failure on rather than a clean FIN.
         Err(e) => {
             debug!(error = %e, "flow failed");
             reset(&client);
             reset(&server);
+            FlowResult::failed
         }
     }
+}
+
+/// Where a tunnelled flow goes, and what to record about it.
+struct Target<'a> {
+    peer: &'a str,
+    flow: Recovered,
+    id: u64,
+    accepted: Instant,
+    route: &'a str,
 }
 
 /// Sends the flow through the tunnel: a request header on a new stream, the
@@ -351,34 +435,36 @@ async fn direct_flow(shared: &Shared, mut client: TcpStream, flow: Recovered) {
 async fn tunnel_flow(
     shared: &Shared,
     mut client: TcpStream,
-    peer: SocketAddr,
-    flow: Recovered,
-    to: &str,
-    id: u64,
-) {
-    let stats = &shared.stats;
-    let Some(tunnel) = &shared.tunnel else { return reset(&client) };
-    let (mut send, mut recv) = match tunnel.open(to).await {
+    workload: SocketAddr,
+    to: Target<'_>,
+) -> FlowResult {
+    let Some(tunnel) = &shared.tunnel else {
+        reset(&client);
+        return FlowResult::failed;
+    };
+    let dst = to.flow.dst;
+    let (mut send, mut recv) = match tunnel.open(to.peer).await {
         Ok(s) => s,
         Err(e) => {
-            stats.no_tunnel.fetch_add(1, Relaxed);
-            info!(dst = %flow.dst, error = %e, "no tunnel to the route's peer; resetting");
-            return reset(&client);
+            info!(%dst, error = %e, "no tunnel to the route's peer; resetting");
+            reset(&client);
+            return FlowResult::no_tunnel;
         }
     };
     let mut meta = [0u8; 2 * (2 + 255)];
     let node = &shared.node.as_bytes()[..shared.node.len().min(255)];
-    let workload = peer.to_string();
+    let workload = workload.to_string();
     let end = protocol::put_metadata(&mut meta, 0, META_SOURCE_NODE, node)
         .and_then(|end| protocol::put_metadata(&mut meta, end, META_WORKLOAD, workload.as_bytes()))
         .expect("two entries of at most 255 bytes fit");
     let metadata = Metadata::new(&meta[..end]).expect("entries written by put_metadata are valid");
     let mut header = [0u8; MAX_REQUEST];
-    let len = match (Request { dst: flow.dst, flow_id: id, metadata }).encode(&mut header) {
+    let len = match (Request { dst, flow_id: to.id, metadata }).encode(&mut header) {
         Ok(n) => n,
         Err(e) => {
             warn!(error = %e, "cannot encode the stream header; resetting");
-            return reset(&client);
+            reset(&client);
+            return FlowResult::failed;
         }
     };
     // The connector dials with its own timeout; allow for the round trip.
@@ -395,29 +481,30 @@ async fn tunnel_flow(
     match tokio::time::timeout(wait, status).await {
         Ok(Ok(Status::Ok)) => {}
         outcome => {
-            stats.refused_by_peer.fetch_add(1, Relaxed);
             let why = match outcome {
                 Ok(Ok(s)) => s.as_str().to_owned(),
                 Ok(Err(e)) => e,
                 Err(_) => "no answer in time".to_owned(),
             };
-            info!(dst = %flow.dst, peer = to, status = %why, "connector did not connect the flow; resetting");
+            info!(%dst, status = %why, "connector did not connect the flow; resetting");
             let _ = send.reset(splice::RESET_TCP_FAILED);
-            return reset(&client);
+            reset(&client);
+            return FlowResult::refused_by_peer;
         }
     }
-    debug!(dst = %flow.dst, route = flow.route_id, peer = to, "flow open (tunnel)");
+    shared.flows.setup("tunnel", to.accepted.elapsed());
+    debug!(%dst, "flow open (tunnel)");
     match splice::splice(&mut client, &mut send, &mut recv, &[]).await {
-        Ok((up, down)) => finished(stats, up, down),
-        Err(e) => debug!(error = %e, "flow failed"),
+        Ok((up, down)) => {
+            shared.flows.bytes(to.route, up, down);
+            debug!(up, down, "flow closed");
+            FlowResult::completed
+        }
+        Err(e) => {
+            debug!(error = %e, "flow failed");
+            FlowResult::failed
+        }
     }
-}
-
-fn finished(stats: &FlowStats, up: u64, down: u64) {
-    stats.bytes_up.fetch_add(up, Relaxed);
-    stats.bytes_down.fetch_add(down, Relaxed);
-    stats.completed.fetch_add(1, Relaxed);
-    debug!(up, down, "flow closed");
 }
 
 fn reset(stream: &TcpStream) {
@@ -464,7 +551,7 @@ impl AgentHandle {
     }
 
     pub fn flow_stats(&self) -> FlowSnapshot {
-        self.0.stats.snapshot()
+        self.0.flows.snapshot()
     }
 
     /// Route trie sizes (v4, v6) as the kernel holds them.
@@ -482,6 +569,105 @@ impl AgentHandle {
 
     pub fn connector(&self) -> Option<&Arc<Connector>> {
         self.0.connector.as_ref()
+    }
+
+    /// The Prometheus text of every metric this agent exports.
+    pub fn encode_metrics(&self) -> String {
+        metrics::encode(&self.0.registry)
+    }
+
+    /// Whether this agent can serve: steering attached (if it routes), and a
+    /// live tunnel connection for every route through a peer and every peer
+    /// it dials.
+    pub fn readiness(&self) -> admin::Readiness {
+        let s = &self.0;
+        let mut missing = Vec::new();
+        if s.stopping.load(Relaxed) {
+            missing.push(admin::Missing { what: "agent".into(), peer: None, reason: "shutting down".into() });
+        }
+        if let Some(st) = &s.steering
+            && !st.attached()
+        {
+            missing.push(admin::Missing {
+                what: "steering".into(),
+                peer: None,
+                reason: "programs detached".into(),
+            });
+        }
+        let live = |peer: &str| s.tunnel.as_ref().map_or(0, |t| t.live_connections(peer));
+        for r in lock(&s.routes).entries() {
+            if let Upstream::Peer(p) = &r.upstream
+                && live(p) == 0
+            {
+                missing.push(admin::Missing {
+                    what: r.net.to_string(),
+                    peer: Some(p.to_string()),
+                    reason: "no live tunnel connection".into(),
+                });
+            }
+        }
+        let config = lock(&s.config);
+        for p in config.peers.iter().filter(|p| !p.dial.is_empty()) {
+            if live(&p.name) == 0 && !missing.iter().any(|m| m.peer.as_deref() == Some(&p.name)) {
+                missing.push(admin::Missing {
+                    what: format!("peer:{}", p.name),
+                    peer: Some(p.name.clone()),
+                    reason: "no live tunnel connection to a peer this agent dials".into(),
+                });
+            }
+        }
+        admin::Readiness { ready: missing.is_empty(), missing }
+    }
+
+    /// The state `dataplane status` shows.
+    pub fn status(&self) -> admin::Status {
+        let s = &self.0;
+        let readiness = self.readiness();
+        let config = lock(&s.config).clone();
+        let tunnel = s.tunnel.as_ref();
+        let routes = lock(&s.routes)
+            .entries()
+            .iter()
+            .map(|r| {
+                let (via, ready) = match &r.upstream {
+                    Upstream::Direct => ("direct".to_owned(), true),
+                    Upstream::Peer(p) => (p.to_string(), tunnel.is_some_and(|t| t.live_connections(p) > 0)),
+                };
+                admin::RouteStatus { cidr: r.net.to_string(), via, ready }
+            })
+            .collect();
+        let peers = config
+            .peers
+            .iter()
+            .map(|p| admin::PeerStatus {
+                name: p.name.clone(),
+                identity: p.identity.clone(),
+                dialed: !p.dial.is_empty(),
+                live_connections: tunnel.map_or(0, |t| t.live_connections(&p.name)),
+                rtt_ms: tunnel.and_then(|t| t.best_rtt(&p.name)).map(|d| d.as_secs_f64() * 1e3),
+                streams_opened: tunnel.map_or(0, |t| t.metrics.streams_opened(&p.name)),
+            })
+            .collect();
+        let steering = s.steering.as_ref().map(|st| {
+            let (v4, v6) = st.route_entries();
+            admin::SteeringStatus {
+                attached: st.attached(),
+                cgroup: st.cgroup().display().to_string(),
+                route_entries_v4: v4,
+                route_entries_v6: v6,
+            }
+        });
+        admin::Status {
+            node: s.node.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            readiness,
+            steering,
+            routes,
+            peers,
+            serves: config.serve.iter().map(|v| format!("{} ports {:?}", v.cidr, v.ports)).collect(),
+            flows: self.flow_stats(),
+            process: metrics::ProcessStats::read(),
+        }
     }
 
     pub fn summary(&self) -> Summary {

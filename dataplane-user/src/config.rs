@@ -43,6 +43,11 @@ pub struct Config {
     /// Identity in logs; defaults to $NODE_NAME, then the hostname.
     #[serde(default = "default_node")]
     pub node: String,
+    /// Admin HTTP server (/metrics /ready /healthz /status); `null` disables it.
+    #[serde(default = "default_admin")]
+    pub admin: Option<SocketAddr>,
+    #[serde(default)]
+    pub log: LogSettings,
     #[serde(default)]
     pub steering: Steering,
     #[serde(default)]
@@ -61,6 +66,33 @@ pub struct Config {
     /// As a connector: what this agent dials on behalf of peers. Nothing else.
     #[serde(default)]
     pub serve: Vec<Serve>,
+}
+
+/// Logging. `DATAPLANE_LOG` (an EnvFilter) and `DATAPLANE_LOG_FORMAT`
+/// override these.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    #[serde(default = "default_log_level")]
+    pub level: String,
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings { level: default_log_level(), format: LogFormat::default() }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (the default on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors in clusters.
+    Json,
 }
 
 /// PEM files: the private CA, this node's certificate (identity in a URI SAN)
@@ -194,6 +226,12 @@ fn default_node() -> String {
         .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|s| s.trim().to_owned()))
         .unwrap_or_else(|| "unknown".to_owned())
 }
+fn default_admin() -> Option<SocketAddr> {
+    Some(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 9464))
+}
+fn default_log_level() -> String {
+    "info".to_owned()
+}
 fn default_interface() -> String {
     "dataplane0".to_owned()
 }
@@ -268,6 +306,9 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.node.trim().is_empty() {
             return Err(ConfigError::invalid("node", "must not be empty"));
+        }
+        if let Err(e) = self.log.level.parse::<tracing_subscriber::filter::EnvFilter>() {
+            return Err(ConfigError::invalid("log.level", format!("`{}`: {e}", self.log.level)));
         }
         self.steering.redirect.validate()?;
         self.validate_peers()?;
@@ -438,6 +479,12 @@ impl Config {
         let mut v = Vec::new();
         if self.node != other.node {
             v.push("node");
+        }
+        if self.admin != other.admin {
+            v.push("admin");
+        }
+        if self.log != other.log {
+            v.push("log");
         }
         if self.steering.cgroup != other.steering.cgroup {
             v.push("steering.cgroup");

@@ -3,7 +3,6 @@
 //! dial with a timeout, answer with a status, splice.
 
 use std::{
-    collections::BTreeMap,
     io,
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
@@ -12,6 +11,11 @@ use std::{
 
 use dataplane_common::protocol::{self, Decoded, MAX_REQUEST, Response, Status};
 use ipnet::IpNet;
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family},
+    registry::Registry,
+};
 use quinn::{RecvStream, SendStream};
 use tokio::net::TcpStream;
 use tracing::{Instrument, debug, info, info_span};
@@ -77,26 +81,59 @@ impl ServePolicy {
     }
 }
 
-/// Counters of the connector role.
-#[derive(Debug, Default)]
-pub struct ConnectorStats {
-    /// Streams answered, by status.
-    pub statuses: Mutex<BTreeMap<&'static str, u64>>,
-    /// Refusals by reason.
-    pub denials: Mutex<BTreeMap<&'static str, u64>>,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    status: &'static str,
 }
 
-impl ConnectorStats {
-    fn count(map: &Mutex<BTreeMap<&'static str, u64>>, key: &'static str) {
-        *map.lock().unwrap_or_else(|p| p.into_inner()).entry(key).or_default() += 1;
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+/// Metrics of the connector role.
+#[derive(Debug)]
+pub struct ConnectorMetrics {
+    statuses: Family<StatusLabels, Counter>,
+    refusals: Family<ReasonLabels, Counter>,
+}
+
+impl ConnectorMetrics {
+    pub fn register(registry: &mut Registry) -> ConnectorMetrics {
+        let m = ConnectorMetrics { statuses: Family::default(), refusals: Family::default() };
+        registry.register(
+            "connector_streams",
+            "Streams answered by the connector, by status",
+            m.statuses.clone(),
+        );
+        registry.register(
+            "connector_refusals",
+            "Destinations the connector refused, by reason",
+            m.refusals.clone(),
+        );
+        m
     }
 
-    pub fn status(&self, s: &str) -> u64 {
-        self.statuses.lock().unwrap_or_else(|p| p.into_inner()).get(s).copied().unwrap_or(0)
+    fn count_status(&self, status: Status) {
+        self.statuses.get_or_create(&StatusLabels { status: status.as_str() }).inc();
     }
 
+    /// Streams answered with `status` (e.g. "ok", "denied").
+    pub fn status(&self, status: &str) -> u64 {
+        Status::ALL
+            .iter()
+            .find(|s| s.as_str() == status)
+            .and_then(|s| self.statuses.get(&StatusLabels { status: s.as_str() }).map(|c| c.get()))
+            .unwrap_or(0)
+    }
+
+    /// Refusals for `reason` (e.g. "not_served").
     pub fn denials(&self, reason: &str) -> u64 {
-        self.denials.lock().unwrap_or_else(|p| p.into_inner()).get(reason).copied().unwrap_or(0)
+        [Denial::NeverServed, Denial::NotServed, Denial::PortNotServed]
+            .iter()
+            .find(|d| d.as_str() == reason)
+            .and_then(|d| self.refusals.get(&ReasonLabels { reason: d.as_str() }).map(|c| c.get()))
+            .unwrap_or(0)
     }
 }
 
@@ -104,12 +141,16 @@ impl ConnectorStats {
 pub struct Connector {
     policy: Mutex<Arc<ServePolicy>>,
     dial_timeout: Duration,
-    pub stats: ConnectorStats,
+    pub metrics: ConnectorMetrics,
 }
 
 impl Connector {
-    pub fn new(policy: ServePolicy, dial_timeout: Duration) -> Connector {
-        Connector { policy: Mutex::new(Arc::new(policy)), dial_timeout, stats: ConnectorStats::default() }
+    pub fn new(policy: ServePolicy, dial_timeout: Duration, registry: &mut Registry) -> Connector {
+        Connector {
+            policy: Mutex::new(Arc::new(policy)),
+            dial_timeout,
+            metrics: ConnectorMetrics::register(registry),
+        }
     }
 
     /// Replaces the policy (config reload); streams in flight keep theirs.
@@ -141,7 +182,7 @@ impl Connector {
             let target = match self.policy().check(dst) {
                 Ok(t) => t,
                 Err(why) => {
-                    ConnectorStats::count(&self.stats.denials, why.as_str());
+                    self.metrics.refusals.get_or_create(&ReasonLabels { reason: why.as_str() }).inc();
                     info!(reason = why.as_str(), "destination refused");
                     return self.answer(&mut send, Status::Denied).await;
                 }
@@ -158,7 +199,7 @@ impl Connector {
             if send.write_all(&Response { status: Status::Ok }.encode()).await.is_err() {
                 return;
             }
-            ConnectorStats::count(&self.stats.statuses, Status::Ok.as_str());
+            self.metrics.count_status(Status::Ok);
             match splice::splice(&mut tcp, &mut send, &mut recv, &buf[used..]).await {
                 Ok((up, down)) => debug!(up, down, "flow closed"),
                 Err(e) => debug!(error = %e, "flow failed"),
@@ -169,7 +210,7 @@ impl Connector {
     }
 
     async fn answer(&self, send: &mut SendStream, status: Status) {
-        ConnectorStats::count(&self.stats.statuses, status.as_str());
+        self.metrics.count_status(status);
         let _ = send.write_all(&Response { status }.encode()).await;
         let _ = send.finish();
     }

@@ -1,6 +1,7 @@
 //! The dataplane agent as a library: `dataplane` (src/main.rs) is a thin CLI
 //! over [`agent::Agent`], and tests run the same agent in process.
 
+pub mod admin;
 pub mod agent;
 pub mod certs;
 pub mod cgroup;
@@ -9,11 +10,14 @@ pub mod config_watch;
 pub mod connector;
 pub mod direct;
 pub mod ebpf;
+pub mod flow_metrics;
 pub mod kernel;
+pub mod metrics;
 pub mod netlink;
 pub mod routes;
 pub mod sockopt;
 pub mod splice;
+pub mod status;
 pub mod steer;
 pub mod tls;
 pub mod tunnel;

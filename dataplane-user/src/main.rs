@@ -36,6 +36,15 @@ enum Command {
     /// Create the tunnel's private CA and node certificates.
     #[command(subcommand)]
     Cert(CertCommand),
+    /// Show a running agent's peers, routes, connections and flows.
+    Status {
+        /// The agent's admin address (its `admin:` setting).
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        admin: std::net::SocketAddr,
+        /// Print the JSON the agent returns instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -78,7 +87,6 @@ enum CertCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
     match cli.command {
         Command::Check { config } => match Config::load(&config) {
             Ok(c) => {
@@ -92,6 +100,16 @@ fn main() -> ExitCode {
         },
         Command::Agent { config, reload_interval } => run_agent(config, reload_interval),
         Command::Cert(cmd) => cert(cmd),
+        Command::Status { admin, json } => match dataplane::status::fetch(admin) {
+            Ok((status, raw)) => {
+                print!("{}", if json { raw } else { dataplane::status::render(&status) });
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("dataplane status: {e}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
@@ -137,10 +155,11 @@ fn run_agent(path: PathBuf, reload_interval: Duration) -> ExitCode {
     let config = match Config::load(&path) {
         Ok(c) => c,
         Err(e) => {
-            error!("{e}");
+            eprintln!("{e}");
             return ExitCode::from(EXIT_BAD_CONFIG as u8);
         }
     };
+    init_logging(&config.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -162,7 +181,7 @@ fn run_agent(path: PathBuf, reload_interval: Duration) -> ExitCode {
 async fn serve(path: PathBuf, config: Config, reload_interval: Duration) -> anyhow::Result<()> {
     let agent = Agent::start(config).await?;
     let handle = agent.handle();
-    info!(listeners = ?agent.listen_addrs(), cgroup = ?handle.cgroup(), "agent running");
+    info!(listeners = ?agent.listen_addrs(), admin = ?agent.admin_addr(), cgroup = ?handle.cgroup(), "agent running");
     let watcher = tokio::spawn(config_watch::watch(path, handle, reload_interval));
     agent.run(shutdown_signal()).await;
     watcher.abort();
@@ -182,11 +201,25 @@ async fn shutdown_signal() {
     }
 }
 
-fn init_logging() {
+/// Text on a terminal, JSON on request (`log.format: json` or
+/// DATAPLANE_LOG_FORMAT=json); level from DATAPLANE_LOG, else `log.level`.
+fn init_logging(settings: &dataplane::config::LogSettings) {
+    use std::io::IsTerminal;
+
+    use dataplane::config::LogFormat;
     use tracing_subscriber::{EnvFilter, fmt};
+    let filter = EnvFilter::try_from_env("DATAPLANE_LOG").unwrap_or_else(|_| EnvFilter::new(&settings.level));
     // aya's loader logs every relocation at debug: keep it at warn unless asked.
-    let filter = EnvFilter::try_from_env("DATAPLANE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let filter = filter.add_directive("aya=warn".parse().expect("static directive"));
     let filter = filter.add_directive("aya_obj=warn".parse().expect("static directive"));
-    let _ = fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let format = match std::env::var("DATAPLANE_LOG_FORMAT").as_deref() {
+        Ok("json") => LogFormat::Json,
+        Ok("text") => LogFormat::Text,
+        _ => settings.format,
+    };
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().with_current_span(true).with_span_list(false).try_init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).try_init(),
+    };
 }

@@ -1,11 +1,6 @@
-//! The redirect listeners that steered connects land on, and the flow-level
-//! counters the agent keeps in userspace.
+//! The redirect listeners that steered connects land on.
 
-use std::{
-    io,
-    net::SocketAddr,
-    sync::atomic::{AtomicU64, Ordering::Relaxed},
-};
+use std::{io, net::SocketAddr};
 
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
@@ -56,80 +51,6 @@ pub fn drain_queued(listener: TcpListener) -> Vec<(TcpStream, SocketAddr)> {
         }
     }
     out
-}
-
-/// Userspace flow counters (kernel counters live in the COUNTERS map).
-#[derive(Debug, Default)]
-pub struct FlowStats {
-    /// Connections accepted on the redirect listeners.
-    pub accepted: AtomicU64,
-    /// Accepted, but no original destination was recorded for the peer
-    /// (not a steered connect): reset.
-    pub unrecovered: AtomicU64,
-    /// The flow's route was removed between connect and accept: reset.
-    pub route_gone: AtomicU64,
-    /// The upstream could not be dialled: reset.
-    pub dial_failed: AtomicU64,
-    /// The route's peer had no live tunnel connection: reset at once.
-    pub no_tunnel: AtomicU64,
-    /// The connector answered with a status other than ok (or none): reset.
-    pub refused_by_peer: AtomicU64,
-    /// Flows that reached their destination and ran to the end.
-    pub completed: AtomicU64,
-    /// Flows being served now.
-    pub active: AtomicU64,
-    /// Bytes from the application to the destination.
-    pub bytes_up: AtomicU64,
-    /// Bytes from the destination to the application.
-    pub bytes_down: AtomicU64,
-}
-
-/// A point-in-time copy of [`FlowStats`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct FlowSnapshot {
-    pub accepted: u64,
-    pub unrecovered: u64,
-    pub route_gone: u64,
-    pub dial_failed: u64,
-    pub no_tunnel: u64,
-    pub refused_by_peer: u64,
-    pub completed: u64,
-    pub active: u64,
-    pub bytes_up: u64,
-    pub bytes_down: u64,
-}
-
-impl FlowStats {
-    pub fn snapshot(&self) -> FlowSnapshot {
-        FlowSnapshot {
-            accepted: self.accepted.load(Relaxed),
-            unrecovered: self.unrecovered.load(Relaxed),
-            route_gone: self.route_gone.load(Relaxed),
-            dial_failed: self.dial_failed.load(Relaxed),
-            no_tunnel: self.no_tunnel.load(Relaxed),
-            refused_by_peer: self.refused_by_peer.load(Relaxed),
-            completed: self.completed.load(Relaxed),
-            active: self.active.load(Relaxed),
-            bytes_up: self.bytes_up.load(Relaxed),
-            bytes_down: self.bytes_down.load(Relaxed),
-        }
-    }
-}
-
-/// Counts a flow as active for as long as it lives.
-pub struct ActiveFlow<'a>(&'a FlowStats);
-
-impl<'a> ActiveFlow<'a> {
-    pub fn new(stats: &'a FlowStats) -> Self {
-        stats.active.fetch_add(1, Relaxed);
-        ActiveFlow(stats)
-    }
-}
-
-impl Drop for ActiveFlow<'_> {
-    fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Relaxed);
-    }
 }
 
 #[cfg(test)]

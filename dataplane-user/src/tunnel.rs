@@ -9,7 +9,7 @@
 //! serves its edge.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     net::{Ipv6Addr, SocketAddr},
     sync::{
         Arc, Mutex,
@@ -18,6 +18,12 @@ use std::{
     time::Duration,
 };
 
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, NoLabelSet},
+    metrics::{MetricType, counter::Counter, family::Family, gauge::Gauge},
+    registry::{Registry, Unit},
+};
 use quinn::{
     ClientConfig, ConnectionError, Endpoint, EndpointConfig, IdleTimeout, RecvStream, SendStream,
     ServerConfig, TransportConfig, VarInt,
@@ -72,35 +78,122 @@ pub enum TunnelError {
     Open { peer: String, source: ConnectionError },
 }
 
-/// What the tunnel reports.
-#[derive(Debug, Default)]
-pub struct TunnelStats {
-    /// Failed handshakes (either direction), by reason.
-    pub handshake_failures: Mutex<BTreeMap<String, u64>>,
-    /// Connections established (either direction).
-    pub connections_opened: AtomicU64,
-    /// Streams opened by this agent.
-    pub streams_opened: AtomicU64,
-    /// Socket buffer sizes the kernel granted (receive, send).
-    pub udp_buffers: Mutex<(usize, usize)>,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
 }
 
-impl TunnelStats {
-    pub fn handshake_failures(&self, reason: &str) -> u64 {
-        self.handshake_failures.lock().unwrap_or_else(|p| p.into_inner()).get(reason).copied().unwrap_or(0)
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabels {
+    peer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerDirectionLabels {
+    peer: String,
+    /// `dialed` or `accepted`.
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BufferLabels {
+    /// `receive` or `send`.
+    direction: &'static str,
+}
+
+/// Metrics of the tunnel; per-connection QUIC statistics are read at scrape
+/// time by [`TunnelCollector`].
+#[derive(Debug)]
+pub struct TunnelMetrics {
+    handshake_failures: Family<ReasonLabels, Counter>,
+    connections_opened: Family<PeerDirectionLabels, Counter>,
+    streams_opened: Family<PeerLabels, Counter>,
+    udp_buffer: Family<BufferLabels, Gauge>,
+}
+
+impl TunnelMetrics {
+    fn register(registry: &mut Registry) -> TunnelMetrics {
+        let m = TunnelMetrics {
+            handshake_failures: Family::default(),
+            connections_opened: Family::default(),
+            streams_opened: Family::default(),
+            udp_buffer: Family::default(),
+        };
+        registry.register(
+            "tunnel_handshake_failures",
+            "Failed tunnel handshakes in either direction, by reason",
+            m.handshake_failures.clone(),
+        );
+        registry.register(
+            "tunnel_connections_opened",
+            "Tunnel connections established, by peer and direction",
+            m.connections_opened.clone(),
+        );
+        registry.register(
+            "tunnel_streams_opened",
+            "Flow streams this agent opened, by peer",
+            m.streams_opened.clone(),
+        );
+        registry.register_with_unit(
+            "tunnel_udp_socket_buffer",
+            "UDP socket buffer size the kernel granted",
+            Unit::Bytes,
+            m.udp_buffer.clone(),
+        );
+        m
     }
 
     fn failed(&self, reason: String) {
-        *self.handshake_failures.lock().unwrap_or_else(|p| p.into_inner()).entry(reason).or_default() += 1;
+        self.handshake_failures.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    /// Handshake failures counted for `reason`.
+    pub fn handshake_failures(&self, reason: &str) -> u64 {
+        self.handshake_failures.get(&ReasonLabels { reason: reason.to_owned() }).map_or(0, |c| c.get())
+    }
+
+    /// Connections established with `peer`, both directions.
+    pub fn connections_opened(&self, peer: &str) -> u64 {
+        ["dialed", "accepted"]
+            .iter()
+            .filter_map(|d| {
+                self.connections_opened
+                    .get(&PeerDirectionLabels { peer: peer.to_owned(), direction: d })
+                    .map(|c| c.get())
+            })
+            .sum()
+    }
+
+    /// Streams this agent opened to `peer`.
+    pub fn streams_opened(&self, peer: &str) -> u64 {
+        self.streams_opened.get(&PeerLabels { peer: peer.to_owned() }).map_or(0, |c| c.get())
+    }
+
+    /// The UDP socket buffers granted (receive, send).
+    pub fn udp_buffers(&self) -> (i64, i64) {
+        let get = |d| self.udp_buffer.get(&BufferLabels { direction: d }).map_or(0, |g| g.get());
+        (get("receive"), get("send"))
     }
 }
 
+/// Totals of connections that closed, so per-peer counters stay monotonic.
+#[derive(Debug, Default)]
+struct Retired {
+    lost_packets: u64,
+    sent: u64,
+    received: u64,
+}
+
 /// Live connections to one peer.
+#[derive(Debug)]
 struct PeerSlot {
     name: Arc<str>,
     identity: String,
     conns: Mutex<Vec<quinn::Connection>>,
     next: AtomicUsize,
+    /// Connections this agent keeps dialled to the peer (0: it dials us).
+    dialers: u32,
+    retired: Mutex<Retired>,
 }
 
 impl PeerSlot {
@@ -110,6 +203,16 @@ impl PeerSlot {
 
     fn remove(&self, c: &quinn::Connection) {
         self.conns.lock().unwrap_or_else(|p| p.into_inner()).retain(|x| x.stable_id() != c.stable_id());
+        let st = c.stats();
+        let mut r = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        r.lost_packets += st.path.lost_packets;
+        r.sent += st.udp_tx.bytes;
+        r.received += st.udp_rx.bytes;
+    }
+
+    fn live(&self) -> Vec<quinn::Connection> {
+        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        conns.iter().filter(|c| c.close_reason().is_none()).cloned().collect()
     }
 
     /// Round-robin over the live connections.
@@ -132,7 +235,7 @@ pub struct Tunnel {
     connector: Option<Arc<Connector>>,
     handshake_timeout: Duration,
     stop: watch::Sender<bool>,
-    pub stats: TunnelStats,
+    pub metrics: TunnelMetrics,
 }
 
 impl Tunnel {
@@ -143,6 +246,7 @@ impl Tunnel {
         peers: &[Peer],
         tls: &TlsMaterial,
         connector: Option<Arc<Connector>>,
+        registry: &mut Registry,
     ) -> Result<Arc<Tunnel>, TunnelError> {
         let transport = Arc::new(transport(settings)?);
         let quic = |e: &dyn std::fmt::Display| TunnelError::Quic(e.to_string());
@@ -174,6 +278,8 @@ impl Tunnel {
                 identity: p.identity.clone(),
                 conns: Mutex::new(Vec::new()),
                 next: AtomicUsize::new(0),
+                dialers: if p.dial.is_empty() { 0 } else { p.connections },
+                retired: Mutex::default(),
             });
             let crypto = QuicClientConfig::try_from(tls.client_config(&p.identity)?).map_err(|e| quic(&e))?;
             let mut client = ClientConfig::new(Arc::new(crypto));
@@ -185,8 +291,10 @@ impl Tunnel {
             by_identity.insert(p.identity.clone(), slot.clone());
             slots.insert(slot.name.clone(), slot);
         }
-        let stats = TunnelStats::default();
-        *stats.udp_buffers.lock().unwrap_or_else(|p| p.into_inner()) = buffers;
+        let metrics = TunnelMetrics::register(registry);
+        metrics.udp_buffer.get_or_create(&BufferLabels { direction: "receive" }).set(buffers.0 as i64);
+        metrics.udp_buffer.get_or_create(&BufferLabels { direction: "send" }).set(buffers.1 as i64);
+        registry.register_collector(Box::new(TunnelCollector { peers: slots.values().cloned().collect() }));
         info!(
             local = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             accepting = accept,
@@ -203,7 +311,7 @@ impl Tunnel {
             connector,
             handshake_timeout: settings.idle_timeout,
             stop: watch::channel(false).0,
-            stats,
+            metrics,
         }))
     }
 
@@ -235,13 +343,18 @@ impl Tunnel {
         })
     }
 
+    /// Smoothed RTT of the best live connection to `peer`.
+    pub fn best_rtt(&self, peer: &str) -> Option<Duration> {
+        self.peers.get(peer)?.live().iter().map(|c| c.rtt()).min()
+    }
+
     /// Opens a stream to `peer` on one of its live connections.
     pub async fn open(&self, peer: &str) -> Result<(SendStream, RecvStream), TunnelError> {
         let slot = self.peers.get(peer).ok_or_else(|| TunnelError::NoConnection(peer.to_owned()))?;
         let conn = slot.pick().ok_or_else(|| TunnelError::NoConnection(peer.to_owned()))?;
         let streams =
             conn.open_bi().await.map_err(|source| TunnelError::Open { peer: peer.to_owned(), source })?;
-        self.stats.streams_opened.fetch_add(1, Relaxed);
+        self.metrics.streams_opened.get_or_create(&PeerLabels { peer: peer.to_owned() }).inc();
         Ok(streams)
     }
 
@@ -263,13 +376,13 @@ impl Tunnel {
                     Err(e) => {
                         let reason = failure_reason(&e);
                         warn!(%remote, %reason, error = %e, "incoming tunnel handshake failed");
-                        return this.stats.failed(reason);
+                        return this.metrics.failed(reason);
                     }
                 };
                 let identity = peer_identity(&conn);
                 let Some(slot) = identity.as_deref().and_then(|id| this.by_identity.get(id)).cloned() else {
                     warn!(%remote, ?identity, "peer identity is not configured; closing");
-                    this.stats.failed("unknown_identity".into());
+                    this.metrics.failed("unknown_identity".into());
                     return conn.close(CLOSE_UNKNOWN_PEER, b"identity not configured");
                 };
                 let welcomed = async {
@@ -281,7 +394,7 @@ impl Tunnel {
                     debug!(%remote, error = %e, "could not welcome the peer");
                     return;
                 }
-                this.run_connection(slot, conn).await;
+                this.run_connection(slot, conn, "accepted").await;
             });
         }
     }
@@ -313,13 +426,13 @@ impl Tunnel {
             match result {
                 Ok(conn) => {
                     backoff = BACKOFF_MIN;
-                    self.run_connection(slot.clone(), conn).await;
+                    self.run_connection(slot.clone(), conn, "dialed").await;
                 }
                 Err(_) if *stop.borrow() => return,
                 Err(e) => {
                     let reason = failure_reason(&e);
                     warn!(peer = %slot.name, %addr, %reason, error = %e, "tunnel handshake failed");
-                    self.stats.failed(reason);
+                    self.metrics.failed(reason);
                 }
             }
             // Exponential backoff with jitter (50-150%), so a fleet of agents
@@ -358,8 +471,9 @@ impl Tunnel {
 
     /// Registers a live connection and serves the streams the peer opens on it
     /// until it closes.
-    async fn run_connection(&self, slot: Arc<PeerSlot>, conn: quinn::Connection) {
-        self.stats.connections_opened.fetch_add(1, Relaxed);
+    async fn run_connection(&self, slot: Arc<PeerSlot>, conn: quinn::Connection, direction: &'static str) {
+        let labels = PeerDirectionLabels { peer: slot.name.to_string(), direction };
+        self.metrics.connections_opened.get_or_create(&labels).inc();
         slot.add(&conn);
         let span = info_span!("tunnel", peer = %slot.name, remote = %conn.remote_address());
         async {
@@ -390,6 +504,100 @@ impl Tunnel {
         .instrument(span)
         .await;
         slot.remove(&conn);
+    }
+}
+
+/// Reads every peer's live connections at scrape time: connection states,
+/// RTT, congestion window, lost packets and bytes on the wire (quinn's stats).
+#[derive(Debug)]
+struct TunnelCollector {
+    peers: Vec<Arc<PeerSlot>>,
+}
+
+impl Collector for TunnelCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        struct Row {
+            peer: Arc<str>,
+            up: u64,
+            down: u64,
+            rtt: Option<f64>,
+            cwnd: u64,
+            lost: u64,
+            sent: u64,
+            received: u64,
+        }
+        let rows: Vec<Row> = self
+            .peers
+            .iter()
+            .map(|p| {
+                let live = p.live();
+                let stats: Vec<quinn::ConnectionStats> = live.iter().map(|c| c.stats()).collect();
+                let r = p.retired.lock().unwrap_or_else(|e| e.into_inner());
+                Row {
+                    peer: p.name.clone(),
+                    up: live.len() as u64,
+                    down: u64::from(p.dialers).saturating_sub(live.len() as u64),
+                    rtt: live.iter().map(|c| c.rtt().as_secs_f64()).reduce(f64::min),
+                    cwnd: stats.iter().map(|s| s.path.cwnd).sum(),
+                    lost: r.lost_packets + stats.iter().map(|s| s.path.lost_packets).sum::<u64>(),
+                    sent: r.sent + stats.iter().map(|s| s.udp_tx.bytes).sum::<u64>(),
+                    received: r.received + stats.iter().map(|s| s.udp_rx.bytes).sum::<u64>(),
+                }
+            })
+            .collect();
+        let mut m = encoder.encode_descriptor(
+            "tunnel_connections",
+            "Tunnel connections by peer and state (down: dialled connections not up)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for r in &rows {
+            for (state, n) in [("up", r.up), ("down", r.down)] {
+                m.encode_family(&[("peer", &*r.peer), ("state", state)])?.encode_gauge(&(n as i64))?;
+            }
+        }
+        let mut m = encoder.encode_descriptor(
+            "tunnel_rtt",
+            "Smoothed RTT of the best live connection to the peer",
+            Some(&Unit::Seconds),
+            MetricType::Gauge,
+        )?;
+        for r in &rows {
+            if let Some(rtt) = r.rtt {
+                m.encode_family(&[("peer", &*r.peer)])?.encode_gauge(&rtt)?;
+            }
+        }
+        let mut m = encoder.encode_descriptor(
+            "tunnel_congestion_window",
+            "Congestion windows of the live connections to the peer, summed",
+            Some(&Unit::Bytes),
+            MetricType::Gauge,
+        )?;
+        for r in &rows {
+            m.encode_family(&[("peer", &*r.peer)])?.encode_gauge(&(r.cwnd as i64))?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "tunnel_lost_packets",
+            "Packets declared lost on connections to the peer",
+            None,
+            MetricType::Counter,
+        )?;
+        for r in &rows {
+            m.encode_family(&[("peer", &*r.peer)])?.encode_counter::<NoLabelSet, _, u64>(&r.lost, None)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "tunnel_udp",
+            "UDP payload bytes on connections to the peer, by direction",
+            Some(&Unit::Bytes),
+            MetricType::Counter,
+        )?;
+        for r in &rows {
+            for (direction, n) in [("sent", r.sent), ("received", r.received)] {
+                m.encode_family(&[("peer", &*r.peer), ("direction", direction)])?
+                    .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -53,7 +53,7 @@ fn kubectl_reaches_the_private_api_server_through_the_tunnel() {
     );
 
     let c = connector.handle.connector().expect("connector role");
-    assert!(c.stats.status("ok") >= 3, "{:?}", c.stats.statuses);
+    assert!(c.metrics.status("ok") >= 3, "{}", connector.handle.encode_metrics());
     let flows = client.handle.flow_stats();
     assert_eq!(flows.no_tunnel + flows.refused_by_peer + flows.unrecovered, 0, "{flows:?}");
     assert!(flows.completed >= 3, "{flows:?}");
@@ -79,13 +79,7 @@ fn the_connector_dials_out_and_still_receives_flows() {
     kubectl_works(&env);
     let a = env.topo.pod_probe().connect(addr(OTHER_V4)).expect("probe");
     assert!(a.ok && a.echoed() == "hello through the dataplane", "{a:?}");
-    let opened = client
-        .handle
-        .tunnel()
-        .expect("tunnel")
-        .stats
-        .streams_opened
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let opened = client.handle.tunnel().expect("tunnel").metrics.streams_opened(PEER);
     assert!(opened >= 3, "the client opened the streams over the connector's outbound connection: {opened}");
     drop(connector);
     client.stop();
@@ -145,8 +139,8 @@ fn a_destination_the_connector_does_not_serve_is_refused_fast() {
     assert!(a.was_reset(), "{a:?}");
     assert!(a.elapsed_us < 500_000, "refused fast, took {} us", a.elapsed_us);
     let c = connector.handle.connector().expect("connector");
-    assert_eq!(c.stats.denials("not_served"), 1, "{:?}", c.stats.denials);
-    assert_eq!(c.stats.status("denied"), 1);
+    assert_eq!(c.metrics.denials("not_served"), 1, "{}", connector.handle.encode_metrics());
+    assert_eq!(c.metrics.status("denied"), 1);
     assert_eq!(client.handle.flow_stats().refused_by_peer, 1);
     // The tunnel itself is unharmed.
     assert!(env.topo.pod_probe().connect(addr(OTHER_V4)).expect("probe").ok);
@@ -171,8 +165,8 @@ fn a_peer_with_a_certificate_from_another_ca_is_refused_at_the_handshake() {
     assert!(ensure_tunnel(&client.handle, Duration::from_millis(100)).is_err(), "no tunnel may come up");
     let server_side = connector.handle.tunnel().expect("tunnel");
     let refused: u64 =
-        ["unknown_ca", "bad_certificate"].iter().map(|r| server_side.stats.handshake_failures(r)).sum();
-    assert!(refused >= 1, "{:?}", server_side.stats.handshake_failures);
+        ["unknown_ca", "bad_certificate"].iter().map(|r| server_side.metrics.handshake_failures(r)).sum();
+    assert!(refused >= 1, "{}", connector.handle.encode_metrics());
     let a = env.topo.pod_probe().connect(addr(OTHER_V4)).expect("probe");
     assert!(a.was_reset() && a.elapsed_us < 500_000, "fails at once without a tunnel: {a:?}");
     assert!(client.handle.flow_stats().no_tunnel >= 1);
@@ -195,9 +189,9 @@ fn a_peer_with_a_certificate_from_another_ca_is_refused_at_the_handshake() {
     assert!(ensure_tunnel(&client.handle, Duration::from_millis(100)).is_err());
     let client_side = client.handle.tunnel().expect("tunnel");
     assert!(
-        client_side.stats.handshake_failures("unknown_ca") >= 1,
+        client_side.metrics.handshake_failures("unknown_ca") >= 1,
         "{:?}",
-        client_side.stats.handshake_failures
+        client.handle.encode_metrics()
     );
     drop(connector);
 }

@@ -6,7 +6,7 @@
 //! server through it. Exits non-zero if anything does not behave as shown,
 //! so CI runs it too.
 
-use std::{process::ExitCode, sync::atomic::Ordering::Relaxed, time::Duration};
+use std::{process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result, ensure};
 use dataplane_common::Counter;
@@ -92,16 +92,17 @@ fn demo() -> Result<()> {
         "== client agent: flows accepted {} completed {} refused by peer {} no tunnel {}; bytes up {} down {}",
         f.accepted, f.completed, f.refused_by_peer, f.no_tunnel, f.bytes_up, f.bytes_down
     );
-    let (rcv, snd) = *tunnel.stats.udp_buffers.lock().expect("lock");
+    let (rcv, snd) = tunnel.metrics.udp_buffers();
     println!(
         "== client agent: QUIC streams opened {}, UDP buffers granted rcv {rcv} snd {snd}",
-        tunnel.stats.streams_opened.load(Relaxed)
+        tunnel.metrics.streams_opened(PEER)
     );
     let c = connector.handle.connector().context("connector")?;
     println!(
-        "== connector: statuses {:?}, refusals {:?}",
-        c.stats.statuses.lock().expect("lock"),
-        c.stats.denials.lock().expect("lock")
+        "== connector: streams ok {}, denied {}; refusals not_served {}",
+        c.metrics.status("ok"),
+        c.metrics.status("denied"),
+        c.metrics.denials("not_served")
     );
 
     drop(connector);

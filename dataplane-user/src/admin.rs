@@ -1,0 +1,183 @@
+//! The admin HTTP server: `/metrics` (Prometheus text), `/healthz` (the
+//! process and its event loop are alive), `/ready` (this agent can serve:
+//! steering attached and every route with a live tunnel connection; 503 with
+//! a JSON body naming what is missing otherwise) and `/status` (the JSON
+//! behind `dataplane status`).
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Bytes, header::CONTENT_TYPE, service::service_fn};
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tracing::{debug, warn};
+
+use crate::{agent::AgentHandle, flow_metrics::FlowSnapshot, metrics::ProcessStats};
+
+/// The event loop must have ticked this recently for `/healthz` to pass.
+const HEARTBEAT_STALE: Duration = Duration::from_secs(5);
+const HEARTBEAT_EVERY: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+#[error("admin: binding {addr}: {source}")]
+pub struct AdminError {
+    pub addr: SocketAddr,
+    pub source: std::io::Error,
+}
+
+/// Why the agent is not ready, route by route.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Missing {
+    /// The route (CIDR) or `steering` / `peer:<name>`.
+    pub what: String,
+    /// The peer it needs, if any.
+    pub peer: Option<String>,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Readiness {
+    pub ready: bool,
+    pub missing: Vec<Missing>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub name: String,
+    pub identity: String,
+    /// This agent dials it (otherwise it dials us).
+    pub dialed: bool,
+    pub live_connections: usize,
+    pub rtt_ms: Option<f64>,
+    pub streams_opened: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RouteStatus {
+    pub cidr: String,
+    pub via: String,
+    pub ready: bool,
+}
+
+/// Everything `dataplane status` shows.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub node: String,
+    pub version: String,
+    pub readiness: Readiness,
+    pub steering: Option<SteeringStatus>,
+    pub routes: Vec<RouteStatus>,
+    pub peers: Vec<PeerStatus>,
+    pub serves: Vec<String>,
+    pub flows: FlowSnapshot,
+    pub process: ProcessStats,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SteeringStatus {
+    pub attached: bool,
+    pub cgroup: String,
+    pub route_entries_v4: usize,
+    pub route_entries_v6: usize,
+}
+
+/// Binds the admin listener (so a bad address fails the start, naming it).
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, AdminError> {
+    TcpListener::bind(addr).await.map_err(|source| AdminError { addr, source })
+}
+
+/// Serves until the task is dropped.
+pub async fn serve(listener: TcpListener, agent: AgentHandle) {
+    let heartbeat = Arc::new(AtomicU64::new(now_ms()));
+    let beat = heartbeat.clone();
+    tokio::spawn(async move {
+        loop {
+            beat.store(now_ms(), Relaxed);
+            tokio::time::sleep(HEARTBEAT_EVERY).await;
+        }
+    });
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (agent, heartbeat) = (agent.clone(), heartbeat.clone());
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let (agent, heartbeat) = (agent.clone(), heartbeat.clone());
+                async move { Ok::<_, Infallible>(route(&req, &agent, &heartbeat)) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                debug!(%peer, error = %e, "admin connection ended");
+            }
+        });
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn route(
+    req: &Request<hyper::body::Incoming>,
+    agent: &AgentHandle,
+    heartbeat: &AtomicU64,
+) -> Response<Full<Bytes>> {
+    if req.method() != hyper::Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
+    }
+    match req.uri().path() {
+        "/metrics" => reply(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            agent.encode_metrics(),
+        ),
+        "/healthz" => {
+            let age = Duration::from_millis(now_ms().saturating_sub(heartbeat.load(Relaxed)));
+            if age < HEARTBEAT_STALE {
+                text(StatusCode::OK, "ok\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, &format!("event loop stalled for {age:?}\n"))
+            }
+        }
+        "/ready" => {
+            let r = agent.readiness();
+            let code = if r.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            json(code, &r)
+        }
+        "/status" => json(StatusCode::OK, &agent.status()),
+        _ => text(StatusCode::NOT_FOUND, "not found: try /metrics /healthz /ready /status\n"),
+    }
+}
+
+fn reply(code: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = code;
+    r.headers_mut().insert(CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
+    r
+}
+
+fn text(code: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    reply(code, "text/plain; charset=utf-8", body.to_owned())
+}
+
+fn json(code: StatusCode, value: &impl Serialize) -> Response<Full<Bytes>> {
+    let body = serde_json::to_string_pretty(value).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
+    reply(code, "application/json", body + "\n")
+}

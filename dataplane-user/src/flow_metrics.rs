@@ -1,0 +1,168 @@
+//! Flow metrics of the steering side: flows opened and closed by route and
+//! result, active flows, bytes by direction, and flow setup latency (accept
+//! to the upstream's answer). Totals are kept alongside for `dataplane status`.
+
+use std::{
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
+    time::Duration,
+};
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeLabelValue},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::{Registry, Unit},
+};
+
+/// How a flow ended.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum FlowResult {
+    /// Ran to the end (both directions finished).
+    completed,
+    /// Carried data, then one side failed or reset.
+    failed,
+    /// No original destination was recorded for the peer.
+    unrecovered,
+    /// The route was removed between connect and accept.
+    route_gone,
+    /// The direct upstream could not be dialled.
+    dial_failed,
+    /// The route's peer had no live tunnel connection.
+    no_tunnel,
+    /// The connector answered with a status other than ok, or not in time.
+    refused_by_peer,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClosedLabels {
+    pub route: String,
+    pub result: FlowResult,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BytesLabels {
+    pub route: String,
+    /// `up`: application to destination; `down`: back.
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    /// `direct` or `tunnel`.
+    pub upstream: &'static str,
+}
+
+/// A point-in-time copy of the totals.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FlowSnapshot {
+    pub accepted: u64,
+    pub unrecovered: u64,
+    pub route_gone: u64,
+    pub dial_failed: u64,
+    pub no_tunnel: u64,
+    pub refused_by_peer: u64,
+    pub failed: u64,
+    pub completed: u64,
+    pub active: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+}
+
+/// The steering side's flow metrics.
+#[derive(Debug)]
+pub struct FlowMetrics {
+    opened: Family<RouteLabels, Counter>,
+    closed: Family<ClosedLabels, Counter>,
+    active: Gauge,
+    bytes: Family<BytesLabels, Counter>,
+    setup: Family<UpstreamLabels, Histogram>,
+    totals: [AtomicU64; 7],
+    accepted: AtomicU64,
+    up: AtomicU64,
+    down: AtomicU64,
+}
+
+/// Flows not (yet) attributed to a route.
+pub const UNKNOWN_ROUTE: &str = "unknown";
+
+impl FlowMetrics {
+    pub fn register(registry: &mut Registry) -> FlowMetrics {
+        let m = FlowMetrics {
+            opened: Family::default(),
+            closed: Family::default(),
+            active: Gauge::default(),
+            bytes: Family::default(),
+            // 50 us .. ~26 s: from a local connect to a slow far dial.
+            setup: Family::new_with_constructor(|| {
+                Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(50e-6, 2.0, 20))
+            }),
+            totals: Default::default(),
+            accepted: AtomicU64::new(0),
+            up: AtomicU64::new(0),
+            down: AtomicU64::new(0),
+        };
+        registry.register("flows_opened", "Steered connections accepted, by route", m.opened.clone());
+        registry.register("flows_closed", "Flows ended, by route and result", m.closed.clone());
+        registry.register("flows_active", "Flows being served now", m.active.clone());
+        registry.register_with_unit(
+            "flow",
+            "Payload bytes by route and direction",
+            Unit::Bytes,
+            m.bytes.clone(),
+        );
+        registry.register_with_unit(
+            "flow_setup_duration",
+            "Accept to the upstream's answer (direct: TCP connect; tunnel: connector status)",
+            Unit::Seconds,
+            m.setup.clone(),
+        );
+        m
+    }
+
+    /// A flow was accepted; it counts as active until [`FlowMetrics::closed`].
+    pub fn opened(&self, route: &str) {
+        self.accepted.fetch_add(1, Relaxed);
+        self.opened.get_or_create(&RouteLabels { route: route.to_owned() }).inc();
+        self.active.inc();
+    }
+
+    pub fn closed(&self, route: &str, result: FlowResult) {
+        self.totals[result as usize].fetch_add(1, Relaxed);
+        self.closed.get_or_create(&ClosedLabels { route: route.to_owned(), result }).inc();
+        self.active.dec();
+    }
+
+    pub fn bytes(&self, route: &str, up: u64, down: u64) {
+        self.up.fetch_add(up, Relaxed);
+        self.down.fetch_add(down, Relaxed);
+        for (direction, n) in [("up", up), ("down", down)] {
+            self.bytes.get_or_create(&BytesLabels { route: route.to_owned(), direction }).inc_by(n);
+        }
+    }
+
+    pub fn setup(&self, upstream: &'static str, took: Duration) {
+        self.setup.get_or_create(&UpstreamLabels { upstream }).observe(took.as_secs_f64());
+    }
+
+    pub fn snapshot(&self) -> FlowSnapshot {
+        let t = |r: FlowResult| self.totals[r as usize].load(Relaxed);
+        FlowSnapshot {
+            accepted: self.accepted.load(Relaxed),
+            unrecovered: t(FlowResult::unrecovered),
+            route_gone: t(FlowResult::route_gone),
+            dial_failed: t(FlowResult::dial_failed),
+            no_tunnel: t(FlowResult::no_tunnel),
+            refused_by_peer: t(FlowResult::refused_by_peer),
+            failed: t(FlowResult::failed),
+            completed: t(FlowResult::completed),
+            active: self.active.get().max(0) as u64,
+            bytes_up: self.up.load(Relaxed),
+            bytes_down: self.down.load(Relaxed),
+        }
+    }
+}

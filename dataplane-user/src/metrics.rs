@@ -1,0 +1,160 @@
+//! Metrics read at scrape time rather than counted: the eBPF programs' per-CPU
+//! counters (summed), the route tries' sizes, whether steering is attached,
+//! and the process's memory, CPU and descriptors. Components that count own
+//! their metrics (`FlowMetrics`, `TunnelMetrics`, `ConnectorMetrics`).
+
+use std::sync::Arc;
+
+use dataplane_common::Counter as Reason;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, NoLabelSet},
+    metrics::{MetricType, info::Info},
+    registry::{Registry, Unit},
+};
+
+use crate::ebpf::Steering;
+
+/// The eBPF side, read from the maps at each scrape.
+pub struct SteeringCollector(pub Arc<Steering>);
+
+impl std::fmt::Debug for SteeringCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SteeringCollector").finish_non_exhaustive()
+    }
+}
+
+impl Collector for SteeringCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let counters = self.0.counters().unwrap_or_default();
+        let mut m = encoder.encode_descriptor(
+            "ebpf_events",
+            "eBPF program exits by hook and reason, summed over CPUs",
+            None,
+            MetricType::Counter,
+        )?;
+        for c in Reason::ALL {
+            m.encode_family(&[("hook", c.hook()), ("reason", c.reason())])?
+                .encode_counter::<NoLabelSet, _, u64>(&counters.get(c), None)?;
+        }
+        let (v4, v6) = self.0.route_entries();
+        let mut m = encoder.encode_descriptor(
+            "route_map_entries",
+            "Routes in the kernel's tries",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (family, n) in [("ipv4", v4), ("ipv6", v6)] {
+            m.encode_family(&[("family", family)])?.encode_gauge(&(n as i64))?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "steering_attached",
+            "1 while the eBPF programs are attached",
+            None,
+            MetricType::Gauge,
+        )?;
+        m.encode_gauge(&i64::from(self.0.attached()))?;
+        Ok(())
+    }
+}
+
+/// This process, from /proc/self.
+#[derive(Debug)]
+pub struct ProcessCollector;
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let p = ProcessStats::read();
+        encoder
+            .encode_descriptor(
+                "process_resident_memory",
+                "Resident set size",
+                Some(&Unit::Bytes),
+                MetricType::Gauge,
+            )?
+            .encode_gauge(&(p.rss_bytes as i64))?;
+        encoder
+            .encode_descriptor(
+                "process_cpu",
+                "User and system CPU time",
+                Some(&Unit::Seconds),
+                MetricType::Counter,
+            )?
+            .encode_counter::<NoLabelSet, _, f64>(&p.cpu_seconds, None)?;
+        encoder
+            .encode_descriptor("process_open_fds", "Open file descriptors", None, MetricType::Gauge)?
+            .encode_gauge(&(p.open_fds as i64))?;
+        Ok(())
+    }
+}
+
+/// Memory, CPU and descriptors of this process.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct ProcessStats {
+    pub rss_bytes: u64,
+    pub cpu_seconds: f64,
+    pub open_fds: u64,
+}
+
+impl ProcessStats {
+    pub fn read() -> ProcessStats {
+        // SAFETY: sysconf has no preconditions.
+        let (page, ticks) = unsafe { (libc::sysconf(libc::_SC_PAGESIZE), libc::sysconf(libc::_SC_CLK_TCK)) };
+        let rss_pages = std::fs::read_to_string("/proc/self/statm")
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .unwrap_or(0);
+        // Fields after the command name, which may contain spaces: utime and
+        // stime are the 12th and 13th.
+        let cpu_ticks = std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|s| {
+                let rest = s.rsplit_once(')')?.1;
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+            })
+            .unwrap_or(0);
+        let open_fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count() as u64).unwrap_or(0);
+        ProcessStats {
+            rss_bytes: rss_pages * page.max(1) as u64,
+            cpu_seconds: cpu_ticks as f64 / ticks.max(1) as f64,
+            open_fds,
+        }
+    }
+}
+
+/// Registers what every agent exports regardless of role.
+pub fn register_common(registry: &mut Registry) {
+    registry.register("build", "Build information", Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]));
+    registry.register_collector(Box::new(ProcessCollector));
+}
+
+/// The registry's text (OpenMetrics) encoding.
+pub fn encode(registry: &Registry) -> String {
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, registry);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn process_stats_are_read_from_proc() {
+        let p = ProcessStats::read();
+        assert!(p.rss_bytes > 1 << 20, "{p:?}");
+        assert!(p.open_fds >= 3, "{p:?}");
+        let mut r = Registry::with_prefix("dataplane");
+        register_common(&mut r);
+        let text = encode(&r);
+        for name in [
+            "dataplane_build_info{version=",
+            "dataplane_process_resident_memory_bytes ",
+            "dataplane_process_cpu_seconds_total ",
+        ] {
+            assert!(text.contains(name), "{name} in:\n{text}");
+        }
+    }
+}
