@@ -78,6 +78,10 @@ pub enum ReloadError {
     Steering(#[from] SteeringError),
 }
 
+/// After detaching, how long the listeners keep accepting connects that were
+/// redirected before the detach and are still completing their handshake.
+const SETTLE_AFTER_DETACH: Duration = Duration::from_millis(250);
+
 /// State shared by the accept loops, flows and handles.
 struct Shared {
     node: String,
@@ -86,7 +90,7 @@ struct Shared {
     tunnel: Option<Arc<Tunnel>>,
     connector: Option<Arc<Connector>>,
     config: Mutex<Config>,
-    routes: Mutex<RouteTable>,
+    routes: Arc<Mutex<RouteTable>>,
     flows: FlowMetrics,
     next_flow_id: AtomicU64,
     stopping: std::sync::atomic::AtomicBool,
@@ -156,6 +160,9 @@ impl Agent {
             (Some(steering), Some(parts))
         };
         metrics::register_common(&mut registry);
+        let routes = Arc::new(Mutex::new(table));
+        registry
+            .register_collector(Box::new(RouteReadiness { routes: routes.clone(), tunnel: tunnel.clone() }));
         let shared = Arc::new(Shared {
             node: config.node.clone(),
             steering,
@@ -163,7 +170,7 @@ impl Agent {
             tunnel,
             connector,
             config: Mutex::new(config),
-            routes: Mutex::new(table),
+            routes,
             flows,
             next_flow_id: AtomicU64::new(1),
             stopping: std::sync::atomic::AtomicBool::new(false),
@@ -243,6 +250,18 @@ impl Agent {
         if let Some(s) = &shared.steering {
             info!("shutting down: detaching steering");
             s.detach();
+            // A connect redirected just before the detach may still be in its
+            // handshake; under load that can outlast a drain of the accept
+            // queue, and closing the listener then would reset it. Keep
+            // accepting until such stragglers have landed.
+            let settle = tokio::time::sleep(SETTLE_AFTER_DETACH);
+            tokio::pin!(settle);
+            loop {
+                tokio::select! {
+                    _ = &mut settle => break,
+                    Some((stream, peer)) = accepted_rx.recv() => spawn_flow(&shared, &mut flows, stream, peer),
+                }
+            }
         }
         let _ = stop_tx.send(true);
         while let Some(Ok(listener)) = acceptors.join_next().await {
@@ -313,6 +332,45 @@ async fn start_steering(
             iface.remove().await;
             Err(e)
         }
+    }
+}
+
+/// `dataplane_route_ready{route, via}`: 1 while a route can be served (a
+/// direct route always; a peer route while the peer has a live connection).
+#[derive(Debug)]
+struct RouteReadiness {
+    routes: Arc<Mutex<RouteTable>>,
+    tunnel: Option<Arc<Tunnel>>,
+}
+
+impl prometheus_client::collector::Collector for RouteReadiness {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        let rows: Vec<(String, String, bool)> = lock(&self.routes)
+            .entries()
+            .iter()
+            .map(|r| match &r.upstream {
+                Upstream::Direct => (r.net.to_string(), "direct".to_owned(), true),
+                Upstream::Peer(p) => (
+                    r.net.to_string(),
+                    p.to_string(),
+                    self.tunnel.as_ref().is_some_and(|t| t.live_connections(p) > 0),
+                ),
+            })
+            .collect();
+        let mut m = encoder.encode_descriptor(
+            "route_ready",
+            "1 while the route can be served (its peer has a live tunnel connection)",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (route, via, ready) in &rows {
+            m.encode_family(&[("route", route.as_str()), ("via", via.as_str())])?
+                .encode_gauge(&i64::from(*ready))?;
+        }
+        Ok(())
     }
 }
 

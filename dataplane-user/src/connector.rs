@@ -111,6 +111,14 @@ impl ConnectorMetrics {
             "Destinations the connector refused, by reason",
             m.refusals.clone(),
         );
+        // Known label values start at zero, so rates and alerts have series
+        // from the first scrape on.
+        for status in Status::ALL {
+            let _ = m.statuses.get_or_create_owned(&StatusLabels { status: status.as_str() });
+        }
+        for d in [Denial::NeverServed, Denial::NotServed, Denial::PortNotServed] {
+            let _ = m.refusals.get_or_create_owned(&ReasonLabels { reason: d.as_str() });
+        }
         m
     }
 

@@ -134,6 +134,18 @@ impl TunnelMetrics {
             "Flow streams this agent opened, by peer",
             m.streams_opened.clone(),
         );
+        // The reasons operators alert on start at zero, so the series exist
+        // from the first scrape on (other reasons appear when they happen).
+        for reason in [
+            "unknown_ca",
+            "bad_certificate",
+            "peer_unknown_ca",
+            "peer_bad_certificate",
+            "unknown_identity",
+            "timeout",
+        ] {
+            let _ = m.handshake_failures.get_or_create_owned(&ReasonLabels { reason: reason.to_owned() });
+        }
         registry.register_with_unit(
             "tunnel_udp_socket_buffer",
             "UDP socket buffer size the kernel granted",
@@ -236,6 +248,12 @@ pub struct Tunnel {
     handshake_timeout: Duration,
     stop: watch::Sender<bool>,
     pub metrics: TunnelMetrics,
+}
+
+impl std::fmt::Debug for Tunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tunnel").field("local", &self.local_addr()).finish_non_exhaustive()
+    }
 }
 
 impl Tunnel {

@@ -55,3 +55,81 @@ fn bad_arguments_are_usage_errors() {
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("reload-interval"), "{out}");
 }
+
+/// Serves one canned HTTP response on a loopback port.
+fn one_shot_server(body: &'static str) -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        if let Ok((mut s, _)) = l.accept() {
+            let mut req = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        }
+    });
+    addr
+}
+
+const STATUS: &str = r#"{"node":"worker-9","version":"0.1.0",
+ "readiness":{"ready":false,"missing":[{"what":"198.51.100.101/32","peer":"private","reason":"no live tunnel connection"}]},
+ "steering":{"attached":true,"cgroup":"/sys/fs/cgroup","route_entries_v4":1,"route_entries_v6":0},
+ "routes":[{"cidr":"198.51.100.101/32","via":"private","ready":false}],
+ "peers":[{"name":"private","identity":"spiffe://t/c","dialed":true,"live_connections":0,"rtt_ms":null,"streams_opened":7}],
+ "serves":[],
+ "flows":{"accepted":9,"unrecovered":0,"route_gone":0,"dial_failed":0,"no_tunnel":2,"refused_by_peer":0,"failed":0,"completed":7,"active":0,"bytes_up":1,"bytes_down":2},
+ "process":{"rss_bytes":10485760,"cpu_seconds":1.5,"open_fds":12}}"#;
+
+#[test]
+fn status_prints_a_table_or_json() {
+    let (code, out) = dataplane(&["status", "--admin", &one_shot_server(STATUS).to_string()]);
+    assert_eq!(code, 0, "{out}");
+    for needle in
+        ["node worker-9", "ready: NO", "not ready: 198.51.100.101/32 via private", "we do", "completed 7"]
+    {
+        assert!(out.contains(needle), "`{needle}` in:\n{out}");
+    }
+    let (code, out) = dataplane(&["status", "--json", "--admin", &one_shot_server(STATUS).to_string()]);
+    assert_eq!(code, 0, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("the agent's JSON, as is");
+    assert_eq!(v["flows"]["no_tunnel"], 2);
+}
+
+#[test]
+fn status_of_a_stopped_agent_is_a_one_line_error() {
+    // Nothing listens on port 1.
+    let (code, out) = dataplane(&["status", "--admin", "127.0.0.1:1"]);
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(out.trim().lines().count(), 1, "one line: {out}");
+    assert!(out.contains("cannot reach the agent's admin API at 127.0.0.1:1"), "{out}");
+    let (code, out) = dataplane(&["status", "--admin", "not-an-address"]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("--admin"), "{out}");
+}
+
+#[test]
+fn logs_are_json_on_request() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Valid, but the agent cannot start: /proc is not a cgroup v2 directory.
+    let path = write(
+        &dir,
+        "c.yaml",
+        "admin: null\nlog: { format: json }\nsteering: { cgroup: /proc }\nroutes: [{ cidr: 198.51.100.101/32, via: direct }]\n",
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_dataplane"))
+        .args(["agent", "--config", &path])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = stderr.lines().last().expect("a log line");
+    let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    assert_eq!(v["level"], "ERROR", "{line}");
+    assert!(v["fields"]["message"].as_str().is_some_and(|m| m.contains("steering.cgroup")), "{line}");
+}

@@ -76,6 +76,9 @@ pub struct Summary {
     pub ok: u64,
     pub failed: u64,
     pub first_error: Option<String>,
+    /// Milliseconds since the epoch when the first failed attempt started.
+    #[serde(default)]
+    pub first_error_at_ms: Option<u128>,
 }
 
 /// A workload process placed in a cgroup and a network namespace.

@@ -67,7 +67,6 @@ impl Topology {
         let node = Netns::new(format!("dpt-{id}-node"))?;
         let remote = Netns::new(format!("dpt-{id}-srv"))?;
         let (vp, vn, vs, vt) = (format!("vp{id}"), format!("vn{id}"), format!("vs{id}"), format!("vt{id}"));
-
         node.ip(&["link", "add", &vn, "type", "veth", "peer", "name", &vp, "netns", &pod.name])?;
         node.ip(&["link", "add", &vs, "type", "veth", "peer", "name", &vt, "netns", &remote.name])?;
         for (ns, dev, v4, v6) in [
@@ -80,6 +79,23 @@ impl Topology {
             // Without nodad a connect right after setup races DAD and times out.
             ns.ip(&["addr", "add", v6, "dev", dev, "nodad"])?;
             ns.ip(&["link", "set", dev, "up"])?;
+        }
+        // Static IPv6 neighbours on both ends of each link: on fresh veths
+        // neighbour discovery makes the first IPv6 SYN of a namespace wait
+        // 1-2 s for a retransmit (measured; IPv4 ARP does not), which would
+        // stall or, across an agent's shutdown, fail that first connect.
+        let mac = |ns: &Netns, dev: &str| -> Result<String> {
+            let out = ns.ip(&["-br", "link", "show", dev])?;
+            out.split_whitespace().nth(2).map(str::to_owned).context("no MAC in `ip -br link`")
+        };
+        for (ns, dev, ip, peer_ns, peer_dev) in [
+            (&pod, &vp, "fd00:200::1", &node, &vn),
+            (&node, &vn, "fd00:200::2", &pod, &vp),
+            (&node, &vs, "fd00:201::2", &remote, &vt),
+            (&remote, &vt, "fd00:201::1", &node, &vs),
+        ] {
+            let lladdr = mac(peer_ns, peer_dev)?;
+            ns.ip(&["-6", "neigh", "replace", ip, "lladdr", &lladdr, "dev", dev, "nud", "permanent"])?;
         }
         pod.ip(&["route", "add", "default", "via", "10.200.0.1"])?;
         pod.ip(&["-6", "route", "add", "default", "via", "fd00:200::1"])?;

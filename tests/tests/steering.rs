@@ -158,13 +158,18 @@ fn stopping_the_agent_removes_steering_without_failing_connects() {
     let pod = topo.pod_probe();
     assert_eq!(ip_of(pod.connect(addr(API_V4)).expect("probe").server_saw()), NODE_TO_SERVER_V4);
 
-    // Connects keep coming while the agent shuts down.
-    let load = pod.spawn_repeat(addr(API_V4), 400).expect("probe");
+    // Connects keep coming, from two workloads at once, while the agent shuts down.
+    let loads = [
+        pod.spawn_repeat(addr(API_V4), 400).expect("probe"),
+        pod.spawn_repeat(addr(API_V6), 400).expect("probe"),
+    ];
     std::thread::sleep(std::time::Duration::from_millis(150));
     let summary = agent.stop();
-    let during = tests::probe::wait_summary(load).expect("probe");
-    assert_eq!(during.failed, 0, "a connect failed during shutdown: {during:?}");
-    assert_eq!(during.ok, 400);
+    for load in loads {
+        let during = tests::probe::wait_summary(load).expect("probe");
+        assert_eq!(during.failed, 0, "a connect failed during shutdown: {during:?}");
+        assert_eq!(during.ok, 400);
+    }
     assert!(summary.flows.accepted >= 2, "some load went through the agent: {:?}", summary.flows);
     assert_eq!(summary.flows.unrecovered, 0, "{:?}", summary.flows);
 

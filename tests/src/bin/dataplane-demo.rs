@@ -9,7 +9,6 @@
 use std::{process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result, ensure};
-use dataplane_common::Counter;
 use tests::{
     topology::{OTHER_V6, addr},
     tunnel_env::{CONNECTOR_ID, Mode, PEER, TunnelEnv, UNSERVED_V4},
@@ -82,21 +81,21 @@ fn demo() -> Result<()> {
     );
 
     std::thread::sleep(Duration::from_millis(100));
-    println!("\n== client agent: eBPF counters (summed over CPUs)");
-    let k = client.handle.kernel_counters()?;
-    for c in Counter::ALL.into_iter().filter(|c| k.get(*c) > 0) {
-        println!("   {:<12} {:<14} {}", c.hook(), c.reason(), k.get(c));
+    println!("\n$ dataplane status   (the client agent, from its admin API)");
+    print!("{}", dataplane::status::render(&client.handle.status()));
+    println!("\n$ curl -s 127.0.0.1:9464/metrics | grep ...   (a few of the client agent's series)");
+    let scrape = client.handle.encode_metrics();
+    for prefix in [
+        "dataplane_flows_closed_total",
+        "dataplane_flow_setup_duration_seconds_count",
+        "dataplane_ebpf_events_total{hook=\"connect\",reason=\"redirected\"}",
+        "dataplane_tunnel_connections{",
+        "dataplane_tunnel_rtt_seconds",
+    ] {
+        for line in scrape.lines().filter(|l| l.starts_with(prefix)) {
+            println!("   {line}");
+        }
     }
-    let f = client.handle.flow_stats();
-    println!(
-        "== client agent: flows accepted {} completed {} refused by peer {} no tunnel {}; bytes up {} down {}",
-        f.accepted, f.completed, f.refused_by_peer, f.no_tunnel, f.bytes_up, f.bytes_down
-    );
-    let (rcv, snd) = tunnel.metrics.udp_buffers();
-    println!(
-        "== client agent: QUIC streams opened {}, UDP buffers granted rcv {rcv} snd {snd}",
-        tunnel.metrics.streams_opened(PEER)
-    );
     let c = connector.handle.connector().context("connector")?;
     println!(
         "== connector: streams ok {}, denied {}; refusals not_served {}",

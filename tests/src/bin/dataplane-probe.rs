@@ -132,11 +132,14 @@ fn main() -> Result<()> {
     }
     let mut summary = Summary::default();
     for _ in 0..args.repeat {
+        let started =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
         let a = attempt(addr, &args.payload, None, false);
         if a.ok {
             summary.ok += 1;
         } else {
             summary.failed += 1;
+            summary.first_error_at_ms = summary.first_error_at_ms.or(Some(started));
             summary.first_error = summary.first_error.or(a.error);
         }
     }
