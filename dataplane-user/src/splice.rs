@@ -7,10 +7,7 @@
 
 use bytes::BytesMut;
 use quinn::{RecvStream, SendStream, VarInt};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
+use tokio::{io::AsyncWriteExt, net::TcpStream};
 
 /// Largest chunk moved at once.
 const CHUNK: usize = 64 * 1024;
@@ -38,15 +35,28 @@ pub async fn splice(
     recv: &mut RecvStream,
     pending: &[u8],
 ) -> Result<Moved, SpliceError> {
-    let (mut rd, mut wr) = tcp.split();
+    let (rd, mut wr) = tcp.split();
     let up = async {
         let mut total = 0u64;
-        let mut buf = BytesMut::with_capacity(CHUNK);
+        // A buffer exists only while data flows: it is allocated when the
+        // socket turns readable and released when it drains, so an idle flow
+        // (a kept-alive connection, a watch) holds none. A busy flow keeps
+        // reusing its allocation, since readiness returns at once.
+        let mut buf = BytesMut::new();
+        let tcp = rd.as_ref();
         loop {
+            tcp.readable().await.map_err(SpliceError::Tcp)?;
             if buf.capacity() < CHUNK / 4 {
                 buf.reserve(CHUNK);
             }
-            let n = rd.read_buf(&mut buf).await.map_err(SpliceError::Tcp)?;
+            let n = match tcp.try_read_buf(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    buf = BytesMut::new();
+                    continue;
+                }
+                Err(e) => return Err(SpliceError::Tcp(e)),
+            };
             if n == 0 {
                 // Application half-closed: finish our direction only.
                 send.finish().map_err(|e| SpliceError::Quic(e.to_string()))?;

@@ -209,3 +209,22 @@ pub fn require_root() -> bool {
     eprintln!("skipped: needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)");
     false
 }
+
+/// Raises RLIMIT_NOFILE (soft and hard; root may raise the hard limit) to at
+/// least `want`: benchmarks hold tens of thousands of sockets in one process.
+pub fn raise_nofile_limit(want: u64) {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: the rlimits are valid for the calls.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        let top = lim.rlim_max.max(want);
+        let raised = libc::rlimit { rlim_cur: top, rlim_max: top };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+            // Not allowed to raise the hard limit: take what it permits.
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}

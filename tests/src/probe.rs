@@ -68,6 +68,9 @@ pub struct Bulk {
 pub struct Latencies {
     pub latencies_us: Vec<f64>,
     pub failed: u64,
+    /// Wall time of the whole run.
+    #[serde(default)]
+    pub secs: f64,
 }
 
 /// Totals of a `--repeat` run.
@@ -155,6 +158,29 @@ impl Probe {
         self.run(&["--latencies", &n.to_string()], addr)
     }
 
+    /// `n` exchanges of 100 bytes from `workers` concurrent loops.
+    pub fn concurrent_latencies(&self, addr: SocketAddr, n: usize, workers: usize) -> Result<Latencies> {
+        self.run(&["--latencies", &n.to_string(), "--concurrency", &workers.to_string()], addr)
+    }
+
+    /// Opens `n` idle connections and keeps them until the returned child's
+    /// stdin is closed (drop it, or call [`Held::release`]).
+    pub fn hold(&self, addr: SocketAddr, n: usize) -> Result<Held> {
+        use std::io::BufRead;
+        let mut child = self
+            .command(&["--hold", &n.to_string()], addr)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("spawning dataplane-probe")?;
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.as_mut().context("stdout")?).read_line(&mut line)?;
+        let v: serde_json::Value =
+            serde_json::from_str(&line).with_context(|| format!("probe said {line:?}"))?;
+        anyhow::ensure!(v["held"].as_u64() == Some(n as u64), "probe held {line}");
+        Ok(Held(child))
+    }
+
     /// Sends `bytes` through an echo server and back, comparing digests.
     pub fn bulk(&self, addr: SocketAddr, bytes: u64) -> Result<Bulk> {
         self.run(&["--bulk", &bytes.to_string()], addr)
@@ -189,4 +215,21 @@ pub fn wait_summary(child: std::process::Child) -> Result<Summary> {
         bail!("dataplane-probe failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// Idle connections held open by a probe process.
+pub struct Held(std::process::Child);
+
+impl Held {
+    pub fn release(mut self) {
+        drop(self.0.stdin.take());
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

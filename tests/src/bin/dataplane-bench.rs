@@ -30,7 +30,7 @@ use socket2::{Domain, Socket, Type};
 use tests::{
     Cgroup, JoinedCgroup,
     topology::{OTHER_V4, Topology},
-    tunnel_env::{Mode, TunnelEnv},
+    tunnel_env::{Mode, STALLED_V4, TunnelEnv},
     unique_id,
 };
 
@@ -122,6 +122,7 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
 
 fn main() -> Result<()> {
     let o = opts()?;
+    tests::raise_nofile_limit(1 << 17);
     ensure!(nix::unistd::geteuid().is_root(), "the benchmark needs root");
     let topo = Topology::new()?;
     let detached = Cgroup::new(&format!("{}-off", unique_id()))?;
@@ -278,6 +279,44 @@ fn tunnel_section(o: &Opts) -> Result<serde_json::Value> {
         ensure!(b.ok && b.digests_match && b.received == bytes, "bulk transfer failed: {b:?}");
         mbps.push(bytes as f64 * 8.0 / b.secs / 1e6);
     }
+    // New flows from 16 workers at once, over the established tunnel.
+    let mut concurrent = Vec::new();
+    for _ in 0..o.rounds {
+        let l = pod.concurrent_latencies(dst, 4000, 16)?;
+        ensure!(l.failed == 0, "{} concurrent exchanges failed", l.failed);
+        concurrent.push(l);
+    }
+    let flows_per_sec: Vec<f64> = concurrent.iter().map(|l| l.latencies_us.len() as f64 / l.secs).collect();
+    let conc_p50: Vec<f64> = concurrent.iter().map(|l| stats(&l.latencies_us).1).collect();
+    let mut conc_all: Vec<f64> = concurrent.iter().flat_map(|l| l.latencies_us.clone()).collect();
+    let conc_p99 = percentile(&mut conc_all, 0.99);
+
+    // Memory per idle flow: RSS of this process (both agents, the servers)
+    // before and while N idle flows are open; so an upper bound for one agent.
+    let _server = env.stalled_server()?;
+    let idle_dst: SocketAddr = STALLED_V4.parse()?;
+    let mut per_flow = Vec::new();
+    for n in [1000usize, 10_000] {
+        let base = client.handle.flow_stats().active;
+        std::thread::sleep(Duration::from_millis(300));
+        let before = dataplane::metrics::ProcessStats::read().rss_bytes;
+        let held = pod.hold(idle_dst, n)?;
+        let start = Instant::now();
+        while client.handle.flow_stats().active < base + n as u64 {
+            ensure!(start.elapsed() < Duration::from_secs(60), "idle flows did not all open");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let after = dataplane::metrics::ProcessStats::read().rss_bytes;
+        per_flow.push((n, after.saturating_sub(before) as f64 / n as f64));
+        held.release();
+        let start = Instant::now();
+        while client.handle.flow_stats().active > base {
+            ensure!(start.elapsed() < Duration::from_secs(60), "idle flows did not all close");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     let flows = client.handle.flow_stats();
     ensure!(flows.no_tunnel + flows.refused_by_peer == 0, "flows failed in the tunnel bench: {flows:?}");
 
@@ -294,7 +333,21 @@ fn tunnel_section(o: &Opts) -> Result<serde_json::Value> {
         "  single flow, 256 MiB out and echoed back at once, Mbit/s per direction: {:.0} / {:.0} / {:.0} (min / median / max)",
         tm.0, tm.1, tm.2
     );
+    let (fm, cm) = (stats(&flows_per_sec), stats(&conc_p50));
+    println!(
+        "  new flows, 16 concurrent workers: {:.0} / {:.0} / {:.0} flows/s; p50 {:.0} / {:.0} / {:.0} us; overall p99 {conc_p99:.0} us",
+        fm.0, fm.1, fm.2, cm.0, cm.1, cm.2
+    );
+    for (n, b) in &per_flow {
+        println!(
+            "  {n} idle flows open: {:.1} KiB RSS per flow (both agents and the server in this process)",
+            b / 1024.0
+        );
+    }
     Ok(serde_json::json!({
+        "new_flows_per_sec_16_concurrent": flows_per_sec, "new_flow_p50_us_16_concurrent": conc_p50,
+        "new_flow_p99_us_16_concurrent": conc_p99,
+        "idle_flow_rss_bytes": per_flow.iter().map(|(n, b)| serde_json::json!({"flows": n, "bytes_per_flow": b})).collect::<Vec<_>>(),
         "new_flow_p50_us_per_round": medians, "new_flow_p50_us": p50, "new_flow_p99_us": p99,
         "single_flow_mbps_per_direction": mbps,
     }))

@@ -27,6 +27,8 @@ struct Args {
     reset: bool,
     bulk: Option<u64>,
     latencies: Option<usize>,
+    concurrency: usize,
+    hold: Option<usize>,
     fill: Option<u64>,
     exec: Vec<String>,
     addr: Option<SocketAddr>,
@@ -37,7 +39,7 @@ fn parse() -> Result<Args> {
     let (mut cgroup, mut netns, mut udp, mut repeat, mut payload, mut addr) =
         (None, None, false, 1, "hello through the dataplane".to_owned(), None);
     let (mut bind_port, mut reset, mut bulk, mut exec) = (None, false, None, Vec::new());
-    let (mut latencies, mut fill) = (None, None);
+    let (mut latencies, mut fill, mut concurrency, mut hold) = (None, None, 1usize, None);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--cgroup" => cgroup = Some(args.next().context("--cgroup needs a value")?),
@@ -50,6 +52,8 @@ fn parse() -> Result<Args> {
             "--bulk" => bulk = Some(args.next().context("--bulk needs a value")?.parse()?),
             "--latencies" => latencies = Some(args.next().context("--latencies needs a value")?.parse()?),
             "--fill" => fill = Some(args.next().context("--fill needs a value")?.parse()?),
+            "--concurrency" => concurrency = args.next().context("--concurrency needs a value")?.parse()?,
+            "--hold" => hold = Some(args.next().context("--hold needs a value")?.parse()?),
             "--exec" => {
                 exec = args.by_ref().collect();
                 break;
@@ -61,7 +65,22 @@ fn parse() -> Result<Args> {
     if exec.is_empty() && addr.is_none() {
         bail!("missing ADDR");
     }
-    Ok(Args { cgroup, netns, udp, repeat, payload, bind_port, reset, bulk, latencies, fill, exec, addr })
+    Ok(Args {
+        cgroup,
+        netns,
+        udp,
+        repeat,
+        payload,
+        bind_port,
+        reset,
+        bulk,
+        latencies,
+        concurrency,
+        hold,
+        fill,
+        exec,
+        addr,
+    })
 }
 
 fn main() -> Result<()> {
@@ -99,18 +118,49 @@ fn main() -> Result<()> {
         println!("{}", serde_json::json!({ "written": written }));
         return Ok(());
     }
-    if let Some(n) = args.latencies {
-        // 100-byte requests, as the benchmark's other exchange arms.
-        let payload = "x".repeat(100);
-        let mut out = tests::probe::Latencies::default();
-        for _ in 0..n {
-            let a = attempt(addr, &payload, None, false);
-            if a.ok && a.echoed() == payload {
-                out.latencies_us.push(a.elapsed_us as f64);
-            } else {
-                out.failed += 1;
-            }
+    if let Some(hold) = args.hold {
+        // Opens `hold` idle connections, says so, and keeps them until stdin closes.
+        raise_nofile_limit();
+        let mut held = Vec::with_capacity(hold);
+        for _ in 0..hold {
+            held.push(TcpStream::connect_timeout(&addr, Duration::from_secs(5))?);
         }
+        println!("{}", serde_json::json!({ "held": held.len() }));
+        std::io::stdout().flush()?;
+        let mut sink = String::new();
+        let _ = std::io::stdin().read_line(&mut sink);
+        return Ok(());
+    }
+    if let Some(n) = args.latencies {
+        // 100-byte requests, as the benchmark's other exchange arms, from
+        // `concurrency` workers at once.
+        let payload = "x".repeat(100);
+        let started = Instant::now();
+        let workers: Vec<_> = (0..args.concurrency.max(1))
+            .map(|w| {
+                let payload = payload.clone();
+                let share = n / args.concurrency.max(1) + usize::from(w < n % args.concurrency.max(1));
+                std::thread::spawn(move || {
+                    let mut out = tests::probe::Latencies::default();
+                    for _ in 0..share {
+                        let a = attempt(addr, &payload, None, false);
+                        if a.ok && a.echoed() == payload {
+                            out.latencies_us.push(a.elapsed_us as f64);
+                        } else {
+                            out.failed += 1;
+                        }
+                    }
+                    out
+                })
+            })
+            .collect();
+        let mut out = tests::probe::Latencies::default();
+        for w in workers {
+            let part = w.join().map_err(|_| anyhow::anyhow!("worker panicked"))?;
+            out.latencies_us.extend(part.latencies_us);
+            out.failed += part.failed;
+        }
+        out.secs = started.elapsed().as_secs_f64();
         println!("{}", serde_json::to_string(&out)?);
         return Ok(());
     }
@@ -235,4 +285,9 @@ fn bulk(addr: SocketAddr, bytes: u64) -> Bulk {
     let mut out = run().unwrap_or_else(|e| Bulk { error: Some(e.to_string()), ..Default::default() });
     out.secs = start.elapsed().as_secs_f64();
     out
+}
+
+/// Holding thousands of connections needs more than the default limits.
+fn raise_nofile_limit() {
+    tests::raise_nofile_limit(1 << 17);
 }
