@@ -14,9 +14,7 @@ use std::{
     time::Duration,
 };
 
-use dataplane_common::protocol::{
-    self, Decoded, MAX_REQUEST, META_SOURCE_NODE, META_WORKLOAD, Metadata, Request, Status,
-};
+use dataplane_common::protocol::{self, MAX_REQUEST, META_SOURCE_NODE, META_WORKLOAD, Metadata, Request};
 use prometheus_client::registry::Registry;
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -527,36 +525,25 @@ async fn tunnel_flow(
     };
     // The connector dials with its own timeout; allow for the round trip.
     let wait = lock(&shared.config).timeouts.connect + Duration::from_secs(1);
-    let status = async {
-        send.write_all(&header[..len]).await.map_err(|e| e.to_string())?;
-        let mut buf = [0u8; protocol::RESPONSE_LEN];
-        recv.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
-        match protocol::decode_response(&buf).map_err(|e| e.to_string())? {
-            Decoded::Complete(r, _) => Ok(r.status),
-            Decoded::Incomplete(_) => Err("short response".to_owned()),
-        }
-    };
-    match tokio::time::timeout(wait, status).await {
-        Ok(Ok(Status::Ok)) => {}
-        outcome => {
-            let why = match outcome {
-                Ok(Ok(s)) => s.as_str().to_owned(),
-                Ok(Err(e)) => e,
-                Err(_) => "no answer in time".to_owned(),
-            };
-            info!(%dst, status = %why, "connector did not connect the flow; resetting");
-            let _ = send.reset(splice::RESET_TCP_FAILED);
-            reset(&client);
-            return FlowResult::refused_by_peer;
-        }
+    if let Err(e) = send.write_all(&header[..len]).await {
+        info!(%dst, error = %e, "tunnel stream failed before the header; resetting");
+        reset(&client);
+        return FlowResult::failed;
     }
-    shared.flows.setup("tunnel", to.accepted.elapsed());
-    debug!(%dst, "flow open (tunnel)");
-    match splice::splice(&mut client, &mut send, &mut recv, &[]).await {
+    let accepted = to.accepted;
+    let on_ok = || {
+        shared.flows.setup("tunnel", accepted.elapsed());
+        debug!(%dst, "flow open (tunnel)");
+    };
+    match splice::splice_after_status(&mut client, &mut send, &mut recv, wait, on_ok).await {
         Ok((up, down)) => {
             shared.flows.bytes(to.route, up, down);
             debug!(up, down, "flow closed");
             FlowResult::completed
+        }
+        Err(splice::SpliceError::Refused(status)) => {
+            info!(%dst, %status, "connector did not connect the flow; reset");
+            FlowResult::refused_by_peer
         }
         Err(e) => {
             debug!(error = %e, "flow failed");

@@ -5,9 +5,18 @@
 //! TCP to QUIC as `Bytes` handed over whole, and from QUIC to TCP as the
 //! chunks quinn received, without another copy in between.
 
+use std::{future::Future, time::Duration};
+
 use bytes::BytesMut;
+use dataplane_common::protocol::{self, Decoded, Status};
 use quinn::{RecvStream, SendStream, VarInt};
-use tokio::{io::AsyncWriteExt, net::TcpStream};
+use tokio::{
+    io::AsyncWriteExt,
+    net::{
+        TcpStream,
+        tcp::{ReadHalf, WriteHalf},
+    },
+};
 
 /// Largest chunk moved at once.
 const CHUNK: usize = 64 * 1024;
@@ -20,6 +29,9 @@ pub enum SpliceError {
     Tcp(#[source] std::io::Error),
     #[error("quic side: {0}")]
     Quic(String),
+    /// The connector did not connect the flow (status, or none in time).
+    #[error("connector answered {0}")]
+    Refused(String),
 }
 
 /// Bytes moved: (tcp -> quic, quic -> tcp).
@@ -36,56 +48,125 @@ pub async fn splice(
     pending: &[u8],
 ) -> Result<Moved, SpliceError> {
     let (rd, mut wr) = tcp.split();
-    let up = async {
-        let mut total = 0u64;
-        // A buffer exists only while data flows: it is allocated when the
-        // socket turns readable and released when it drains, so an idle flow
-        // (a kept-alive connection, a watch) holds none. A busy flow keeps
-        // reusing its allocation, since readiness returns at once.
-        let mut buf = BytesMut::new();
-        let tcp = rd.as_ref();
-        loop {
-            tcp.readable().await.map_err(SpliceError::Tcp)?;
-            if buf.capacity() < CHUNK / 4 {
-                buf.reserve(CHUNK);
-            }
-            let n = match tcp.try_read_buf(&mut buf) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    buf = BytesMut::new();
-                    continue;
-                }
-                Err(e) => return Err(SpliceError::Tcp(e)),
-            };
-            if n == 0 {
-                // Application half-closed: finish our direction only.
-                send.finish().map_err(|e| SpliceError::Quic(e.to_string()))?;
-                return Ok(total);
-            }
-            total += n as u64;
-            send.write_chunk(buf.split().freeze()).await.map_err(|e| SpliceError::Quic(e.to_string()))?;
-        }
-    };
     let down = async {
-        let mut total = pending.len() as u64;
         if !pending.is_empty() {
             wr.write_all(pending).await.map_err(SpliceError::Tcp)?;
         }
-        while let Some(chunk) =
-            recv.read_chunk(CHUNK, true).await.map_err(|e| SpliceError::Quic(e.to_string()))?
-        {
-            total += chunk.bytes.len() as u64;
-            wr.write_all(&chunk.bytes).await.map_err(SpliceError::Tcp)?;
-        }
-        // Peer finished: pass the FIN on.
-        wr.shutdown().await.map_err(SpliceError::Tcp)?;
-        Ok(total)
+        Ok(pending.len() as u64 + quic_to_tcp(recv, &mut wr).await?)
     };
-    let result = tokio::try_join!(up, down);
+    finish(tokio::try_join!(tcp_to_quic(rd, send), down), tcp, send, recv)
+}
+
+/// The client side of a tunnelled flow: the application's bytes go out at
+/// once, right behind the request header (the connector holds them until its
+/// dial completes), while the way back first waits for the connector's status
+/// within `wait` and calls `on_ok`. Saves the round trip a status-then-data
+/// exchange would cost every new flow (a TLS ClientHello goes first).
+pub async fn splice_after_status(
+    tcp: &mut TcpStream,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    wait: Duration,
+    on_ok: impl FnOnce(),
+) -> Result<Moved, SpliceError> {
+    let (rd, mut wr) = tcp.split();
+    let down = async {
+        let status = tokio::time::timeout(wait, read_status(recv)).await;
+        match status {
+            Ok(Ok(Status::Ok)) => on_ok(),
+            Ok(Ok(s)) => return Err(SpliceError::Refused(s.as_str().to_owned())),
+            Ok(Err(e)) => return Err(SpliceError::Refused(e)),
+            Err(_) => return Err(SpliceError::Refused("no answer in time".to_owned())),
+        }
+        quic_to_tcp(recv, &mut wr).await
+    };
+    // The status decides: a refusal must win over an upward copy still
+    // running, so `down` is polled first.
+    finish(join_down_first(tcp_to_quic(rd, send), down).await, tcp, send, recv)
+}
+
+fn finish(
+    result: Result<Moved, SpliceError>,
+    tcp: &mut TcpStream,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+) -> Result<Moved, SpliceError> {
     if result.is_err() {
         let _ = send.reset(RESET_TCP_FAILED);
         let _ = recv.stop(RESET_TCP_FAILED);
         let _ = crate::sockopt::reset_on_close(tcp);
     }
     result
+}
+
+/// Like `try_join!`, but on any error returns at once with that error.
+async fn join_down_first(
+    up: impl Future<Output = Result<u64, SpliceError>>,
+    down: impl Future<Output = Result<u64, SpliceError>>,
+) -> Result<Moved, SpliceError> {
+    tokio::pin!(up, down);
+    let (mut up_done, mut down_done) = (None, None);
+    loop {
+        tokio::select! {
+            biased;
+            d = &mut down, if down_done.is_none() => down_done = Some(d?),
+            u = &mut up, if up_done.is_none() => up_done = Some(u?),
+        }
+        if let (Some(u), Some(d)) = (up_done, down_done) {
+            return Ok((u, d));
+        }
+    }
+}
+
+async fn read_status(recv: &mut RecvStream) -> Result<Status, String> {
+    let mut buf = [0u8; protocol::RESPONSE_LEN];
+    recv.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+    match protocol::decode_response(&buf).map_err(|e| e.to_string())? {
+        Decoded::Complete(r, _) => Ok(r.status),
+        Decoded::Incomplete(_) => Err("short response".to_owned()),
+    }
+}
+
+/// TCP to QUIC until the application half-closes. A buffer exists only while
+/// data flows: allocated when the socket turns readable, released when it
+/// drains, so an idle flow (a kept-alive connection, a watch) holds none. A
+/// busy flow keeps reusing its allocation, since readiness returns at once.
+async fn tcp_to_quic(rd: ReadHalf<'_>, send: &mut SendStream) -> Result<u64, SpliceError> {
+    let mut total = 0u64;
+    let mut buf = BytesMut::new();
+    let tcp = rd.as_ref();
+    loop {
+        tcp.readable().await.map_err(SpliceError::Tcp)?;
+        if buf.capacity() < CHUNK / 4 {
+            buf.reserve(CHUNK);
+        }
+        let n = match tcp.try_read_buf(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                buf = BytesMut::new();
+                continue;
+            }
+            Err(e) => return Err(SpliceError::Tcp(e)),
+        };
+        if n == 0 {
+            // Application half-closed: finish our direction only.
+            send.finish().map_err(|e| SpliceError::Quic(e.to_string()))?;
+            return Ok(total);
+        }
+        total += n as u64;
+        send.write_chunk(buf.split().freeze()).await.map_err(|e| SpliceError::Quic(e.to_string()))?;
+    }
+}
+
+/// QUIC to TCP until the peer finishes, then pass the FIN on.
+async fn quic_to_tcp(recv: &mut RecvStream, wr: &mut WriteHalf<'_>) -> Result<u64, SpliceError> {
+    let mut total = 0u64;
+    while let Some(chunk) =
+        recv.read_chunk(CHUNK, true).await.map_err(|e| SpliceError::Quic(e.to_string()))?
+    {
+        total += chunk.bytes.len() as u64;
+        wr.write_all(&chunk.bytes).await.map_err(SpliceError::Tcp)?;
+    }
+    wr.shutdown().await.map_err(SpliceError::Tcp)?;
+    Ok(total)
 }

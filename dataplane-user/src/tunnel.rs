@@ -619,7 +619,9 @@ impl Collector for TunnelCollector {
     }
 }
 
-fn transport(settings: &TunnelSettings) -> Result<TransportConfig, TunnelError> {
+/// The transport settings every tunnel connection uses (public for the
+/// benchmark's raw-QUIC baseline, which must match them).
+pub fn transport(settings: &TunnelSettings) -> Result<TransportConfig, TunnelError> {
     let mut t = TransportConfig::default();
     t.max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS))
         // One for the welcome; no other unidirectional streams are used.
@@ -638,7 +640,7 @@ fn transport(settings: &TunnelSettings) -> Result<TransportConfig, TunnelError> 
 /// SO_*BUFFORCE ignores net.core.*mem_max), falling back to the unforced
 /// options. Returns the sizes the kernel actually granted. GSO/GRO stay on:
 /// quinn enables them on the socket it is given.
-fn udp_socket(addr: SocketAddr, size: usize) -> std::io::Result<(std::net::UdpSocket, (usize, usize))> {
+pub fn udp_socket(addr: SocketAddr, size: usize) -> std::io::Result<(std::net::UdpSocket, (usize, usize))> {
     use std::os::fd::AsRawFd;
 
     use socket2::{Domain, Protocol, Socket, Type};

@@ -4,6 +4,7 @@
 //! the node namespace.
 
 pub mod apiserver;
+pub mod baselines;
 pub mod probe;
 pub mod topology;
 pub mod tunnel_env;

@@ -64,7 +64,7 @@ pub struct Bulk {
 }
 
 /// Per-exchange latencies of a `--latencies` run.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Latencies {
     pub latencies_us: Vec<f64>,
     pub failed: u64,

@@ -69,9 +69,21 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Bench { mut args } => {
             build_ebpf::run(&build_ebpf::Options::default())?;
+            // The userspace-relay baseline.
+            if Process::new("socat").arg("-V").output().is_err() {
+                eprintln!("xtask: installing socat (the relay baseline)");
+                let ok = Process::new("apt-get")
+                    .args(["install", "-y", "-qq", "--no-install-recommends", "socat"])
+                    .env("DEBIAN_FRONTEND", "noninteractive")
+                    .status()
+                    .is_ok_and(|s| s.success());
+                ensure!(ok, "installing socat failed; run `apt-get update && apt-get install socat`");
+            }
             let out = build_ebpf::workspace_root().join("target/bench");
             std::fs::create_dir_all(&out)?;
             args.extend(["--json".into(), out.join("steering.json").display().to_string()]);
+            // The bench drives the probe binary beside it: build every binary.
+            cargo(&["build", "--quiet", "--release", "-p", "tests", "--bins"], &[])?;
             cargo(&["run", "--quiet", "--release", "-p", "tests", "--bin", "dataplane-bench", "--"], &args)
         }
     }
