@@ -405,8 +405,10 @@ impl Drop for FlowRecord<'_> {
 
 /// Serves one steered connection: recover its destination, reach it through
 /// the route's upstream, splice. Every failure resets the client so the
-/// application sees an error at once.
-async fn serve_flow(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, id: u64) {
+/// application sees an error at once. The flow's record (a local) is dropped,
+/// and so counted, before the client socket (a parameter) closes: whoever
+/// sees the close finds the metrics already updated.
+async fn serve_flow(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, id: u64) {
     let accepted = Instant::now();
     let Some(flow) = shared.steering.as_ref().and_then(|s| s.lookup_flow(peer)) else {
         let mut record = FlowRecord::open(&shared.flows, UNKNOWN_ROUTE.to_owned());
@@ -429,39 +431,39 @@ async fn serve_flow(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, id
     record.result = match upstream {
         Upstream::Direct => {
             span.record("via", "direct");
-            direct_flow(&shared, client, flow, accepted, &record.route).await
+            direct_flow(&shared, &mut client, flow, accepted, &record.route).await
         }
         Upstream::Peer(name) => {
             span.record("via", &*name);
             let to = Target { peer: &name, flow, id, accepted, route: &record.route };
-            tunnel_flow(&shared, client, peer, to).await
+            tunnel_flow(&shared, &mut client, peer, to).await
         }
     };
 }
 
 async fn direct_flow(
     shared: &Shared,
-    mut client: TcpStream,
+    client: &mut TcpStream,
     flow: Recovered,
     accepted: Instant,
     route: &str,
 ) -> FlowResult {
     let timeout = lock(&shared.config).timeouts.connect;
     let Some(steering) = &shared.steering else {
-        reset(&client);
+        reset(client);
         return FlowResult::failed;
     };
     let mut server = match direct::dial(steering, flow.dst, timeout).await {
         Ok(s) => s,
         Err(e) => {
             info!(dst = %flow.dst, error = %e, "upstream dial failed; resetting");
-            reset(&client);
+            reset(client);
             return FlowResult::dial_failed;
         }
     };
     shared.flows.setup("direct", accepted.elapsed());
     debug!(dst = %flow.dst, "flow open (direct)");
-    match tokio::io::copy_bidirectional(&mut client, &mut server).await {
+    match tokio::io::copy_bidirectional(client, &mut server).await {
         Ok((up, down)) => {
             shared.flows.bytes(route, up, down);
             debug!(up, down, "flow closed");
@@ -470,7 +472,7 @@ async fn direct_flow(
         // One side reset or failed: pass the failure on rather than a clean FIN.
         Err(e) => {
             debug!(error = %e, "flow failed");
-            reset(&client);
+            reset(client);
             reset(&server);
             FlowResult::failed
         }
@@ -490,12 +492,12 @@ struct Target<'a> {
 /// connector's status, then the payload.
 async fn tunnel_flow(
     shared: &Shared,
-    mut client: TcpStream,
+    client: &mut TcpStream,
     workload: SocketAddr,
     to: Target<'_>,
 ) -> FlowResult {
     let Some(tunnel) = &shared.tunnel else {
-        reset(&client);
+        reset(client);
         return FlowResult::failed;
     };
     let dst = to.flow.dst;
@@ -503,7 +505,7 @@ async fn tunnel_flow(
         Ok(s) => s,
         Err(e) => {
             info!(%dst, error = %e, "no tunnel to the route's peer; resetting");
-            reset(&client);
+            reset(client);
             return FlowResult::no_tunnel;
         }
     };
@@ -519,7 +521,7 @@ async fn tunnel_flow(
         Ok(n) => n,
         Err(e) => {
             warn!(error = %e, "cannot encode the stream header; resetting");
-            reset(&client);
+            reset(client);
             return FlowResult::failed;
         }
     };
@@ -527,7 +529,7 @@ async fn tunnel_flow(
     let wait = lock(&shared.config).timeouts.connect + Duration::from_secs(1);
     if let Err(e) = send.write_all(&header[..len]).await {
         info!(%dst, error = %e, "tunnel stream failed before the header; resetting");
-        reset(&client);
+        reset(client);
         return FlowResult::failed;
     }
     let accepted = to.accepted;
@@ -535,7 +537,7 @@ async fn tunnel_flow(
         shared.flows.setup("tunnel", accepted.elapsed());
         debug!(%dst, "flow open (tunnel)");
     };
-    match splice::splice_after_status(&mut client, &mut send, &mut recv, wait, on_ok).await {
+    match splice::splice_after_status(client, &mut send, &mut recv, wait, on_ok).await {
         Ok((up, down)) => {
             shared.flows.bytes(to.route, up, down);
             debug!(up, down, "flow closed");
