@@ -32,7 +32,7 @@ use crate::{
     ebpf::{KernelCounters, Recovered, Steering, SteeringError},
     flow_metrics::{FlowMetrics, FlowResult, FlowSnapshot, UNKNOWN_ROUTE},
     kernel::{self, KernelError},
-    metrics,
+    lock, metrics,
     netlink::{NetlinkError, RedirectInterface},
     routes::{RouteTable, Upstream},
     sockopt, splice,
@@ -370,10 +370,6 @@ impl prometheus_client::collector::Collector for RouteReadiness {
         }
         Ok(())
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn spawn_flow(shared: &Arc<Shared>, flows: &mut JoinSet<()>, stream: TcpStream, peer: SocketAddr) {

@@ -163,11 +163,11 @@ impl Connector {
 
     /// Replaces the policy (config reload); streams in flight keep theirs.
     pub fn set_policy(&self, policy: ServePolicy) {
-        *self.policy.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
+        *crate::lock(&self.policy) = Arc::new(policy);
     }
 
     fn policy(&self) -> Arc<ServePolicy> {
-        self.policy.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        crate::lock(&self.policy).clone()
     }
 
     /// Serves one stream opened by `peer`.

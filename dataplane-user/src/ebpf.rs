@@ -20,7 +20,7 @@ use dataplane_common::{
 use ipnet::IpNet;
 use tracing::{debug, warn};
 
-use crate::routes::RouteDiff;
+use crate::{lock, routes::RouteDiff};
 
 /// The object built by `cargo xtask build-ebpf`, embedded at build time.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("DATAPLANE_EBPF_OBJ"));
@@ -252,11 +252,6 @@ impl Drop for BypassGuard<'_> {
     fn drop(&mut self) {
         let _ = lock(&self.steering.bypass).remove(&self.cookie);
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding a map handle leaves the map itself consistent.
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, SteeringError> {

@@ -21,3 +21,10 @@ pub mod status;
 pub mod steer;
 pub mod tls;
 pub mod tunnel;
+
+/// Locks a mutex, recovering from poisoning: a panic while holding one of the
+/// agent's locks (map handles, tables, connection lists) leaves the data
+/// consistent, and the agent must keep serving.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

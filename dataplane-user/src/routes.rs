@@ -1,7 +1,7 @@
 //! The agent's route table: validated routes with ids that stay stable across
 //! reloads, longest-prefix lookup, and the diff that syncs the kernel tries.
 
-use std::{collections::HashMap, net::IpAddr};
+use std::collections::HashMap;
 
 use ipnet::IpNet;
 
@@ -71,11 +71,6 @@ impl RouteTable {
         self.entries.iter().find(|e| e.id == id)
     }
 
-    /// Longest-prefix match (validated tables never overlap, but be exact anyway).
-    pub fn lookup(&self, ip: IpAddr) -> Option<&RouteEntry> {
-        self.entries.iter().filter(|e| e.net.contains(&ip)).max_by_key(|e| e.net.prefix_len())
-    }
-
     /// Changes that turn `self` (what the kernel has) into `next`.
     pub fn diff(&self, next: &RouteTable) -> RouteDiff {
         // The kernel keys on (net, id); a changed upstream alone needs no update
@@ -131,11 +126,9 @@ mod tests {
     }
 
     #[test]
-    fn lookup_finds_the_covering_route() {
+    fn get_finds_routes_by_id() {
         let t = RouteTable::build(&routes(&["10.0.0.0/8", "2001:db8::101/128"]), &RouteTable::default());
-        assert_eq!(t.lookup("10.1.2.3".parse().expect("ip")).map(|e| e.id), Some(0));
-        assert_eq!(t.lookup("2001:db8::101".parse().expect("ip")).map(|e| e.id), Some(1));
-        assert!(t.lookup("2001:db8::102".parse().expect("ip")).is_none());
-        assert!(t.get(1).is_some() && t.get(7).is_none());
+        assert_eq!(t.get(1).map(|e| e.net), Some("2001:db8::101/128".parse().expect("net")));
+        assert!(t.get(7).is_none());
     }
 }

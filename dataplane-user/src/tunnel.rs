@@ -180,12 +180,6 @@ impl TunnelMetrics {
     pub fn streams_opened(&self, peer: &str) -> u64 {
         self.streams_opened.get(&PeerLabels { peer: peer.to_owned() }).map_or(0, |c| c.get())
     }
-
-    /// The UDP socket buffers granted (receive, send).
-    pub fn udp_buffers(&self) -> (i64, i64) {
-        let get = |d| self.udp_buffer.get(&BufferLabels { direction: d }).map_or(0, |g| g.get());
-        (get("receive"), get("send"))
-    }
 }
 
 /// Totals of connections that closed, so per-peer counters stay monotonic.
@@ -210,26 +204,26 @@ struct PeerSlot {
 
 impl PeerSlot {
     fn add(&self, c: &quinn::Connection) {
-        self.conns.lock().unwrap_or_else(|p| p.into_inner()).push(c.clone());
+        crate::lock(&self.conns).push(c.clone());
     }
 
     fn remove(&self, c: &quinn::Connection) {
-        self.conns.lock().unwrap_or_else(|p| p.into_inner()).retain(|x| x.stable_id() != c.stable_id());
+        crate::lock(&self.conns).retain(|x| x.stable_id() != c.stable_id());
         let st = c.stats();
-        let mut r = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        let mut r = crate::lock(&self.retired);
         r.lost_packets += st.path.lost_packets;
         r.sent += st.udp_tx.bytes;
         r.received += st.udp_rx.bytes;
     }
 
     fn live(&self) -> Vec<quinn::Connection> {
-        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let conns = crate::lock(&self.conns);
         conns.iter().filter(|c| c.close_reason().is_none()).cloned().collect()
     }
 
     /// Round-robin over the live connections.
     fn pick(&self) -> Option<quinn::Connection> {
-        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let conns = crate::lock(&self.conns);
         let live: Vec<&quinn::Connection> = conns.iter().filter(|c| c.close_reason().is_none()).collect();
         if live.is_empty() {
             return None;
@@ -351,14 +345,7 @@ impl Tunnel {
 
     /// Live connections to `peer`.
     pub fn live_connections(&self, peer: &str) -> usize {
-        self.peers.get(peer).map_or(0, |s| {
-            s.conns
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .filter(|c| c.close_reason().is_none())
-                .count()
-        })
+        self.peers.get(peer).map_or(0, |s| s.live().len())
     }
 
     /// Smoothed RTT of the best live connection to `peer`.
@@ -550,7 +537,7 @@ impl Collector for TunnelCollector {
             .map(|p| {
                 let live = p.live();
                 let stats: Vec<quinn::ConnectionStats> = live.iter().map(|c| c.stats()).collect();
-                let r = p.retired.lock().unwrap_or_else(|e| e.into_inner());
+                let r = crate::lock(&p.retired);
                 Row {
                     peer: p.name.clone(),
                     up: live.len() as u64,

@@ -167,6 +167,15 @@ fn a_peer_with_a_certificate_from_another_ca_is_refused_at_the_handshake() {
     let refused: u64 =
         ["unknown_ca", "bad_certificate"].iter().map(|r| server_side.metrics.handshake_failures(r)).sum();
     assert!(refused >= 1, "{}", connector.handle.encode_metrics());
+    // The refused dialer learns why, and never counted the connection as up:
+    // in TLS 1.3 it finishes first, so only the welcome tells it apart.
+    let client_side = client.handle.tunnel().expect("tunnel");
+    assert!(
+        client_side.metrics.handshake_failures("peer_unknown_ca") >= 1,
+        "{}",
+        client.handle.encode_metrics()
+    );
+    assert_eq!(client_side.metrics.connections_opened(PEER), 0, "a refused connection never counts as up");
     let a = env.topo.pod_probe().connect(addr(OTHER_V4)).expect("probe");
     assert!(a.was_reset() && a.elapsed_us < 500_000, "fails at once without a tunnel: {a:?}");
     assert!(client.handle.flow_stats().no_tunnel >= 1);
@@ -193,6 +202,7 @@ fn a_peer_with_a_certificate_from_another_ca_is_refused_at_the_handshake() {
         "{:?}",
         client.handle.encode_metrics()
     );
+    assert_eq!(client_side.metrics.connections_opened(PEER), 0);
     drop(connector);
 }
 
