@@ -229,3 +229,18 @@ pub fn raise_nofile_limit(want: u64) {
         }
     }
 }
+
+/// Waits until the agent has no active flows. An application sees a flow end
+/// (the FIN the agent passes on) a moment before the agent's flow task has
+/// finished and counted it; checks of the totals wait for that.
+pub fn wait_flows_settled(handle: &dataplane::agent::AgentHandle) {
+    let start = std::time::Instant::now();
+    while handle.flow_stats().active > 0 {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "flows still active: {:?}",
+            handle.flow_stats()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}

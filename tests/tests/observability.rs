@@ -48,7 +48,7 @@ fn scrapes_show_flows_tunnel_connector_ebpf_and_process() {
         assert!(pod.connect(addr(OTHER_V4)).expect("probe").ok);
     }
     assert!(pod.connect(addr(UNSERVED_V4)).expect("probe").was_reset());
-    std::thread::sleep(Duration::from_millis(100));
+    tests::wait_flows_settled(&client.handle);
 
     let (code, text) = get(&env.topo.node, "/metrics");
     assert_eq!(code, 200);
@@ -155,6 +155,7 @@ fn status_shows_peers_routes_and_flows() {
     let env = TunnelEnv::new().expect("environment");
     let (client, _connector) = env.start(Mode::ConnectorDialsOut).expect("agents start");
     assert!(env.topo.pod_probe().connect(addr(OTHER_V4)).expect("probe").ok);
+    tests::wait_flows_settled(&client.handle);
     let a: SocketAddr = ADMIN.parse().expect("addr");
     let (s, raw) = env.topo.node.run(move || status::fetch(a)).expect("thread").expect("status");
     assert!(s.readiness.ready, "{raw}");

@@ -52,6 +52,7 @@ fn kubectl_reaches_the_private_api_server_through_the_tunnel() {
         "dialled by the connector"
     );
 
+    tests::wait_flows_settled(&client.handle);
     let c = connector.handle.connector().expect("connector role");
     assert!(c.metrics.status("ok") >= 3, "{}", connector.handle.encode_metrics());
     let flows = client.handle.flow_stats();
@@ -103,6 +104,7 @@ fn a_256_mib_transfer_arrives_byte_exact() {
         b.secs,
         bytes as f64 * 8.0 / b.secs / 1e6
     );
+    tests::wait_flows_settled(&client.handle);
     let f = client.handle.flow_stats();
     assert_eq!(f.bytes_up, bytes, "{f:?}");
     assert!(f.bytes_down > bytes, "the echo plus the server's header line: {f:?}");
