@@ -46,6 +46,10 @@ pub struct Config {
     /// Admin HTTP server (/metrics /ready /healthz /status); `null` disables it.
     #[serde(default = "default_admin")]
     pub admin: Option<SocketAddr>,
+    /// Threads that carry flows; default: one per CPU this process may run
+    /// on (see [`Config::worker_threads`]).
+    #[serde(default)]
+    pub workers: Option<usize>,
     #[serde(default)]
     pub log: LogSettings,
     #[serde(default)]
@@ -226,6 +230,20 @@ fn default_node() -> String {
         .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|s| s.trim().to_owned()))
         .unwrap_or_else(|| "unknown".to_owned())
 }
+/// Most runtime worker threads a config may ask for.
+pub const MAX_WORKERS: usize = 256;
+
+impl Config {
+    /// The runtime's worker threads: `workers`, or `cpus` (the CPUs this
+    /// process may run on, cgroup quota included). Operators cap it where
+    /// the agent's share of the node should be smaller than its CPU limit;
+    /// on the 2-core benchmark one and two workers measured within noise of
+    /// each other (README, "Performance").
+    pub fn worker_threads(&self, cpus: usize) -> usize {
+        self.workers.unwrap_or(cpus.max(1))
+    }
+}
+
 fn default_admin() -> Option<SocketAddr> {
     Some(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 9464))
 }
@@ -309,6 +327,11 @@ impl Config {
         }
         if let Err(e) = self.log.level.parse::<tracing_subscriber::filter::EnvFilter>() {
             return Err(ConfigError::invalid("log.level", format!("`{}`: {e}", self.log.level)));
+        }
+        if let Some(w) = self.workers
+            && !(1..=MAX_WORKERS).contains(&w)
+        {
+            return Err(ConfigError::invalid("workers", format!("{w}: must be between 1 and {MAX_WORKERS}")));
         }
         self.steering.redirect.validate()?;
         self.validate_peers()?;
@@ -482,6 +505,9 @@ impl Config {
         }
         if self.admin != other.admin {
             v.push("admin");
+        }
+        if self.workers != other.workers {
+            v.push("workers");
         }
         if self.log != other.log {
             v.push("log");

@@ -1,7 +1,8 @@
 //! Baselines the benchmark compares the dataplane with, in the same topology
 //! and run: a plain userspace TCP relay (socat) and a raw quinn transfer with
 //! the tunnel's own TLS material, transport settings and socket buffers (the
-//! ceiling of the QUIC stack on this machine).
+//! ceiling of the QUIC stack on this machine), both for bulk transfer and
+//! for new streams over an established connection.
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
@@ -9,7 +10,7 @@ use anyhow::{Context, Result, ensure};
 use bytes::Bytes;
 use dataplane::{config::TunnelSettings, tls::TlsMaterial, tunnel};
 
-use crate::Netns;
+use crate::{Netns, probe::Latencies};
 
 /// socat relaying `listen` to `target`, in `ns`; killed on drop.
 pub struct Socat(std::process::Child);
@@ -42,58 +43,105 @@ impl Drop for Socat {
     }
 }
 
-/// Echoes `bytes` over one QUIC stream from `client_ns` to a server in
-/// `server_ns` at `server`, writing and reading at once (as the dataplane's
-/// bulk test does); returns Mbit/s per direction.
-pub fn raw_quinn_echo(
-    client_ns: &Netns,
-    server_ns: &Netns,
-    server: SocketAddr,
-    client_tls: TlsMaterial,
-    server_tls: TlsMaterial,
-    bytes: u64,
-) -> Result<f64> {
-    let settings = TunnelSettings::default();
-    let server_identity = server_tls.identity.clone();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let server_thread = server_ns.spawn(move || -> Result<()> {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        rt.block_on(async move {
-            let mut config = quinn::ServerConfig::with_crypto(Arc::new(
-                quinn::crypto::rustls::QuicServerConfig::try_from(server_tls.server_config()?)?,
-            ));
-            config.transport_config(Arc::new(tunnel::transport(&settings)?));
-            let (socket, _) = tunnel::udp_socket(server, settings.udp_buffer_bytes)?;
-            let ep = quinn::Endpoint::new(
-                Default::default(),
-                Some(config),
-                socket,
-                Arc::new(quinn::TokioRuntime),
-            )?;
-            let _ = ready_tx.send(());
-            let conn = ep.accept().await.context("no connection")?.await?;
-            let (mut send, mut recv) = conn.accept_bi().await?;
-            while let Some(chunk) = recv.read_chunk(64 * 1024, true).await? {
-                send.write_chunk(chunk.bytes).await?;
-            }
-            send.finish()?;
-            let _ = send.stopped().await;
-            Ok(())
-        })
-    })?;
-    ready_rx.recv().context("server thread died")?;
-    let client = client_ns.run(move || -> Result<f64> {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-        rt.block_on(async move {
-            let settings = TunnelSettings::default();
-            let mut config =
-                quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(
-                    client_tls.client_config(&server_identity)?,
-                )?));
-            config.transport_config(Arc::new(tunnel::transport(&settings)?));
-            let (socket, _) = tunnel::udp_socket("[::]:0".parse()?, settings.udp_buffer_bytes)?;
+/// The raw-quinn baseline's runtime on each end: a current-thread runtime
+/// measured the highest here (about 4.2-4.9 Gbit/s per direction against
+/// 3.2-3.8 with a multi-threaded one), so it is the ceiling.
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}
+
+/// A quinn endpoint in `ns` that echoes every bidirectional stream, with the
+/// tunnel's TLS and transport settings; stops on drop.
+pub struct RawQuinnServer {
+    thread: Option<std::thread::JoinHandle<()>>,
+    endpoint: quinn::Endpoint,
+    pub addr: SocketAddr,
+}
+
+impl RawQuinnServer {
+    pub fn start(ns: &Netns, addr: SocketAddr, tls: TlsMaterial) -> Result<RawQuinnServer> {
+        let settings = TunnelSettings::default();
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(
+            quinn::crypto::rustls::QuicServerConfig::try_from(tls.server_config()?)?,
+        ));
+        config.transport_config(Arc::new(tunnel::transport(&settings)?));
+        // The socket belongs to the namespace it is created in; the runtime
+        // serving it may run anywhere.
+        let size = settings.udp_buffer_bytes;
+        let (socket, _) = ns.run(move || tunnel::udp_socket(addr, size))??;
+        let rt = runtime()?;
+        let endpoint = rt.block_on(async {
+            quinn::Endpoint::new(Default::default(), Some(config), socket, Arc::new(quinn::TokioRuntime))
+        })?;
+        let ep = endpoint.clone();
+        // Served until the endpoint closes (accept then yields None).
+        let thread = std::thread::spawn(move || {
+            rt.block_on(async move {
+                while let Some(incoming) = ep.accept().await {
+                    tokio::spawn(async move {
+                        let Ok(conn) = incoming.await else { return };
+                        while let Ok((send, recv)) = conn.accept_bi().await {
+                            tokio::spawn(echo_stream(send, recv));
+                        }
+                    });
+                }
+            });
+            rt.shutdown_timeout(std::time::Duration::from_secs(1));
+        });
+        Ok(RawQuinnServer { thread: Some(thread), endpoint, addr })
+    }
+}
+
+async fn echo_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> Result<()> {
+    while let Some(chunk) = recv.read_chunk(64 * 1024, true).await? {
+        send.write_chunk(chunk.bytes).await?;
+    }
+    send.finish()?;
+    let _ = send.stopped().await;
+    Ok(())
+}
+
+impl Drop for RawQuinnServer {
+    fn drop(&mut self) {
+        self.endpoint.close(0u32.into(), b"done");
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A quinn connection from `ns` to a [`RawQuinnServer`], with the tunnel's
+/// settings: the QUIC stack's ceiling for the benchmark's tunnel arms.
+pub struct RawQuinnClient {
+    rt: tokio::runtime::Runtime,
+    conn: quinn::Connection,
+    endpoint: quinn::Endpoint,
+}
+
+impl RawQuinnClient {
+    pub fn connect(ns: &Netns, server: &RawQuinnServer, tls: TlsMaterial, server_identity: &str) -> Result<Self> {
+        let settings = TunnelSettings::default();
+        let mut config = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(
+            tls.client_config(server_identity)?,
+        )?));
+        config.transport_config(Arc::new(tunnel::transport(&settings)?));
+        let size = settings.udp_buffer_bytes;
+        let (socket, _) = ns.run(move || tunnel::udp_socket("[::]:0".parse().expect("addr"), size))??;
+        let rt = runtime()?;
+        let addr = server.addr;
+        let (endpoint, conn) = rt.block_on(async move {
             let ep = quinn::Endpoint::new(Default::default(), None, socket, Arc::new(quinn::TokioRuntime))?;
-            let conn = ep.connect_with(config, server, "dataplane.peer")?.await?;
+            let conn = ep.connect_with(config, addr, "dataplane.peer")?.await?;
+            Ok::<_, anyhow::Error>((ep, conn))
+        })?;
+        Ok(RawQuinnClient { rt, conn, endpoint })
+    }
+
+    /// Echoes `bytes` over one stream, writing and reading at once (as the
+    /// probe's bulk transfer does); returns Mbit/s per direction.
+    pub fn echo(&self, bytes: u64) -> Result<f64> {
+        let conn = self.conn.clone();
+        self.rt.block_on(async move {
             let (mut send, mut recv) = conn.open_bi().await?;
             let start = Instant::now();
             let block = Bytes::from(vec![0x5au8; 64 * 1024]);
@@ -118,7 +166,44 @@ pub fn raw_quinn_echo(
             ensure!(got == bytes, "raw quinn echoed {got} of {bytes} bytes");
             Ok(bytes as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e6)
         })
-    })??;
-    server_thread.join().map_err(|_| anyhow::anyhow!("server panicked"))??;
-    Ok(client)
+    }
+
+    /// `n` exchanges (new stream, 100-byte request, echo, finish), from
+    /// `concurrency` tasks at once: the QUIC part of a tunnelled flow alone.
+    pub fn exchanges(&self, n: usize, concurrency: usize) -> Result<Latencies> {
+        let conn = self.conn.clone();
+        self.rt.block_on(async move {
+            let started = Instant::now();
+            let mut tasks = tokio::task::JoinSet::new();
+            for w in 0..concurrency {
+                let conn = conn.clone();
+                let share = n / concurrency + usize::from(w < n % concurrency);
+                tasks.spawn(async move {
+                    let mut out = Vec::with_capacity(share);
+                    for _ in 0..share {
+                        let t = Instant::now();
+                        let (mut send, mut recv) = conn.open_bi().await?;
+                        send.write_all(&[b'x'; 100]).await?;
+                        send.finish()?;
+                        let echoed = recv.read_to_end(1024).await?;
+                        ensure!(echoed.len() == 100, "raw quinn echoed {} of 100 bytes", echoed.len());
+                        out.push(t.elapsed().as_secs_f64() * 1e6);
+                    }
+                    Ok::<_, anyhow::Error>(out)
+                });
+            }
+            let mut latencies_us = Vec::with_capacity(n);
+            while let Some(r) = tasks.join_next().await {
+                latencies_us.extend(r??);
+            }
+            Ok(Latencies { latencies_us, failed: 0, secs: started.elapsed().as_secs_f64() })
+        })
+    }
+}
+
+impl Drop for RawQuinnClient {
+    fn drop(&mut self) {
+        self.conn.close(0u32.into(), b"done");
+        self.endpoint.close(0u32.into(), b"done");
+    }
 }

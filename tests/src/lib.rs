@@ -3,6 +3,7 @@
 //! echo server that reports who connected, and the agent run in process inside
 //! the node namespace.
 
+pub mod agent_process;
 pub mod apiserver;
 pub mod baselines;
 pub mod probe;
@@ -70,23 +71,36 @@ impl Netns {
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<std::thread::JoinHandle<T>> {
-        let file = File::open(self.path()).with_context(|| format!("opening {}", self.path().display()))?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        let handle = std::thread::spawn(move || {
-            let entered = nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET);
-            let ok = entered.is_ok();
-            let _ = tx.send(entered);
-            assert!(ok, "setns failed");
-            f()
-        });
-        rx.recv().context("namespace thread died")?.context("setns")?;
-        Ok(handle)
+        spawn_in(&self.path(), f)
     }
 
     /// Runs `f` inside the namespace and waits for it.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
-        self.spawn(f)?.join().map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))
+        run_in(&self.path(), f)
     }
+}
+
+/// [`Netns::spawn`] for a namespace known by its path.
+pub fn spawn_in<T: Send + 'static>(
+    path: &Path,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<std::thread::JoinHandle<T>> {
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        let entered = nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET);
+        let ok = entered.is_ok();
+        let _ = tx.send(entered);
+        assert!(ok, "setns failed");
+        f()
+    });
+    rx.recv().context("namespace thread died")?.context("setns")?;
+    Ok(handle)
+}
+
+/// [`Netns::run`] for a namespace known by its path.
+pub fn run_in<T: Send + 'static>(path: &Path, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    spawn_in(path, f)?.join().map_err(|_| anyhow::anyhow!("thread in {} panicked", path.display()))
 }
 
 impl Drop for Netns {

@@ -57,8 +57,8 @@ pub struct Bulk {
     pub ok: bool,
     pub sent: u64,
     pub received: u64,
-    /// SHA-256 of the bytes sent equals that of the bytes echoed back.
-    pub digests_match: bool,
+    /// Every byte echoed back equals the byte sent at its offset.
+    pub echo_intact: bool,
     pub secs: f64,
     pub error: Option<String>,
 }

@@ -142,11 +142,16 @@ impl TunnelEnv {
 
     /// The client agent: steers the private addresses into the tunnel.
     pub fn client_config(&self, mode: Mode, tls: &TlsPaths) -> Config {
+        Config::parse(&self.client_config_text(mode, tls)).expect("client config is valid")
+    }
+
+    /// [`TunnelEnv::client_config`] as the YAML a node would be given.
+    pub fn client_config_text(&self, mode: Mode, tls: &TlsPaths) -> String {
         let (dial, listen) = match mode {
             Mode::ConnectorListens => ("dial: ['10.201.0.2:4433'], ", String::new()),
             Mode::ConnectorDialsOut => ("", "listen: '10.201.0.1:4433', ".to_owned()),
         };
-        let text = format!(
+        format!(
             "node: worker-1\nsteering: {{ cgroup: {} }}\ntimeouts: {{ connect: 2s, shutdown_grace: 2s }}\n{}\
              tunnel: {{ {listen}{} }}\npeers:\n  - {{ name: {PEER}, {dial}identity: '{CONNECTOR_ID}' }}\nroutes:\n{}",
             self.topo.cgroup.path.display(),
@@ -162,17 +167,21 @@ impl TunnelEnv {
             .iter()
             .map(|c| format!("  - {{ cidr: '{c}', via: {PEER} }}\n"))
             .collect::<String>()
-        );
-        Config::parse(&text).expect("client config is valid")
+        )
     }
 
     /// The connector agent in the private namespace.
     pub fn connector_config(&self, mode: Mode, tls: &TlsPaths) -> Config {
+        Config::parse(&self.connector_config_text(mode, tls)).expect("connector config is valid")
+    }
+
+    /// [`TunnelEnv::connector_config`] as YAML.
+    pub fn connector_config_text(&self, mode: Mode, tls: &TlsPaths) -> String {
         let (dial, listen) = match mode {
             Mode::ConnectorListens => ("", "listen: '10.201.0.2:4433', ".to_owned()),
             Mode::ConnectorDialsOut => ("dial: ['10.201.0.1:4433'], ", String::new()),
         };
-        let text = format!(
+        format!(
             "node: connector-1\ntimeouts: {{ connect: 2s, shutdown_grace: 1s }}\n{}tunnel: {{ {listen}{} }}\n\
              peers:\n  - {{ name: worker-1, {dial}identity: '{CLIENT_ID}' }}\nserve:\n{}",
             Self::tls_yaml(tls),
@@ -181,8 +190,7 @@ impl TunnelEnv {
                 .iter()
                 .map(|c| format!("  - {{ cidr: '{c}', ports: [6443, 7000] }}\n"))
                 .collect::<String>()
-        );
-        Config::parse(&text).expect("connector config is valid")
+        )
     }
 
     /// A client (node namespace) and a connector (private namespace), both
@@ -218,12 +226,16 @@ impl TunnelEnv {
     pub fn stalled_server(&self) -> Result<StalledServer> {
         let listener = self.topo.remote.run(|| crate::listen(addr(STALLED_V4)))??;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stop2 = stop.clone();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (stop2, count) = (stop.clone(), accepted.clone());
         let thread = std::thread::spawn(move || {
             let mut held = Vec::new();
-            crate::accept_until(listener, stop2, |conn, _| held.push(conn));
+            crate::accept_until(listener, stop2, |conn, _| {
+                held.push(conn);
+                count.store(held.len(), std::sync::atomic::Ordering::Relaxed);
+            });
         });
-        Ok(StalledServer { stop, thread: Some(thread) })
+        Ok(StalledServer { stop, accepted, thread: Some(thread) })
     }
 
     pub fn dir(&self) -> &Path {
@@ -246,7 +258,15 @@ pub fn ensure_tunnel(handle: &AgentHandle, within: Duration) -> Result<Duration>
 
 pub struct StalledServer {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StalledServer {
+    /// Connections accepted and held so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl Drop for StalledServer {

@@ -32,9 +32,9 @@ enum Command {
     Demo,
     /// Run the privileged eBPF tests on Debian's 6.1 and 6.12 kernels under qemu (needs root).
     VmTest(vm_test::Options),
-    /// Measure what steering costs (release build, needs root); writes target/bench/steering.json.
+    /// Measure steering and the tunnel against baselines (release build, needs root); writes target/bench/bench.json.
     Bench {
-        /// Extra arguments for dataplane-bench (--rounds, --connects, --exchanges).
+        /// Extra arguments for dataplane-bench (--rounds, --connects, --exchanges, --only).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -81,9 +81,9 @@ fn run(command: Command) -> Result<()> {
             }
             let out = build_ebpf::workspace_root().join("target/bench");
             std::fs::create_dir_all(&out)?;
-            args.extend(["--json".into(), out.join("steering.json").display().to_string()]);
-            // The bench drives the probe binary beside it: build every binary.
-            cargo(&["build", "--quiet", "--release", "-p", "tests", "--bins"], &[])?;
+            args.extend(["--json".into(), out.join("bench.json").display().to_string()]);
+            // The bench drives the probe and the agent binaries beside it.
+            cargo(&["build", "--quiet", "--release", "-p", "tests", "-p", "dataplane-user", "--bins"], &[])?;
             cargo(&["run", "--quiet", "--release", "-p", "tests", "--bin", "dataplane-bench", "--"], &args)
         }
     }

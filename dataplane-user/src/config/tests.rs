@@ -210,3 +210,18 @@ fn restart_only_changes_are_listed() {
     b.steering.cgroup = None;
     assert_eq!(a.restart_only_changes(&b), vec!["steering.cgroup", "steering.redirect"]);
 }
+
+#[test]
+fn workers_default_to_the_cpus_and_are_bounded() {
+    let c = Config::parse(GOOD).expect("valid");
+    assert_eq!((c.worker_threads(0), c.worker_threads(2), c.worker_threads(16)), (1, 2, 16));
+    let c = Config::parse(&format!("{GOOD}workers: 3\n")).expect("valid");
+    assert_eq!(c.worker_threads(2), 3);
+    for bad in ["0", "257", "-1", "two"] {
+        let e = err(&format!("{GOOD}workers: {bad}\n"));
+        assert!(e.contains("workers"), "{bad}: {e}");
+    }
+    let mut d = c.clone();
+    d.workers = None;
+    assert_eq!(c.restart_only_changes(&d), vec!["workers"]);
+}
