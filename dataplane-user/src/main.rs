@@ -162,13 +162,14 @@ fn run_agent(path: PathBuf, reload_interval: Duration) -> ExitCode {
     init_logging(&config.log);
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
     let workers = config.worker_threads(cpus);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            error!("starting the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let runtime =
+        match tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                error!("starting the runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
     info!(workers, cpus, "runtime started");
     match runtime.block_on(serve(path, config, reload_interval)) {
         Ok(()) => ExitCode::SUCCESS,

@@ -202,3 +202,56 @@ async fn write_all_vectored(wr: &mut WriteHalf<'_>, chunks: &mut [Bytes]) -> std
     }
     Ok(total as u64)
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::{
+        io::AsyncReadExt,
+        net::{TcpListener, TcpStream},
+    };
+
+    use super::*;
+
+    /// A batch larger than the socket takes at once is written whole, in
+    /// order, across partial writes, and every slot is released.
+    #[tokio::test]
+    async fn vectored_writes_resume_after_partial_writes() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let mut writer = TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
+        let (mut reader, _) = listener.accept().await.expect("accept");
+        socket2::SockRef::from(&writer).set_send_buffer_size(4096).expect("sndbuf");
+        // Chunks of uneven sizes, each byte telling its position.
+        let sizes = [1usize, 70_000, 3, 1452, 250_000, 17, 9000, 1];
+        let mut next = 0u32;
+        let mut chunks: Vec<Bytes> = sizes
+            .iter()
+            .map(|&n| {
+                Bytes::from(
+                    (0..n)
+                        .map(|_| {
+                            next += 1;
+                            (next % 251) as u8
+                        })
+                        .collect::<Vec<u8>>(),
+                )
+            })
+            .collect();
+        let total: usize = sizes.iter().sum();
+        let read = tokio::spawn(async move {
+            let mut got = Vec::new();
+            reader.read_to_end(&mut got).await.expect("read");
+            got
+        });
+        let (_, mut wr) = writer.split();
+        let written = tokio::time::timeout(Duration::from_secs(10), write_all_vectored(&mut wr, &mut chunks))
+            .await
+            .expect("written within 10 s")
+            .expect("write");
+        wr.shutdown().await.expect("shutdown");
+        assert_eq!(written, total as u64);
+        assert!(chunks.iter().all(Bytes::is_empty), "every slot is released");
+        let got = read.await.expect("reader");
+        assert_eq!(got.len(), total);
+        assert!(got.iter().enumerate().all(|(i, &b)| b == ((i as u32 + 1) % 251) as u8), "bytes in order");
+    }
+}

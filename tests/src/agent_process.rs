@@ -42,15 +42,25 @@ pub struct ProcessUsage {
 impl AgentProcess {
     /// Writes `config` (YAML, with `admin:` at `admin`) beside `dir`, starts
     /// the agent in `ns` and waits until `/ready` answers 200.
-    pub fn start(ns: &Netns, name: &str, config: &str, admin: SocketAddr, dir: &Path) -> Result<AgentProcess> {
+    pub fn start(
+        ns: &Netns,
+        name: &str,
+        config: &str,
+        admin: SocketAddr,
+        dir: &Path,
+    ) -> Result<AgentProcess> {
         let path = dir.join(format!("{name}.yaml"));
         std::fs::write(&path, format!("{config}admin: '{admin}'\n"))?;
-        let log = dir.join(format!("{name}.log"));
-        let netns = std::fs::File::open(ns.path()).with_context(|| format!("opening {}", ns.path().display()))?;
+        // DATAPLANE_BENCH_LOGS keeps the agents' logs (at DATAPLANE_LOG's
+        // level, default warn) in a directory that outlives the run.
+        let logs = std::env::var_os("DATAPLANE_BENCH_LOGS").map_or_else(|| dir.to_owned(), PathBuf::from);
+        let log = logs.join(format!("{name}.log"));
+        let netns =
+            std::fs::File::open(ns.path()).with_context(|| format!("opening {}", ns.path().display()))?;
         let mut cmd = Command::new(agent_bin());
         cmd.args(["agent", "--config"])
             .arg(&path)
-            .env("DATAPLANE_LOG", "warn")
+            .env("DATAPLANE_LOG", std::env::var("DATAPLANE_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log)?)
             .stderr(std::fs::File::create(&log)?.try_clone()?);
@@ -72,7 +82,11 @@ impl AgentProcess {
             if agent.get("/ready").is_ok_and(|(code, _)| code == 200) {
                 return Ok(agent);
             }
-            ensure!(start.elapsed() < Duration::from_secs(20), "agent {name} not ready: {}", agent.log_tail());
+            ensure!(
+                start.elapsed() < Duration::from_secs(20),
+                "agent {name} not ready: {}",
+                agent.log_tail()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }

@@ -43,9 +43,9 @@ impl Drop for Socat {
     }
 }
 
-/// The raw-quinn baseline's runtime on each end: a current-thread runtime
-/// measured the highest here (about 4.2-4.9 Gbit/s per direction against
-/// 3.2-3.8 with a multi-threaded one), so it is the ceiling.
+/// The raw-quinn baseline's runtime on each end: one thread measured the
+/// highest here (4.2-4.9 Gbit/s per direction, current-thread or a single
+/// worker alike, against 3.2-3.8 with two workers), so it is the ceiling.
 fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
 }
@@ -119,11 +119,16 @@ pub struct RawQuinnClient {
 }
 
 impl RawQuinnClient {
-    pub fn connect(ns: &Netns, server: &RawQuinnServer, tls: TlsMaterial, server_identity: &str) -> Result<Self> {
+    pub fn connect(
+        ns: &Netns,
+        server: &RawQuinnServer,
+        tls: TlsMaterial,
+        server_identity: &str,
+    ) -> Result<Self> {
         let settings = TunnelSettings::default();
-        let mut config = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(
-            tls.client_config(server_identity)?,
-        )?));
+        let mut config = quinn::ClientConfig::new(Arc::new(
+            quinn::crypto::rustls::QuicClientConfig::try_from(tls.client_config(server_identity)?)?,
+        ));
         config.transport_config(Arc::new(tunnel::transport(&settings)?));
         let size = settings.udp_buffer_bytes;
         let (socket, _) = ns.run(move || tunnel::udp_socket("[::]:0".parse().expect("addr"), size))??;

@@ -51,7 +51,8 @@ impl Opts {
 }
 
 fn opts() -> Result<Opts> {
-    let mut o = Opts { rounds: 5, connects: 5000, exchanges: 500, json: None, only: Vec::new(), workers: None };
+    let mut o =
+        Opts { rounds: 5, connects: 5000, exchanges: 500, json: None, only: Vec::new(), workers: None };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().with_context(|| format!("{a} needs a value"));
@@ -63,7 +64,11 @@ fn opts() -> Result<Opts> {
             "--workers" => o.workers = Some(value()?.parse()?),
             "--only" => {
                 for s in value()?.split(',') {
-                    ensure!(SECTIONS.contains(&s), "--only: unknown section `{s}` (known: {})", SECTIONS.join(", "));
+                    ensure!(
+                        SECTIONS.contains(&s),
+                        "--only: unknown section `{s}` (known: {})",
+                        SECTIONS.join(", ")
+                    );
                     o.only.push(s.to_owned());
                 }
             }
@@ -282,4 +287,3 @@ fn steering_section(o: &Opts) -> Result<serde_json::Value> {
     });
     Ok(json)
 }
-
