@@ -246,11 +246,12 @@ impl Agent {
         shared.stopping.store(true, Relaxed);
         if let Some(s) = &shared.steering {
             info!("shutting down: detaching steering");
-            s.detach();
-            // A connect redirected just before the detach may still be in its
-            // handshake; under load that can outlast a drain of the accept
-            // queue, and closing the listener then would reset it. Keep
-            // accepting until such stragglers have landed.
+            s.stop_redirecting();
+            // A connect redirected just before may still be in its handshake;
+            // under load that can outlast a drain of the accept queue, and
+            // closing the listener then would reset it. Keep accepting, with
+            // sock_ops still recording flows, until such stragglers have
+            // landed; then detach the rest.
             let settle = tokio::time::sleep(SETTLE_AFTER_DETACH);
             tokio::pin!(settle);
             loop {
@@ -259,6 +260,7 @@ impl Agent {
                     Some((stream, peer)) = accepted_rx.recv() => spawn_flow(&shared, &mut flows, stream, peer),
                 }
             }
+            s.detach();
         }
         let _ = stop_tx.send(true);
         while let Some(Ok(listener)) = acceptors.join_next().await {

@@ -91,7 +91,13 @@ pub struct Steering {
     bypass: Mutex<HashMap<MapData, u64, u32>>,
     counters: PerCpuArray<MapData, u64>,
     cgroup: PathBuf,
+    /// A logger no task drains (loaded outside a runtime), kept because the
+    /// programs reference its ring buffer: dropped, it would close the map
+    /// and the programs would fail to load.
+    _idle_logger: Option<KernelLogger>,
 }
+
+type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
 
 /// cgroup bpf_links (kernel >= 5.7, which aya uses when available) always
 /// coexist with other programs on the cgroup, and link_create rejects the
@@ -115,9 +121,13 @@ impl Steering {
             .override_global(aya_log::LEVEL, &level, true)
             .load(OBJECT)
             .map_err(SteeringError::Load)?;
-        if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf).map(spawn_kernel_logger) {
-            warn!(error = %e, "eBPF logs unavailable");
-        }
+        let idle_logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => spawn_kernel_logger(logger),
+            Err(e) => {
+                warn!(error = %e, "eBPF logs unavailable");
+                None
+            }
+        };
 
         let mut redirect: Array<MapData, RedirectTarget> =
             take(&mut ebpf, common::MAP_REDIRECT)?.try_into().map_err(map_err(common::MAP_REDIRECT))?;
@@ -130,6 +140,7 @@ impl Steering {
             counters: try_map(&mut ebpf, common::MAP_COUNTERS)?,
             cgroup: cgroup.to_owned(),
             programs: Mutex::new(None),
+            _idle_logger: idle_logger,
         };
 
         let cgroup_file =
@@ -166,6 +177,28 @@ impl Steering {
     /// Whether the programs are still attached.
     pub fn attached(&self) -> bool {
         lock(&self.programs).is_some()
+    }
+
+    /// Detaches the connect programs only: no new connect is steered, while
+    /// one already redirected still has its flow recorded when its handshake
+    /// completes (sock_ops) and sees its original peer (getpeername). The
+    /// mirror of the attach order; [`Steering::detach`] removes the rest once
+    /// such stragglers have landed.
+    pub fn stop_redirecting(&self) {
+        let mut programs = lock(&self.programs);
+        let Some(ebpf) = programs.as_mut() else { return };
+        for name in [common::PROG_CONNECT4, common::PROG_CONNECT6] {
+            let prog: Option<&mut CgroupSockAddr> = ebpf.program_mut(name).and_then(|p| p.try_into().ok());
+            if let Err(e) =
+                prog.map_or(Err("not loaded".to_owned()), |p| p.unload().map_err(|e| e.to_string()))
+            {
+                // Stopping new steering comes first: detach everything.
+                warn!(program = name, error = %e, "detaching one program failed; detaching all");
+                *programs = None;
+                return;
+            }
+        }
+        debug!(cgroup = %self.cgroup.display(), "connect programs detached");
     }
 
     /// Detaches every program; connects are no longer steered afterwards.
@@ -316,19 +349,29 @@ fn kernel_log_level() -> u8 {
     level as u8
 }
 
-fn spawn_kernel_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
-    let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
+/// Drains the programs' log ring buffer on the runtime; hands the logger
+/// back where there is no runtime to drain it on.
+fn spawn_kernel_logger(logger: KernelLogger) -> Option<KernelLogger> {
+    let Ok(handle) = tokio::runtime::Handle::try_current() else { return Some(logger) };
     // SAFETY: the logger owns its ring buffer fd, which stays open and the same
     // for as long as the logger (moved into the AsyncFd) lives.
     let registered =
         unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
-    let Ok(mut fd) = registered else { return };
+    let mut fd = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            let (logger, e) = e.into_parts();
+            warn!(error = %e, "eBPF logs will not be drained");
+            return Some(logger);
+        }
+    };
     handle.spawn(async move {
         while let Ok(mut guard) = fd.readable_mut().await {
             guard.get_inner_mut().flush();
             guard.clear_ready();
         }
     });
+    None
 }
 
 #[cfg(test)]

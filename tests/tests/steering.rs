@@ -256,3 +256,43 @@ fn port_reuse_after_a_reset_never_misroutes() {
     let summary = agent.stop();
     assert_eq!(summary.flows.completed, 40, "{:?}", summary.flows);
 }
+
+/// Shutdown detaches in the reverse of the attach order: with the connect
+/// programs gone nothing new is steered, while a flow redirected before keeps
+/// sock_ops (its close is seen and its record removed) until the rest go.
+#[test]
+fn stop_redirecting_keeps_redirected_flows_recorded() {
+    if !require_root() {
+        return;
+    }
+    use dataplane::{ebpf::Steering, routes::RouteTable};
+    let topo = Topology::new().expect("topology");
+    // The redirect target: a listener of this test's own in the node namespace.
+    let target = addr("10.200.0.1:15999");
+    let listener = topo.node.run(move || tests::listen(target)).expect("netns").expect("listen");
+    let steering = Steering::load(&topo.cgroup.path, Some(target), None).expect("steering loads");
+    let config = topo.config(&ROUTES);
+    let table = RouteTable::build(&config.valid_routes().expect("routes"), &RouteTable::default());
+    steering.apply(&RouteTable::default().diff(&table)).expect("routes applied");
+
+    let pod = topo.pod_probe();
+    let held = pod.hold(addr(API_V4), 1).expect("a redirected connection");
+    let (_conn, peer) = listener.accept().expect("accepted at the redirect target");
+    assert_eq!(steering.lookup_flow(peer).map(|f| f.dst), Some(addr(API_V4)), "flow recorded");
+    let closed = steering.counters().expect("counters").get(Counter::SockOpsClosed);
+
+    steering.stop_redirecting();
+    let a = pod.connect(addr(API_V4)).expect("probe");
+    assert_eq!(ip_of(a.server_saw()), POD_V4, "not steered once the connect programs are gone");
+
+    held.release();
+    let start = std::time::Instant::now();
+    while steering.counters().expect("counters").get(Counter::SockOpsClosed) == closed {
+        assert!(start.elapsed() < std::time::Duration::from_secs(10), "sock_ops never saw the close");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(steering.lookup_flow(peer).is_none(), "the closed flow's record is removed");
+    assert!(steering.attached(), "sock_ops and getpeername stay until detach");
+    steering.detach();
+    assert!(!steering.attached());
+}
