@@ -146,7 +146,7 @@ impl RawQuinnClient {
     /// probe's bulk transfer does); returns Mbit/s per direction.
     pub fn echo(&self, bytes: u64) -> Result<f64> {
         let conn = self.conn.clone();
-        self.rt.block_on(async move {
+        self.bounded(async move {
             let (mut send, mut recv) = conn.open_bi().await?;
             let start = Instant::now();
             let block = Bytes::from(vec![0x5au8; 64 * 1024]);
@@ -177,7 +177,7 @@ impl RawQuinnClient {
     /// `concurrency` tasks at once: the QUIC part of a tunnelled flow alone.
     pub fn exchanges(&self, n: usize, concurrency: usize) -> Result<Latencies> {
         let conn = self.conn.clone();
-        self.rt.block_on(async move {
+        self.bounded(async move {
             let started = Instant::now();
             let mut tasks = tokio::task::JoinSet::new();
             for w in 0..concurrency {
@@ -202,6 +202,16 @@ impl RawQuinnClient {
                 latencies_us.extend(r??);
             }
             Ok(Latencies { latencies_us, failed: 0, secs: started.elapsed().as_secs_f64() })
+        })
+    }
+}
+
+impl RawQuinnClient {
+    /// Runs `f` with a time limit: a stalled stream fails the run, never hangs it.
+    fn bounded<T>(&self, f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        const LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
+        self.rt.block_on(async {
+            tokio::time::timeout(LIMIT, f).await.context("raw quinn: no answer within 120 s")?
         })
     }
 }

@@ -292,8 +292,7 @@ pub fn run(o: &Opts) -> Result<serde_json::Value> {
         Arm::new("agent relay, no tunnel"),
         Arm::new("dataplane"),
     ];
-    let (mut concurrent_p50, mut cpu_per_flow, mut agents_per_flow) =
-        (Vec::new(), vec![Vec::new(); 4], Vec::new());
+    let (mut cpu_per_flow, mut agents_per_flow) = (vec![Vec::new(); 4], Vec::new());
     if o.runs("concurrent") {
         let hz = jiffies_per_sec();
         for _ in 0..rounds {
@@ -309,23 +308,30 @@ pub fn run(o: &Opts) -> Result<serde_json::Value> {
                 ensure!(l.failed == 0, "{}: {} concurrent exchanges failed", concurrent[i].name, l.failed);
                 let flows = l.latencies_us.len() as f64;
                 concurrent[i].rounds.push(flows / l.secs);
+                concurrent[i].samples.extend(l.latencies_us);
                 cpu_per_flow[i].push((after.0.0 - before.0.0) as f64 / hz / flows * 1e6);
                 if i == 3 {
-                    concurrent_p50.push(stats(&l.latencies_us).1);
                     let agents = cpu_delta(before.1, after.1) + cpu_delta(before.2, after.2);
                     agents_per_flow.push(agents / flows * 1e6);
                 }
             }
         }
-        println!("  new flows from {CONCURRENCY} workers at once, flows/s:");
+        println!(
+            "  new flows from {CONCURRENCY} workers at once, flows/s; latency of a flow over all rounds:"
+        );
         for a in &concurrent {
-            a.row("");
+            let (min, med, max) = stats(&a.rounds);
+            println!(
+                "    {:<28} {min:>8.0} {med:>8.0} {max:>8.0}   p50 {:.0} us, p99 {:.0} us",
+                a.name,
+                percentile(&mut a.samples.clone(), 0.5),
+                a.p99()
+            );
         }
         println!(
-            "    => dataplane {:.2}x of direct, {:.2}x of the agent relay (p50 {:.0} us)",
+            "    => dataplane {:.2}x of direct, {:.2}x of the agent relay",
             concurrent[3].median() / concurrent[0].median(),
             concurrent[3].median() / concurrent[2].median(),
-            stats(&concurrent_p50).1
         );
         println!(
             "    why: CPU per flow, whole machine: direct {:.0} us, raw quinn stream {:.0} us, agent relay {:.0} us, \
@@ -337,6 +343,13 @@ pub fn run(o: &Opts) -> Result<serde_json::Value> {
             stats(&agents_per_flow).1,
         );
         out.insert("new_flows_per_sec_16_concurrent".into(), by_arm(&concurrent, |a| json!(a.rounds)));
+        out.insert(
+            "new_flow_us_16_concurrent".into(),
+            by_arm(
+                &concurrent,
+                |a| json!({ "p50": percentile(&mut a.samples.clone(), 0.5), "p99": a.p99() }),
+            ),
+        );
         out.insert(
             "new_flow_cpu_us_16_concurrent".into(),
             json!({
