@@ -40,7 +40,7 @@ pub struct ProcessUsage {
 }
 
 impl AgentProcess {
-    /// Writes `config` (YAML, with `admin:` at `admin`) beside `dir`, starts
+    /// Writes `config` (YAML; `admin:` is appended) into `dir`, starts
     /// the agent in `ns` and waits until `/ready` answers 200.
     pub fn start(
         ns: &Netns,
