@@ -88,7 +88,7 @@ impl Collector for ProcessCollector {
     }
 }
 
-/// Memory, CPU and descriptors of this process.
+/// Memory, CPU and descriptors of a process.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct ProcessStats {
     pub rss_bytes: u64,
@@ -97,29 +97,41 @@ pub struct ProcessStats {
 }
 
 impl ProcessStats {
+    /// This process; zeros where procfs cannot be read.
     pub fn read() -> ProcessStats {
+        Self::from_procfs("/proc/self").unwrap_or_default()
+    }
+
+    /// Another process (the benchmark reads the agents it runs); an error
+    /// once it is gone.
+    pub fn of_pid(pid: u32) -> std::io::Result<ProcessStats> {
+        Self::from_procfs(&format!("/proc/{pid}"))
+    }
+
+    fn from_procfs(dir: &str) -> std::io::Result<ProcessStats> {
+        let malformed =
+            |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{dir}/{what}"));
         // SAFETY: sysconf has no preconditions.
         let (page, ticks) = unsafe { (libc::sysconf(libc::_SC_PAGESIZE), libc::sysconf(libc::_SC_CLK_TCK)) };
-        let rss_pages = std::fs::read_to_string("/proc/self/statm")
-            .ok()
-            .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-            .unwrap_or(0);
+        let rss_pages = std::fs::read_to_string(format!("{dir}/statm"))?
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or_else(|| malformed("statm"))?;
         // Fields after the command name, which may contain spaces: utime and
         // stime are the 12th and 13th.
-        let cpu_ticks = std::fs::read_to_string("/proc/self/stat")
-            .ok()
-            .and_then(|s| {
-                let rest = s.rsplit_once(')')?.1;
-                let f: Vec<&str> = rest.split_whitespace().collect();
-                Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-            })
-            .unwrap_or(0);
-        let open_fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count() as u64).unwrap_or(0);
-        ProcessStats {
+        let stat = std::fs::read_to_string(format!("{dir}/stat"))?;
+        let cpu_ticks = (|| {
+            let f: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })()
+        .ok_or_else(|| malformed("stat"))?;
+        let open_fds = std::fs::read_dir(format!("{dir}/fd"))?.count() as u64;
+        Ok(ProcessStats {
             rss_bytes: rss_pages * page.max(1) as u64,
             cpu_seconds: cpu_ticks as f64 / ticks.max(1) as f64,
             open_fds,
-        }
+        })
     }
 }
 
@@ -156,5 +168,15 @@ mod tests {
         ] {
             assert!(text.contains(name), "{name} in:\n{text}");
         }
+    }
+
+    #[test]
+    fn another_process_is_read_by_pid_and_a_gone_one_is_an_error() {
+        let mut child = std::process::Command::new("sleep").arg("5").spawn().expect("sleep");
+        let p = ProcessStats::of_pid(child.id()).expect("a live child reads");
+        assert!(p.rss_bytes > 0 && p.open_fds >= 1, "{p:?}");
+        child.kill().expect("kill");
+        child.wait().expect("reaped");
+        assert!(ProcessStats::of_pid(child.id()).is_err(), "a reaped process is an error, not zeros");
     }
 }

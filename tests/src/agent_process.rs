@@ -3,8 +3,7 @@
 //! allocator, its memory and CPU time alone) rather than an in-process copy.
 
 use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -12,6 +11,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
+use dataplane::metrics::ProcessStats;
 
 use crate::Netns;
 
@@ -30,13 +30,6 @@ pub struct AgentProcess {
     ns: PathBuf,
     admin: SocketAddr,
     pub log: PathBuf,
-}
-
-/// CPU time and resident memory of a process, from procfs.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ProcessUsage {
-    pub cpu_secs: f64,
-    pub rss_bytes: u64,
 }
 
 impl AgentProcess {
@@ -96,33 +89,21 @@ impl AgentProcess {
     }
 
     /// CPU time so far and RSS now.
-    pub fn usage(&self) -> Result<ProcessUsage> {
-        process_usage(self.pid())
+    pub fn usage(&self) -> Result<ProcessStats> {
+        ProcessStats::of_pid(self.pid()).with_context(|| format!("reading /proc/{}", self.pid()))
     }
 
     /// The value of an unlabelled metric (e.g. `dataplane_flows_active`).
     pub fn metric(&self, name: &str) -> Result<f64> {
         let (code, body) = self.get("/metrics")?;
         ensure!(code == 200, "/metrics answered {code}");
-        body.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-            .with_context(|| format!("no metric {name}"))
+        crate::metric_sample(&body, name).with_context(|| format!("no metric {name}"))
     }
 
-    /// A plain HTTP/1.0 GET against the admin server, from inside the namespace.
-    fn get(&self, path: &str) -> Result<(u16, String)> {
-        let (admin, request) = (self.admin, format!("GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n"));
-        let reply = crate::run_in(&self.ns, move || -> Result<String> {
-            let mut s = TcpStream::connect_timeout(&admin, Duration::from_secs(2))?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            s.write_all(request.as_bytes())?;
-            let mut reply = String::new();
-            s.read_to_string(&mut reply)?;
-            Ok(reply)
-        })??;
-        let code = reply.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("no HTTP status")?;
-        let body = reply.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-        Ok((code, body))
+    /// A GET against the admin server, from inside the namespace.
+    fn get(&self, path: &'static str) -> Result<(u16, String)> {
+        let admin = self.admin;
+        Ok(crate::run_in(&self.ns, move || dataplane::status::get(admin, path))??)
     }
 
     fn log_tail(&self) -> String {
@@ -146,23 +127,4 @@ impl Drop for AgentProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// utime + stime (all threads) and VmRSS of `pid`.
-pub fn process_usage(pid: u32) -> Result<ProcessUsage> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name, which may hold spaces: state is field 3,
-    // utime 14 and stime 15.
-    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("no VmRSS")?;
-    Ok(ProcessUsage { cpu_secs: ticks / hz, rss_bytes: rss_kib * 1024 })
 }

@@ -109,6 +109,12 @@ impl Drop for Netns {
     }
 }
 
+/// The value of one sample line (name and exact labels) in a Prometheus scrape.
+pub fn metric_sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.split_whitespace().next()?.parse().ok())
+}
+
 /// A listener with a deep backlog (bursts of connects must not overflow it
 /// and fall back to SYN retransmits, which would dominate any measurement).
 pub fn listen(addr: std::net::SocketAddr) -> Result<std::net::TcpListener> {

@@ -9,7 +9,7 @@ use std::{
 
 use dataplane::status;
 use tests::{
-    Netns, require_root,
+    Netns, metric_sample, require_root,
     topology::{OTHER_V4, addr},
     tunnel_env::{Mode, PEER, TunnelEnv, UNSERVED_V4},
 };
@@ -20,12 +20,6 @@ const ADMIN: &str = "127.0.0.1:9464";
 fn get(ns: &Netns, path: &'static str) -> (u16, String) {
     let a: SocketAddr = ADMIN.parse().expect("addr");
     ns.run(move || status::get(a, path)).expect("thread").expect("admin answers")
-}
-
-/// The value of one sample line (exact labels) in a scrape.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.split_whitespace().next()?.parse().ok())
 }
 
 fn wait_for(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
@@ -53,60 +47,79 @@ fn scrapes_show_flows_tunnel_connector_ebpf_and_process() {
     let (code, text) = get(&env.topo.node, "/metrics");
     assert_eq!(code, 200);
     let route = r#"route="198.51.100.102/32""#;
-    assert_eq!(sample(&text, &format!("dataplane_flows_opened_total{{{route}}}")), Some(3.0), "{text}");
     assert_eq!(
-        sample(&text, &format!(r#"dataplane_flows_closed_total{{{route},result="completed"}}"#)),
+        metric_sample(&text, &format!("dataplane_flows_opened_total{{{route}}}")),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric_sample(&text, &format!(r#"dataplane_flows_closed_total{{{route},result="completed"}}"#)),
         Some(3.0)
     );
     assert_eq!(
-        sample(&text, r#"dataplane_flows_closed_total{route="198.51.100.103/32",result="refused_by_peer"}"#),
+        metric_sample(
+            &text,
+            r#"dataplane_flows_closed_total{route="198.51.100.103/32",result="refused_by_peer"}"#
+        ),
         Some(1.0)
     );
-    assert_eq!(sample(&text, "dataplane_flows_active"), Some(0.0));
+    assert_eq!(metric_sample(&text, "dataplane_flows_active"), Some(0.0));
     let payload = "hello through the dataplane".len() as f64;
     assert_eq!(
-        sample(&text, &format!(r#"dataplane_flow_bytes_total{{{route},direction="up"}}"#)),
+        metric_sample(&text, &format!(r#"dataplane_flow_bytes_total{{{route},direction="up"}}"#)),
         Some(3.0 * payload)
     );
-    assert_eq!(sample(&text, r#"dataplane_flow_setup_duration_seconds_count{upstream="tunnel"}"#), Some(3.0));
     assert_eq!(
-        sample(&text, r#"dataplane_ebpf_events_total{hook="connect",reason="redirected"}"#),
+        metric_sample(&text, r#"dataplane_flow_setup_duration_seconds_count{upstream="tunnel"}"#),
+        Some(3.0)
+    );
+    assert_eq!(
+        metric_sample(&text, r#"dataplane_ebpf_events_total{hook="connect",reason="redirected"}"#),
         Some(4.0)
     );
-    assert_eq!(sample(&text, r#"dataplane_route_map_entries{family="ipv4"}"#), Some(3.0));
-    assert_eq!(sample(&text, "dataplane_steering_attached"), Some(1.0));
+    assert_eq!(metric_sample(&text, r#"dataplane_route_map_entries{family="ipv4"}"#), Some(3.0));
+    assert_eq!(metric_sample(&text, "dataplane_steering_attached"), Some(1.0));
     assert_eq!(
-        sample(&text, &format!(r#"dataplane_tunnel_connections{{peer="{PEER}",state="up"}}"#)),
+        metric_sample(&text, &format!(r#"dataplane_tunnel_connections{{peer="{PEER}",state="up"}}"#)),
         Some(2.0)
     );
     assert_eq!(
-        sample(&text, &format!(r#"dataplane_tunnel_streams_opened_total{{peer="{PEER}"}}"#)),
+        metric_sample(&text, &format!(r#"dataplane_tunnel_streams_opened_total{{peer="{PEER}"}}"#)),
         Some(4.0)
     );
-    let rtt = sample(&text, &format!(r#"dataplane_tunnel_rtt_seconds{{peer="{PEER}"}}"#)).expect("rtt");
+    let rtt =
+        metric_sample(&text, &format!(r#"dataplane_tunnel_rtt_seconds{{peer="{PEER}"}}"#)).expect("rtt");
     assert!(rtt > 0.0 && rtt < 0.1, "rtt {rtt}");
     assert!(
-        sample(&text, &format!(r#"dataplane_tunnel_udp_bytes_total{{peer="{PEER}",direction="sent"}}"#))
+        metric_sample(
+            &text,
+            &format!(r#"dataplane_tunnel_udp_bytes_total{{peer="{PEER}",direction="sent"}}"#)
+        ) > Some(0.0)
+    );
+    assert!(
+        metric_sample(&text, &format!(r#"dataplane_tunnel_congestion_window_bytes{{peer="{PEER}"}}"#))
             > Some(0.0)
     );
     assert!(
-        sample(&text, &format!(r#"dataplane_tunnel_congestion_window_bytes{{peer="{PEER}"}}"#)) > Some(0.0)
+        metric_sample(&text, &format!(r#"dataplane_tunnel_lost_packets_total{{peer="{PEER}"}}"#)).is_some()
     );
-    assert!(sample(&text, &format!(r#"dataplane_tunnel_lost_packets_total{{peer="{PEER}"}}"#)).is_some());
     assert!(
-        sample(&text, r#"dataplane_tunnel_udp_socket_buffer_bytes{direction="receive"}"#)
+        metric_sample(&text, r#"dataplane_tunnel_udp_socket_buffer_bytes{direction="receive"}"#)
             >= Some(8.0 * 1024.0 * 1024.0)
     );
-    assert!(sample(&text, "dataplane_process_resident_memory_bytes") > Some(1e6));
-    assert!(sample(&text, "dataplane_process_cpu_seconds_total").is_some());
+    assert!(metric_sample(&text, "dataplane_process_resident_memory_bytes") > Some(1e6));
+    assert!(metric_sample(&text, "dataplane_process_cpu_seconds_total").is_some());
     assert!(text.contains("dataplane_build_info{version="), "{text}");
 
     let (_, c) = get(&env.topo.remote, "/metrics");
-    assert_eq!(sample(&c, r#"dataplane_connector_streams_total{status="ok"}"#), Some(3.0), "{c}");
-    assert_eq!(sample(&c, r#"dataplane_connector_streams_total{status="denied"}"#), Some(1.0));
-    assert_eq!(sample(&c, r#"dataplane_connector_refusals_total{reason="not_served"}"#), Some(1.0));
+    assert_eq!(metric_sample(&c, r#"dataplane_connector_streams_total{status="ok"}"#), Some(3.0), "{c}");
+    assert_eq!(metric_sample(&c, r#"dataplane_connector_streams_total{status="denied"}"#), Some(1.0));
+    assert_eq!(metric_sample(&c, r#"dataplane_connector_refusals_total{reason="not_served"}"#), Some(1.0));
     assert_eq!(
-        sample(&c, r#"dataplane_tunnel_connections_opened_total{peer="worker-1",direction="accepted"}"#),
+        metric_sample(
+            &c,
+            r#"dataplane_tunnel_connections_opened_total{peer="worker-1",direction="accepted"}"#
+        ),
         Some(2.0)
     );
     drop(connector);

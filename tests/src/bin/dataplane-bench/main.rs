@@ -56,12 +56,13 @@ fn opts() -> Result<Opts> {
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().with_context(|| format!("{a} needs a value"));
+        let number = |v: String| v.parse::<usize>().with_context(|| format!("{a}: `{v}` is not a count"));
         match a.as_str() {
-            "--rounds" => o.rounds = value()?.parse()?,
-            "--connects" => o.connects = value()?.parse()?,
-            "--exchanges" => o.exchanges = value()?.parse()?,
+            "--rounds" => o.rounds = number(value()?)?,
+            "--connects" => o.connects = number(value()?)?,
+            "--exchanges" => o.exchanges = number(value()?)?,
             "--json" => o.json = Some(value()?.into()),
-            "--workers" => o.workers = Some(value()?.parse()?),
+            "--workers" => o.workers = Some(number(value()?)?),
             "--only" => {
                 for s in value()?.split(',') {
                     ensure!(
@@ -109,7 +110,6 @@ fn exchanges(dst: SocketAddr, n: usize) -> Result<Vec<f64>> {
         s.read_to_end(&mut buf)?;
         out.push(t.elapsed().as_secs_f64() * 1e6);
         ensure!(buf.ends_with(&request), "echo from {dst} incomplete");
-        socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO))?;
     }
     Ok(out)
 }
@@ -141,7 +141,18 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    // The error chain, not a backtrace: every message says what is wrong.
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dataplane-bench: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     let o = opts()?;
     tests::raise_nofile_limit(1 << 17);
     ensure!(nix::unistd::geteuid().is_root(), "the benchmark needs root");

@@ -15,9 +15,10 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
+use dataplane::metrics::ProcessStats;
 use serde_json::json;
 use tests::{
-    agent_process::{AgentProcess, ProcessUsage, process_usage},
+    agent_process::AgentProcess,
     baselines::{RawQuinnClient, RawQuinnServer, Socat},
     probe::Latencies,
     topology::{EchoServer, OTHER_V4},
@@ -218,10 +219,10 @@ pub fn run(o: &Opts) -> Result<serde_json::Value> {
             let agents_cpu = cpu_delta(before.0, after.0) + cpu_delta(before.1, after.1);
             dp_eff.push(gbit_both_ways / agents_cpu);
             busy.push((after.2.0 - before.2.0) as f64 / (after.2.1 - before.2.1) as f64);
-            let (me, before) = (process_usage(std::process::id())?, machine_jiffies()?);
+            let (me, before) = (ProcessStats::read(), machine_jiffies()?);
             single[3].rounds.push(quinn.echo(BULK)?);
             quinn_cost.push(busy_secs(before, machine_jiffies()?) / gbit_each_way);
-            quinn_eff.push(gbit_both_ways / cpu_delta(me, process_usage(std::process::id())?));
+            quinn_eff.push(gbit_both_ways / cpu_delta(me, ProcessStats::read()));
         }
         println!("  single flow, 256 MiB out and echoed back at once, Mbit/s per direction:");
         for a in &single {
@@ -365,9 +366,9 @@ pub fn run(o: &Opts) -> Result<serde_json::Value> {
     println!(
         "  agents after the run: client {:.1} MiB RSS, {:.1} CPU-s; connector {:.1} MiB RSS, {:.1} CPU-s",
         used.0.rss_bytes as f64 / 1048576.0,
-        used.0.cpu_secs,
+        used.0.cpu_seconds,
         used.1.rss_bytes as f64 / 1048576.0,
-        used.1.cpu_secs
+        used.1.cpu_seconds
     );
 
     println!("\ntargets (issue 5), this run:");
@@ -419,8 +420,8 @@ fn jiffies_per_sec() -> f64 {
     unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
 }
 
-fn cpu_delta(before: ProcessUsage, after: ProcessUsage) -> f64 {
-    (after.cpu_secs - before.cpu_secs).max(1e-3)
+fn cpu_delta(before: ProcessStats, after: ProcessStats) -> f64 {
+    (after.cpu_seconds - before.cpu_seconds).max(1e-3)
 }
 
 fn bulk_mbps(pod: &tests::probe::Probe, dst: SocketAddr) -> Result<f64> {
@@ -438,7 +439,7 @@ fn idle_flows(
     client: &AgentProcess,
     connector: &AgentProcess,
     n: usize,
-    fresh: (ProcessUsage, ProcessUsage),
+    fresh: (ProcessStats, ProcessStats),
 ) -> Result<(f64, f64)> {
     let server = env.stalled_server()?;
     let held = pod.hold(STALLED_V4.parse()?, n)?;
@@ -452,7 +453,7 @@ fn idle_flows(
     held.release();
     drop(server);
     wait_until(|| Ok(client.metric("dataplane_flows_active")? == 0.0), "idle flows to close")?;
-    let per_flow = |now: ProcessUsage, at_start: ProcessUsage| {
+    let per_flow = |now: ProcessStats, at_start: ProcessStats| {
         now.rss_bytes.saturating_sub(at_start.rss_bytes) as f64 / n as f64
     };
     Ok((per_flow(c, fresh.0), per_flow(k, fresh.1)))
