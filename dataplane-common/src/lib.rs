@@ -8,7 +8,6 @@
 #![cfg_attr(not(test), no_std)]
 
 pub mod counter;
-pub mod protocol;
 
 pub use counter::Counter;
 

@@ -1,23 +1,27 @@
 //! The dataplane agent as a library: `dataplane` (src/main.rs) is a thin CLI
-//! over [`agent::Agent`], and tests run the same agent in process.
+//! over [`app::Agent`], and tests run the same agent in process.
+//!
+//! One folder per role, in the order a flow meets them:
+//! - `kernel`: what the kernel offers, the cgroup, the redirect interface,
+//!   and the eBPF programs and maps that steer routed connects;
+//! - `steer`: the redirect listeners, accepting and serving each steered
+//!   flow through its route's upstream (`direct`, or a tunnel peer);
+//! - `tunnel`: QUIC endpoint, peer pool, handshake, dialing; it carries
+//!   streams and knows no roles (inbound streams go to a `StreamHandler`);
+//! - `connector`: serving streams peers open: policy, dial, splice;
+//! - `tls`: mutual-TLS material, verifiers, identities, certificates;
+//! - `admin`: the HTTP admin API over a narrow read interface;
+//! - `app`: the composition root: start, reload, drain and shutdown order;
+//! - `config`, `routes`, `process`, `sockopt`: what they say.
 
 pub mod admin;
-pub mod agent;
-pub mod certs;
-pub mod cgroup;
+pub mod app;
 pub mod config;
-pub mod config_watch;
 pub mod connector;
-pub mod direct;
-pub mod ebpf;
-pub mod flow_metrics;
 pub mod kernel;
-pub mod metrics;
-pub mod netlink;
+pub mod process;
 pub mod routes;
 pub mod sockopt;
-pub mod splice;
-pub mod status;
 pub mod steer;
 pub mod tls;
 pub mod tunnel;

@@ -4,9 +4,8 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 use dataplane::{
-    agent::{Agent, AgentError},
-    config::{Config, EXIT_BAD_CONFIG},
-    config_watch,
+    app::{Agent, AgentError, watch},
+    config::{Config, EXIT_BAD_CONFIG, ValidConfig},
 };
 use tracing::{error, info};
 
@@ -100,9 +99,9 @@ fn main() -> ExitCode {
         },
         Command::Agent { config, reload_interval } => run_agent(config, reload_interval),
         Command::Cert(cmd) => cert(cmd),
-        Command::Status { admin, json } => match dataplane::status::fetch(admin) {
+        Command::Status { admin, json } => match dataplane::admin::client::fetch(admin) {
             Ok((status, raw)) => {
-                print!("{}", if json { raw } else { dataplane::status::render(&status) });
+                print!("{}", if json { raw } else { dataplane::admin::client::render(&status) });
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -117,12 +116,13 @@ fn cert(cmd: CertCommand) -> ExitCode {
     let day = Duration::from_secs(86_400);
     let result = match cmd {
         CertCommand::Ca { out, name, days, force } => {
-            dataplane::certs::write_ca(&out, &name, day * days as u32, force)
+            dataplane::tls::certs::write_ca(&out, &name, day * days as u32, force)
                 .map(|()| format!("{}/ca.crt", out.display()))
         }
         CertCommand::Issue { ca, identity, out, dns, ip, days, force } => {
-            let spec = dataplane::certs::NodeSpec { identity, dns, ips: ip, validity: day * days as u32 };
-            dataplane::certs::write_node(&ca, &spec, &out, force)
+            let spec =
+                dataplane::tls::certs::NodeSpec { identity, dns, ips: ip, validity: day * days as u32 };
+            dataplane::tls::certs::write_node(&ca, &spec, &out, force)
                 .map(|()| format!("{}/tls.crt", out.display()))
         }
     };
@@ -182,11 +182,11 @@ fn run_agent(path: PathBuf, reload_interval: Duration) -> ExitCode {
     }
 }
 
-async fn serve(path: PathBuf, config: Config, reload_interval: Duration) -> anyhow::Result<()> {
+async fn serve(path: PathBuf, config: ValidConfig, reload_interval: Duration) -> anyhow::Result<()> {
     let agent = Agent::start(config).await?;
     let handle = agent.handle();
     info!(listeners = ?agent.listen_addrs(), admin = ?agent.admin_addr(), cgroup = ?handle.cgroup(), "agent running");
-    let watcher = tokio::spawn(config_watch::watch(path, handle, reload_interval));
+    let watcher = tokio::spawn(watch::watch(path, handle, reload_interval));
     agent.run(shutdown_signal()).await;
     watcher.abort();
     Ok(())

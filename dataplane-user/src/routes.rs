@@ -1,5 +1,5 @@
 //! The agent's route table: validated routes with ids that stay stable across
-//! reloads, longest-prefix lookup, and the diff that syncs the kernel tries.
+//! reloads (and are never reused), and the diff that syncs the kernel tries.
 
 use std::collections::HashMap;
 
@@ -34,6 +34,11 @@ pub struct RouteEntry {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RouteTable {
     entries: Vec<RouteEntry>,
+    /// The id the next new CIDR gets. Carried from table to table, never
+    /// lowered: an id taken from the highest live entry would hand a removed
+    /// route's id to a new one, and a flow recorded under the old route would
+    /// be served as the new one.
+    next_id: u32,
 }
 
 /// What to change in the kernel tries to go from one table to another.
@@ -46,21 +51,22 @@ pub struct RouteDiff {
 }
 
 impl RouteTable {
-    /// Builds a table, keeping the ids `previous` gave to the same CIDRs.
+    /// Builds a table, keeping the ids `previous` gave to the same CIDRs; a
+    /// CIDR new to it gets an id no earlier table has used.
     pub fn build(routes: &[ValidRoute], previous: &RouteTable) -> RouteTable {
         let known: HashMap<IpNet, u32> = previous.entries.iter().map(|e| (e.net, e.id)).collect();
-        let mut next = previous.entries.iter().map(|e| e.id + 1).max().unwrap_or(0);
+        let mut next_id = previous.next_id;
         let entries = routes
             .iter()
             .map(|r| {
                 let id = known.get(&r.net).copied().unwrap_or_else(|| {
-                    next += 1;
-                    next - 1
+                    next_id += 1;
+                    next_id - 1
                 });
                 RouteEntry { id, net: r.net, upstream: Upstream::of(&r.via) }
             })
             .collect();
-        RouteTable { entries }
+        RouteTable { entries, next_id }
     }
 
     pub fn entries(&self) -> &[RouteEntry] {
@@ -100,7 +106,21 @@ mod tests {
         let b = RouteTable::build(&routes(&["192.0.2.0/24", "2001:db8::/64"]), &a);
         assert_eq!(a.entries()[1].id, b.entries()[0].id, "same CIDR keeps its id");
         let ids: Vec<u32> = a.entries().iter().chain(b.entries()).map(|e| e.id).collect();
-        assert_eq!(ids, vec![0, 1, 1, 2], "a new CIDR never reuses an id");
+        assert_eq!(ids, vec![0, 1, 1, 2]);
+    }
+
+    /// [A0, B1] -> [A0] -> [A0, C]: C must not get B's id, or a flow the
+    /// kernel recorded under B before the reload would be served as C.
+    #[test]
+    fn a_new_cidr_never_reuses_a_removed_routes_id() {
+        let a = RouteTable::build(&routes(&["10.0.0.0/8", "192.0.2.0/24"]), &RouteTable::default());
+        let b = RouteTable::build(&routes(&["10.0.0.0/8"]), &a);
+        let c = RouteTable::build(&routes(&["10.0.0.0/8", "198.51.100.0/24"]), &b);
+        let ids = |t: &RouteTable| t.entries().iter().map(|e| e.id).collect::<Vec<_>>();
+        assert_eq!((ids(&a), ids(&b), ids(&c)), (vec![0, 1], vec![0], vec![0, 2]));
+        // Not even after every route is gone.
+        let empty = RouteTable::build(&[], &c);
+        assert_eq!(ids(&RouteTable::build(&routes(&["192.0.2.0/24"]), &empty)), vec![3]);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! decoded request re-encodes to the same bytes.
 #![no_main]
 
-use dataplane_common::protocol::{Decoded, MAX_REQUEST, decode_request, decode_response};
+use dataplane_proto::stream::{Decoded, MAX_REQUEST, decode_request, decode_response};
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     if let Ok(Decoded::Complete(req, n)) = decode_request(data) {

@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use dataplane::metrics::ProcessStats;
+use dataplane::process::ProcessStats;
 
 use crate::Netns;
 
@@ -103,7 +103,7 @@ impl AgentProcess {
     /// A GET against the admin server, from inside the namespace.
     fn get(&self, path: &'static str) -> Result<(u16, String)> {
         let admin = self.admin;
-        Ok(crate::run_in(&self.ns, move || dataplane::status::get(admin, path))??)
+        Ok(crate::run_in(&self.ns, move || dataplane::admin::client::get(admin, path))??)
     }
 
     fn log_tail(&self) -> String {

@@ -153,7 +153,8 @@ pub fn accept_until(
 /// The cgroup v2 mount point of this host.
 pub fn cgroup2_root() -> Result<PathBuf> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
-    dataplane::cgroup::cgroup2_mount(&mountinfo).context("no cgroup2 mount: these tests need cgroup v2")
+    dataplane::kernel::cgroup::cgroup2_mount(&mountinfo)
+        .context("no cgroup2 mount: these tests need cgroup v2")
 }
 
 /// A child cgroup created for one test; on drop its processes are killed and
@@ -253,7 +254,7 @@ pub fn raise_nofile_limit(want: u64) {
 /// Waits until the agent has no active flows. An application sees a flow end
 /// (the FIN the agent passes on) a moment before the agent's flow task has
 /// finished and counted it; checks of the totals wait for that.
-pub fn wait_flows_settled(handle: &dataplane::agent::AgentHandle) {
+pub fn wait_flows_settled(handle: &dataplane::app::AgentHandle) {
     let start = std::time::Instant::now();
     while handle.flow_stats().active > 0 {
         assert!(

@@ -82,6 +82,10 @@ pub struct Summary {
     /// Milliseconds since the epoch when the first failed attempt started.
     #[serde(default)]
     pub first_error_at_ms: Option<u128>,
+    /// When each successful attempt started, in milliseconds since the epoch
+    /// (tests check that attempts overlapped a window of theirs).
+    #[serde(default)]
+    pub ok_at_ms: Vec<u128>,
 }
 
 /// A workload process placed in a cgroup and a network namespace.

@@ -21,8 +21,8 @@ use std::{
 
 use anyhow::{Context, Result};
 use dataplane::{
-    agent::{Agent, AgentHandle, Summary},
-    config::Config,
+    app::{Agent, AgentHandle, Summary},
+    config::{Config, ValidConfig},
 };
 
 use crate::{Cgroup, Netns, probe::Probe, unique_id};
@@ -117,7 +117,7 @@ impl Topology {
     }
 
     /// A config for this topology's cgroup with the given routes (`direct`).
-    pub fn config(&self, routes: &[&str]) -> Config {
+    pub fn config(&self, routes: &[&str]) -> ValidConfig {
         let routes: String =
             routes.iter().map(|r| format!("  - {{ cidr: \"{r}\", via: direct }}\n")).collect();
         let text = format!(
@@ -139,7 +139,7 @@ impl Topology {
     }
 
     /// Starts the agent in process, in the node namespace.
-    pub fn start_agent(&self, config: Config) -> Result<RunningAgent> {
+    pub fn start_agent(&self, config: ValidConfig) -> Result<RunningAgent> {
         RunningAgent::start(&self.node, config)
     }
 }
@@ -204,7 +204,7 @@ pub struct RunningAgent {
 }
 
 impl RunningAgent {
-    pub fn start(ns: &Netns, config: Config) -> Result<RunningAgent> {
+    pub fn start(ns: &Netns, config: ValidConfig) -> Result<RunningAgent> {
         let _ = tracing_subscriber::fmt()
             .with_env_filter("info,aya=warn,aya_obj=warn")
             .with_test_writer()

@@ -11,9 +11,9 @@ use std::{
 
 use anyhow::{Context, Result};
 use dataplane::{
-    agent::AgentHandle,
-    certs::{self, NodeSpec, Pem},
-    config::Config,
+    app::AgentHandle,
+    config::{Config, ValidConfig},
+    tls::certs::{self, NodeSpec, Pem},
 };
 
 use crate::{
@@ -141,7 +141,7 @@ impl TunnelEnv {
     const TUNNEL_TIMERS: &str = "keep_alive: 300ms, idle_timeout: 1500ms";
 
     /// The client agent: steers the private addresses into the tunnel.
-    pub fn client_config(&self, mode: Mode, tls: &TlsPaths) -> Config {
+    pub fn client_config(&self, mode: Mode, tls: &TlsPaths) -> ValidConfig {
         Config::parse(&self.client_config_text(mode, tls)).expect("client config is valid")
     }
 
@@ -171,7 +171,7 @@ impl TunnelEnv {
     }
 
     /// The connector agent in the private namespace.
-    pub fn connector_config(&self, mode: Mode, tls: &TlsPaths) -> Config {
+    pub fn connector_config(&self, mode: Mode, tls: &TlsPaths) -> ValidConfig {
         Config::parse(&self.connector_config_text(mode, tls)).expect("connector config is valid")
     }
 
@@ -199,7 +199,9 @@ impl TunnelEnv {
         let client =
             self.topo.start_agent(self.client_config(mode, &self.tls("client", CLIENT_ID, None)?))?;
         let connector = self.start_connector(mode)?;
-        ensure_tunnel(&client.handle, Duration::from_secs(10))?;
+        // Every configured connection (peers[].connections, 2 by default),
+        // not just the first: tests count them.
+        ensure_connections(&client.handle, CONNECTIONS, Duration::from_secs(10))?;
         Ok((client, connector))
     }
 
@@ -243,17 +245,26 @@ impl TunnelEnv {
     }
 }
 
+/// Tunnel connections each side keeps (the config's default).
+pub const CONNECTIONS: usize = 2;
+
 /// Waits until the agent has a live tunnel connection to the peer.
 pub fn ensure_tunnel(handle: &AgentHandle, within: Duration) -> Result<Duration> {
+    ensure_connections(handle, 1, within)
+}
+
+/// Waits until the agent has at least `n` live tunnel connections to the peer.
+pub fn ensure_connections(handle: &AgentHandle, n: usize, within: Duration) -> Result<Duration> {
     let start = Instant::now();
     let tunnel = handle.tunnel().context("agent has no tunnel")?;
     while start.elapsed() < within {
-        if tunnel.live_connections(PEER) > 0 {
+        if tunnel.live_connections(PEER) >= n {
             return Ok(start.elapsed());
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    anyhow::bail!("no tunnel connection to {PEER} within {within:?}")
+    let live = tunnel.live_connections(PEER);
+    anyhow::bail!("{live} of {n} tunnel connections to {PEER} within {within:?}")
 }
 
 pub struct StalledServer {

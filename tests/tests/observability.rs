@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use dataplane::status;
+use dataplane::admin::client as status;
 use tests::{
     Netns, metric_sample, require_root,
     topology::{OTHER_V4, addr},

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 
-use dataplane::agent::ReloadError;
+use dataplane::app::ReloadError;
 use dataplane_common::Counter;
 use tests::{
     require_root,
@@ -126,8 +126,9 @@ fn removing_a_route_at_runtime_stops_steering_it() {
     assert_eq!(ip_of(pod.connect(addr(API_V4)).expect("probe").server_saw()), NODE_TO_SERVER_V4);
 
     // A reload that also changes a restart-only field is refused whole.
-    let mut bad = topo.config(&["2001:db8::101/128"]);
+    let mut bad = topo.config(&["2001:db8::101/128"]).config().clone();
     bad.steering.redirect.interface = "other0".into();
+    let bad = bad.validate().expect("valid on its own");
     assert!(
         matches!(agent.handle.reload(bad), Err(ReloadError::RestartRequired(ref f)) if f == &["steering.redirect"])
     );
@@ -170,12 +171,22 @@ fn stopping_the_agent_removes_steering_without_failing_connects() {
         assert!(start.elapsed() < std::time::Duration::from_secs(30), "the load never reached the agent");
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
+    let epoch_ms =
+        || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis();
+    let began = epoch_ms();
     let summary = agent.stop();
+    let ended = epoch_ms();
+    let mut in_window = 0;
     for load in loads {
         let during = tests::probe::wait_summary(load).expect("probe");
         assert_eq!(during.failed, 0, "a connect failed during shutdown: {during:?}");
         assert_eq!(during.ok, 400);
+        in_window += during.ok_at_ms.iter().filter(|&&t| (began..=ended).contains(&t)).count();
     }
+    // Without this the test would pass with a load that ended before the
+    // shutdown began.
+    assert!(in_window > 0, "no connect started while the agent was stopping ({began}..{ended} ms)");
+    eprintln!("{in_window} connects started during the {} ms shutdown, none failed", ended - began);
     assert!(summary.flows.accepted >= 10, "some load went through the agent: {:?}", summary.flows);
     assert_eq!(summary.flows.unrecovered, 0, "{:?}", summary.flows);
 
@@ -207,8 +218,9 @@ fn a_failed_start_cleans_up() {
         return;
     }
     let topo = Topology::new().expect("topology");
-    let mut config = topo.config(&ROUTES);
+    let mut config = topo.config(&ROUTES).config().clone();
     config.steering.cgroup = Some("/proc".into());
+    let config = config.validate().expect("valid on its own: the start refuses it");
     let err = topo.start_agent(config).err().expect("must fail").to_string();
     assert!(err.contains("steering.cgroup") && err.contains("/proc"), "{err}");
     // Bind failure after the interface exists: the interface must go again.
@@ -265,14 +277,14 @@ fn stop_redirecting_keeps_redirected_flows_recorded() {
     if !require_root() {
         return;
     }
-    use dataplane::{ebpf::Steering, routes::RouteTable};
+    use dataplane::{kernel::Steering, routes::RouteTable};
     let topo = Topology::new().expect("topology");
     // The redirect target: a listener of this test's own in the node namespace.
     let target = addr("10.200.0.1:15999");
     let listener = topo.node.run(move || tests::listen(target)).expect("netns").expect("listen");
     let steering = Steering::load(&topo.cgroup.path, Some(target), None).expect("steering loads");
     let config = topo.config(&ROUTES);
-    let table = RouteTable::build(&config.valid_routes().expect("routes"), &RouteTable::default());
+    let table = RouteTable::build(config.valid_routes(), &RouteTable::default());
     steering.apply(&RouteTable::default().diff(&table)).expect("routes applied");
 
     let pod = topo.pod_probe();

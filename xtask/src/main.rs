@@ -57,10 +57,13 @@ fn run(command: Command) -> Result<()> {
         Command::ClippyEbpf => build_ebpf::clippy(),
         Command::Test { args } => {
             build_ebpf::run(&build_ebpf::Options::default())?;
-            cargo(&["test", "--workspace", "--exclude", "dataplane-ebpf"], &args)
+            cargo(&["test", "--workspace", "--no-fail-fast"], &args)
         }
         Command::Demo => {
             build_ebpf::run(&build_ebpf::Options::default())?;
+            // The demo drives the probe (the pod's workload) and the agent
+            // binary (`dataplane status`) beside it.
+            cargo(&["build", "--quiet", "-p", "tests", "-p", "dataplane-user", "--bins"], &[])?;
             cargo(&["run", "--quiet", "-p", "tests", "--bin", "dataplane-demo"], &[])
         }
         Command::VmTest(opts) => {

@@ -6,7 +6,7 @@
 //! server through it. Exits non-zero if anything does not behave as shown,
 //! so CI runs it too.
 
-use std::{process::ExitCode, time::Duration};
+use std::process::ExitCode;
 
 use anyhow::{Context, Result, ensure};
 use tests::{
@@ -80,11 +80,23 @@ fn demo() -> Result<()> {
         a.elapsed_us
     );
 
-    std::thread::sleep(Duration::from_millis(100));
-    println!("\n$ dataplane status   (the client agent, from its admin API)");
-    print!("{}", dataplane::status::render(&client.handle.status()));
+    tests::wait_flows_settled(&client.handle);
+    // The real binary and the real curl, in the node's network namespace,
+    // against the client agent's admin API.
+    let in_node = |program: &std::path::Path, args: &[&str]| -> Result<String> {
+        let o = std::process::Command::new("ip")
+            .args(["netns", "exec", &t.node.name])
+            .arg(program)
+            .args(args)
+            .output()
+            .with_context(|| format!("running {}", program.display()))?;
+        ensure!(o.status.success(), "{} {args:?} failed: {}", program.display(), out(&o));
+        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    println!("\n$ dataplane status   (in the node's network namespace)");
+    print!("{}", in_node(&tests::agent_process::agent_bin(), &["status", "--admin", "127.0.0.1:9464"])?);
     println!("\n$ curl -s 127.0.0.1:9464/metrics | grep ...   (a few of the client agent's series)");
-    let scrape = client.handle.encode_metrics();
+    let scrape = in_node(std::path::Path::new("curl"), &["-sf", "http://127.0.0.1:9464/metrics"])?;
     for prefix in [
         "dataplane_flows_closed_total",
         "dataplane_flow_setup_duration_seconds_count",

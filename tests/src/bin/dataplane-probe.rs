@@ -194,6 +194,7 @@ fn main() -> Result<()> {
         let a = attempt(addr, &args.payload, None, Close::Graceful);
         if a.ok {
             summary.ok += 1;
+            summary.ok_at_ms.push(started);
         } else {
             summary.failed += 1;
             summary.first_error_at_ms = summary.first_error_at_ms.or(Some(started));

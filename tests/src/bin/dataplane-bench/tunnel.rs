@@ -15,7 +15,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
-use dataplane::metrics::ProcessStats;
+use dataplane::process::ProcessStats;
 use serde_json::json;
 use tests::{
     agent_process::AgentProcess,

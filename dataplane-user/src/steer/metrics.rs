@@ -31,6 +31,9 @@ pub enum FlowResult {
     no_tunnel,
     /// The connector answered with a status other than ok, or not in time.
     refused_by_peer,
+    /// The application reset its own connection (iperf3 ends every test so);
+    /// the path did not fail. Not an error of the dataplane.
+    client_reset,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -67,6 +70,8 @@ pub struct FlowSnapshot {
     pub no_tunnel: u64,
     pub refused_by_peer: u64,
     pub failed: u64,
+    #[serde(default)]
+    pub client_reset: u64,
     pub completed: u64,
     pub active: u64,
     pub bytes_up: u64,
@@ -81,7 +86,7 @@ pub struct FlowMetrics {
     active: Gauge,
     bytes: Family<BytesLabels, Counter>,
     setup: Family<UpstreamLabels, Histogram>,
-    totals: [AtomicU64; 7],
+    totals: [AtomicU64; 8],
     accepted: AtomicU64,
     up: AtomicU64,
     down: AtomicU64,
@@ -159,6 +164,7 @@ impl FlowMetrics {
             no_tunnel: t(FlowResult::no_tunnel),
             refused_by_peer: t(FlowResult::refused_by_peer),
             failed: t(FlowResult::failed),
+            client_reset: t(FlowResult::client_reset),
             completed: t(FlowResult::completed),
             active: self.active.get().max(0) as u64,
             bytes_up: self.up.load(Relaxed),

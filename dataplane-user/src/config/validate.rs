@@ -1,281 +1,47 @@
-//! The agent's YAML configuration: types, defaults, and validation whose errors
-//! name the offending field.
+//! Validation: everything serde cannot check (addresses, CIDRs, overlaps,
+//! references), with errors that name the field. Its result, [`ValidConfig`],
+//! keeps the parsed routes and serve entries for the agent to use.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    path::{Path, PathBuf},
-    time::Duration,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
 };
 
 use ipnet::IpNet;
-use serde::Deserialize;
 
-/// Exit code for a bad configuration (EX_USAGE from sysexits.h).
-pub const EXIT_BAD_CONFIG: i32 = 64;
+use super::{Config, ConfigError, MAX_WORKERS, Redirect, VIA_DIRECT};
 
-/// The `via` value that dials the original destination from the agent itself.
-pub const VIA_DIRECT: &str = "direct";
-
-/// A configuration that could not be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    /// The YAML does not match the schema (unknown field, wrong type, ...).
-    #[error("invalid config: {0}")]
-    Syntax(String),
-    /// A field has a value the agent cannot use.
-    #[error("invalid config: {field}: {reason}")]
-    Invalid { field: String, reason: String },
+/// A configuration that passed [`Config::validate`], with the routes and
+/// serve entries validation parsed. It reads as the [`Config`] it wraps.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValidConfig {
+    config: Config,
+    routes: Vec<ValidRoute>,
+    serve: Vec<ValidServe>,
 }
 
-impl ConfigError {
-    fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
-        ConfigError::Invalid { field: field.into(), reason: reason.into() }
+impl ValidConfig {
+    /// The routes, parsed, in file order.
+    pub fn valid_routes(&self) -> &[ValidRoute] {
+        &self.routes
+    }
+
+    /// What this agent serves as a connector, parsed.
+    pub fn valid_serve(&self) -> &[ValidServe] {
+        &self.serve
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
     }
 }
 
-/// The whole file.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Config {
-    /// Identity in logs; defaults to $NODE_NAME, then the hostname.
-    #[serde(default = "default_node")]
-    pub node: String,
-    /// Admin HTTP server (/metrics /ready /healthz /status); `null` disables it.
-    #[serde(default = "default_admin")]
-    pub admin: Option<SocketAddr>,
-    /// Threads that carry flows; default: one per CPU this process may run
-    /// on (see [`Config::worker_threads`]).
-    #[serde(default)]
-    pub workers: Option<usize>,
-    #[serde(default)]
-    pub log: LogSettings,
-    #[serde(default)]
-    pub steering: Steering,
-    #[serde(default)]
-    pub timeouts: Timeouts,
-    /// CIDRs whose TCP connects are steered into the agent.
-    #[serde(default)]
-    pub routes: Vec<Route>,
-    /// Certificates for the tunnel (required with peers, serve or tunnel.listen).
-    #[serde(default)]
-    pub tls: Option<TlsFiles>,
-    #[serde(default)]
-    pub tunnel: TunnelSettings,
-    /// Agents this one exchanges flows with.
-    #[serde(default)]
-    pub peers: Vec<Peer>,
-    /// As a connector: what this agent dials on behalf of peers. Nothing else.
-    #[serde(default)]
-    pub serve: Vec<Serve>,
-}
+impl std::ops::Deref for ValidConfig {
+    type Target = Config;
 
-/// Logging. `DATAPLANE_LOG` (an EnvFilter) and `DATAPLANE_LOG_FORMAT`
-/// override these.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct LogSettings {
-    #[serde(default = "default_log_level")]
-    pub level: String,
-    #[serde(default)]
-    pub format: LogFormat,
-}
-
-impl Default for LogSettings {
-    fn default() -> Self {
-        LogSettings { level: default_log_level(), format: LogFormat::default() }
+    fn deref(&self) -> &Config {
+        &self.config
     }
-}
-
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines (the default on a terminal).
-    #[default]
-    Text,
-    /// One JSON object per line, for log collectors in clusters.
-    Json,
-}
-
-/// PEM files: the private CA, this node's certificate (identity in a URI SAN)
-/// and its key.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct TlsFiles {
-    pub ca: PathBuf,
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
-
-/// QUIC endpoint settings. Restart-only.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct TunnelSettings {
-    /// Accept QUIC from peers here; omit to only dial out.
-    #[serde(default)]
-    pub listen: Option<SocketAddr>,
-    /// Keep-alive interval on every tunnel connection.
-    #[serde(default = "default_keep_alive", with = "humantime_serde")]
-    pub keep_alive: Duration,
-    /// A connection silent this long is dead (both ends' minimum applies).
-    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
-    pub idle_timeout: Duration,
-    /// UDP socket buffer size to force (SO_RCVBUFFORCE/SO_SNDBUFFORCE).
-    #[serde(default = "default_udp_buffer")]
-    pub udp_buffer_bytes: usize,
-}
-
-impl Default for TunnelSettings {
-    fn default() -> Self {
-        TunnelSettings {
-            listen: None,
-            keep_alive: default_keep_alive(),
-            idle_timeout: default_idle_timeout(),
-            udp_buffer_bytes: default_udp_buffer(),
-        }
-    }
-}
-
-/// Another agent.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Peer {
-    /// Referenced by `routes[].via`.
-    pub name: String,
-    /// Addresses to dial; omit for a peer that dials us (a connector behind a
-    /// firewall that allows no inbound traffic).
-    #[serde(default)]
-    pub dial: Vec<SocketAddr>,
-    /// The URI SAN its certificate must carry.
-    pub identity: String,
-    /// Connections to keep to it (when dialing).
-    #[serde(default = "default_connections")]
-    pub connections: u32,
-}
-
-/// Destinations a connector dials for its peers.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Serve {
-    pub cidr: String,
-    /// Destination ports allowed; at least one.
-    pub ports: Vec<u16>,
-}
-
-/// Kernel-side steering settings. Changing them needs a restart.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Steering {
-    /// cgroup v2 directory the programs attach to; default: the cgroup v2 mount.
-    #[serde(default)]
-    pub cgroup: Option<PathBuf>,
-    #[serde(default)]
-    pub redirect: Redirect,
-}
-
-/// The node-local listeners that routed connects are rewritten to. They sit on
-/// an interface of their own so every pod can reach them through its gateway.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Redirect {
-    #[serde(default = "default_interface")]
-    pub interface: String,
-    /// IPv4 listener; `null` disables IPv4 steering.
-    #[serde(default = "default_v4")]
-    pub v4: Option<SocketAddr>,
-    /// IPv6 listener; `null` disables IPv6 steering.
-    #[serde(default = "default_v6")]
-    pub v6: Option<SocketAddr>,
-}
-
-impl Default for Redirect {
-    fn default() -> Self {
-        Redirect { interface: default_interface(), v4: default_v4(), v6: default_v6() }
-    }
-}
-
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Timeouts {
-    /// Dialing an upstream (e.g. `10s`).
-    #[serde(default = "default_connect", with = "humantime_serde")]
-    pub connect: Duration,
-    /// How long open flows may finish after SIGTERM before they are cut.
-    #[serde(default = "default_grace", with = "humantime_serde")]
-    pub shutdown_grace: Duration,
-}
-
-impl Default for Timeouts {
-    fn default() -> Self {
-        Timeouts { connect: default_connect(), shutdown_grace: default_grace() }
-    }
-}
-
-/// One steered CIDR.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Route {
-    /// Network in CIDR notation, host bits clear (`198.51.100.101/32`).
-    pub cidr: String,
-    /// Where flows go: `direct` (dial the original destination from the agent).
-    pub via: String,
-}
-
-fn default_node() -> String {
-    std::env::var("NODE_NAME")
-        .ok()
-        .filter(|s| !s.is_empty())
-        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|s| s.trim().to_owned()))
-        .unwrap_or_else(|| "unknown".to_owned())
-}
-/// Most runtime worker threads a config may ask for.
-pub const MAX_WORKERS: usize = 256;
-
-impl Config {
-    /// The runtime's worker threads: `workers`, or `cpus` (the CPUs this
-    /// process may run on, cgroup quota included). Operators cap it where
-    /// the agent's share of the node should be smaller than its CPU limit;
-    /// on the 2-core benchmark one and two workers measured within noise of
-    /// each other (README, "Performance").
-    pub fn worker_threads(&self, cpus: usize) -> usize {
-        self.workers.unwrap_or(cpus.max(1))
-    }
-}
-
-fn default_admin() -> Option<SocketAddr> {
-    Some(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 9464))
-}
-fn default_log_level() -> String {
-    "info".to_owned()
-}
-fn default_interface() -> String {
-    "dataplane0".to_owned()
-}
-fn default_v4() -> Option<SocketAddr> {
-    Some(SocketAddr::new(Ipv4Addr::new(169, 254, 77, 1).into(), 15001))
-}
-fn default_v6() -> Option<SocketAddr> {
-    Some(SocketAddr::new(Ipv6Addr::new(0xfd00, 0xd47a, 0, 0, 0, 0, 0, 1).into(), 15001))
-}
-fn default_keep_alive() -> Duration {
-    Duration::from_secs(2)
-}
-fn default_idle_timeout() -> Duration {
-    Duration::from_secs(8)
-}
-fn default_udp_buffer() -> usize {
-    8 << 20
-}
-fn default_connections() -> u32 {
-    2
-}
-fn default_connect() -> Duration {
-    Duration::from_secs(10)
-}
-fn default_grace() -> Duration {
-    Duration::from_secs(10)
 }
 
 /// A validated route: the parsed network plus where it goes.
@@ -307,21 +73,20 @@ pub const NEVER_SERVED: [(&str, &str); 8] = [
 
 impl Config {
     /// Reads and validates a file.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    pub fn load(path: &Path) -> Result<ValidConfig, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Config::parse(&text)
     }
 
     /// Parses and validates YAML text.
-    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+    pub fn parse(text: &str) -> Result<ValidConfig, ConfigError> {
         let config: Config = serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
-        config.validate()?;
-        Ok(config)
+        config.validate()
     }
 
     /// Checks everything serde cannot: addresses, CIDRs, overlaps, references.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub fn validate(self) -> Result<ValidConfig, ConfigError> {
         if self.node.trim().is_empty() {
             return Err(ConfigError::invalid("node", "must not be empty"));
         }
@@ -335,8 +100,8 @@ impl Config {
         }
         self.steering.redirect.validate()?;
         self.validate_peers()?;
-        let routes = self.valid_routes()?;
-        let serve = self.valid_serve()?;
+        let routes = self.parse_routes()?;
+        let serve = self.parse_serve()?;
         if routes.is_empty() && serve.is_empty() {
             return Err(ConfigError::invalid(
                 "routes",
@@ -367,7 +132,7 @@ impl Config {
                 "needs at least one entry in peers: only configured peers may send flows",
             ));
         }
-        Ok(())
+        Ok(ValidConfig { config: self, routes, serve })
     }
 
     fn validate_peers(&self) -> Result<(), ConfigError> {
@@ -424,7 +189,7 @@ impl Config {
     }
 
     /// The serve entries, parsed, checked against the ranges never served.
-    pub fn valid_serve(&self) -> Result<Vec<ValidServe>, ConfigError> {
+    fn parse_serve(&self) -> Result<Vec<ValidServe>, ConfigError> {
         let never: Vec<(IpNet, &str)> =
             NEVER_SERVED.iter().map(|(c, why)| (c.parse().expect("static CIDR"), *why)).collect();
         let mut out = Vec::with_capacity(self.serve.len());
@@ -448,7 +213,7 @@ impl Config {
     }
 
     /// The routes, parsed and checked against each other and the listeners.
-    pub fn valid_routes(&self) -> Result<Vec<ValidRoute>, ConfigError> {
+    fn parse_routes(&self) -> Result<Vec<ValidRoute>, ConfigError> {
         let mut out: Vec<ValidRoute> = Vec::with_capacity(self.routes.len());
         for (i, r) in self.routes.iter().enumerate() {
             let net =
@@ -588,6 +353,3 @@ pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
 fn overlaps(a: &IpNet, b: &IpNet) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }
-
-#[cfg(test)]
-mod tests;

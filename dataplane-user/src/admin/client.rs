@@ -1,5 +1,6 @@
-//! `dataplane status`: fetch a running agent's /status and show it as a table
-//! (or JSON). Errors are one line: the address and what went wrong.
+//! The client side of the admin API, for `dataplane status`: fetch a running
+//! agent's /status and show it as a table (or JSON). Errors are one line:
+//! the address and what went wrong.
 
 use std::{
     io::{Read, Write},
@@ -7,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use crate::admin::Status;
+use super::model::Status;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
@@ -100,10 +101,11 @@ pub fn render(s: &Status) -> String {
     }
     let f = &s.flows;
     out += &format!(
-        "\nflows: accepted {} active {} completed {} failed {} | no tunnel {} refused by peer {} dial failed {} unrecovered {} | bytes up {} down {}\n",
+        "\nflows: accepted {} active {} completed {} client reset {} failed {} | no tunnel {} refused by peer {} dial failed {} unrecovered {} | bytes up {} down {}\n",
         f.accepted,
         f.active,
         f.completed,
+        f.client_reset,
         f.failed,
         f.no_tunnel,
         f.refused_by_peer,

@@ -17,6 +17,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem:
 
 use crate::config::TlsFiles;
 
+pub mod certs;
+
 /// ALPN of the tunnel protocol; a peer that does not offer it is refused.
 pub const ALPN: &[u8] = b"dataplane/1";
 
@@ -226,8 +228,8 @@ impl std::error::Error for IdentityMismatch {}
 mod tests {
     use std::time::Duration;
 
+    use super::certs::{self, NodeSpec};
     use super::*;
-    use crate::certs::{self, NodeSpec};
 
     fn node(ca: &certs::Pem, id: &str) -> TlsMaterial {
         let spec =

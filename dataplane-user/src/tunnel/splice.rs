@@ -10,7 +10,7 @@ use std::{future::Future, time::Duration};
 use std::io::IoSlice;
 
 use bytes::{Buf, Bytes, BytesMut};
-use dataplane_common::protocol::{self, Decoded, Status};
+use dataplane_proto::stream::{self, Decoded, Status};
 use quinn::{RecvStream, SendStream, VarInt};
 use tokio::{
     io::AsyncWriteExt,
@@ -38,27 +38,41 @@ pub enum SpliceError {
     Refused(String),
 }
 
+impl SpliceError {
+    /// The TCP side's peer reset (or left) its connection: on the client
+    /// agent that is the application, whose choice it is; the path did not
+    /// fail.
+    pub fn is_client_reset(&self) -> bool {
+        matches!(self, SpliceError::Tcp(e)
+            if matches!(e.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe))
+    }
+}
+
 /// Bytes moved: (tcp -> quic, quic -> tcp).
 pub type Moved = (u64, u64);
 
 /// Splices until both directions are finished. `pending` is payload already
 /// read from the QUIC stream (after a header) that belongs to the TCP side.
 /// On failure both ends are reset, never closed cleanly, so neither side can
-/// mistake a broken flow for a complete one.
+/// mistake a broken flow for a complete one. The bytes moved are returned
+/// whatever the outcome.
 pub async fn splice(
     tcp: &mut TcpStream,
     send: &mut SendStream,
     recv: &mut RecvStream,
     pending: &[u8],
-) -> Result<Moved, SpliceError> {
+) -> (Moved, Result<(), SpliceError>) {
+    let (mut up, mut down) = (0u64, 0u64);
     let (rd, mut wr) = tcp.split();
-    let down = async {
+    let to_tcp = async {
         if !pending.is_empty() {
             wr.write_all(pending).await.map_err(SpliceError::Tcp)?;
+            down += pending.len() as u64;
         }
-        Ok(pending.len() as u64 + quic_to_tcp(recv, &mut wr).await?)
+        quic_to_tcp(recv, &mut wr, &mut down).await
     };
-    finish(tokio::try_join!(tcp_to_quic(rd, send), down), tcp, send, recv)
+    let result = tokio::try_join!(tcp_to_quic(rd, send, &mut up), to_tcp).map(|_| ());
+    ((up, down), finish(result, tcp, send, recv))
 }
 
 /// The client side of a tunnelled flow: the application's bytes go out at
@@ -72,9 +86,10 @@ pub async fn splice_after_status(
     recv: &mut RecvStream,
     wait: Duration,
     on_ok: impl FnOnce(),
-) -> Result<Moved, SpliceError> {
+) -> (Moved, Result<(), SpliceError>) {
+    let (mut up, mut down) = (0u64, 0u64);
     let (rd, mut wr) = tcp.split();
-    let down = async {
+    let to_tcp = async {
         let status = tokio::time::timeout(wait, read_status(recv)).await;
         match status {
             Ok(Ok(Status::Ok)) => on_ok(),
@@ -82,19 +97,20 @@ pub async fn splice_after_status(
             Ok(Err(e)) => return Err(SpliceError::Refused(e)),
             Err(_) => return Err(SpliceError::Refused("no answer in time".to_owned())),
         }
-        quic_to_tcp(recv, &mut wr).await
+        quic_to_tcp(recv, &mut wr, &mut down).await
     };
     // The status decides: a refusal must win over an upward copy still
-    // running, so `down` is polled first.
-    finish(join_down_first(tcp_to_quic(rd, send), down).await, tcp, send, recv)
+    // running, so the way back is polled first.
+    let result = join_down_first(tcp_to_quic(rd, send, &mut up), to_tcp).await;
+    ((up, down), finish(result, tcp, send, recv))
 }
 
 fn finish(
-    result: Result<Moved, SpliceError>,
+    result: Result<(), SpliceError>,
     tcp: &mut TcpStream,
     send: &mut SendStream,
     recv: &mut RecvStream,
-) -> Result<Moved, SpliceError> {
+) -> Result<(), SpliceError> {
     if result.is_err() {
         let _ = send.reset(RESET_TCP_FAILED);
         let _ = recv.stop(RESET_TCP_FAILED);
@@ -103,29 +119,30 @@ fn finish(
     result
 }
 
-/// Like `try_join!`, but on any error returns at once with that error.
+/// Like `try_join!` with `down` polled first; on any error returns at once
+/// with that error.
 async fn join_down_first(
-    up: impl Future<Output = Result<u64, SpliceError>>,
-    down: impl Future<Output = Result<u64, SpliceError>>,
-) -> Result<Moved, SpliceError> {
+    up: impl Future<Output = Result<(), SpliceError>>,
+    down: impl Future<Output = Result<(), SpliceError>>,
+) -> Result<(), SpliceError> {
     tokio::pin!(up, down);
-    let (mut up_done, mut down_done) = (None, None);
+    let (mut up_done, mut down_done) = (false, false);
     loop {
         tokio::select! {
             biased;
-            d = &mut down, if down_done.is_none() => down_done = Some(d?),
-            u = &mut up, if up_done.is_none() => up_done = Some(u?),
+            d = &mut down, if !down_done => { d?; down_done = true }
+            u = &mut up, if !up_done => { u?; up_done = true }
         }
-        if let (Some(u), Some(d)) = (up_done, down_done) {
-            return Ok((u, d));
+        if up_done && down_done {
+            return Ok(());
         }
     }
 }
 
 async fn read_status(recv: &mut RecvStream) -> Result<Status, String> {
-    let mut buf = [0u8; protocol::RESPONSE_LEN];
+    let mut buf = [0u8; stream::RESPONSE_LEN];
     recv.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
-    match protocol::decode_response(&buf).map_err(|e| e.to_string())? {
+    match stream::decode_response(&buf).map_err(|e| e.to_string())? {
         Decoded::Complete(r, _) => Ok(r.status),
         Decoded::Incomplete(_) => Err("short response".to_owned()),
     }
@@ -135,8 +152,7 @@ async fn read_status(recv: &mut RecvStream) -> Result<Status, String> {
 /// data flows: allocated when the socket turns readable, released when it
 /// drains, so an idle flow (a kept-alive connection, a watch) holds none. A
 /// busy flow keeps reusing its allocation, since readiness returns at once.
-async fn tcp_to_quic(rd: ReadHalf<'_>, send: &mut SendStream) -> Result<u64, SpliceError> {
-    let mut total = 0u64;
+async fn tcp_to_quic(rd: ReadHalf<'_>, send: &mut SendStream, total: &mut u64) -> Result<(), SpliceError> {
     let mut buf = BytesMut::new();
     let tcp = rd.as_ref();
     loop {
@@ -154,11 +170,10 @@ async fn tcp_to_quic(rd: ReadHalf<'_>, send: &mut SendStream) -> Result<u64, Spl
         };
         if n == 0 {
             // Application half-closed: finish our direction only.
-            send.finish().map_err(|e| SpliceError::Quic(e.to_string()))?;
-            return Ok(total);
+            return send.finish().map_err(|e| SpliceError::Quic(e.to_string()));
         }
-        total += n as u64;
         send.write_chunk(buf.split().freeze()).await.map_err(|e| SpliceError::Quic(e.to_string()))?;
+        *total += n as u64;
     }
 }
 
@@ -166,14 +181,16 @@ async fn tcp_to_quic(rd: ReadHalf<'_>, send: &mut SendStream) -> Result<u64, Spl
 /// data over as the frames it received (about a packet each), so a batch of
 /// them goes out in one vectored write: a syscall per packet would cost more
 /// than the copy it saves.
-async fn quic_to_tcp(recv: &mut RecvStream, wr: &mut WriteHalf<'_>) -> Result<u64, SpliceError> {
-    let mut total = 0u64;
+async fn quic_to_tcp(
+    recv: &mut RecvStream,
+    wr: &mut WriteHalf<'_>,
+    total: &mut u64,
+) -> Result<(), SpliceError> {
     let mut batch: [Bytes; BATCH] = Default::default();
     while let Some(n) = recv.read_chunks(&mut batch).await.map_err(|e| SpliceError::Quic(e.to_string()))? {
-        total += write_all_vectored(wr, &mut batch[..n]).await.map_err(SpliceError::Tcp)?;
+        *total += write_all_vectored(wr, &mut batch[..n]).await.map_err(SpliceError::Tcp)?;
     }
-    wr.shutdown().await.map_err(SpliceError::Tcp)?;
-    Ok(total)
+    wr.shutdown().await.map_err(SpliceError::Tcp)
 }
 
 /// Writes every chunk, resuming after partial writes; leaves `chunks` empty

@@ -23,10 +23,21 @@ use tracing::{debug, warn};
 use crate::{lock, routes::RouteDiff};
 
 /// The object built by `cargo xtask build-ebpf`, embedded at build time.
+#[cfg(not(dataplane_no_ebpf))]
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("DATAPLANE_EBPF_OBJ"));
+/// This build found no object (build.rs warned): it compiles and tests, but
+/// cannot steer, and says so when asked to.
+#[cfg(dataplane_no_ebpf)]
+static OBJECT: &[u8] = &[];
 
 #[derive(Debug, thiserror::Error)]
 pub enum SteeringError {
+    /// The agent was compiled before the eBPF object existed.
+    #[error(
+        "this dataplane build has no eBPF object embedded (it was missing when the agent was compiled): \
+         run `cargo xtask build-ebpf`, then rebuild"
+    )]
+    NotBuilt,
     /// The kernel refused the object (missing BTF, maps, permissions...).
     #[error(
         "loading the eBPF object failed: {0} (the agent needs CAP_BPF, CAP_NET_ADMIN and a kernel with BTF)"
@@ -79,7 +90,8 @@ pub struct Recovered {
     pub route_id: u32,
 }
 
-/// Loaded and attached programs plus handles to their maps. Dropping it (or
+/// The loaded and attached programs plus handles to their maps (the
+/// kernel's side of steering; `steer` is the agent's). Dropping it (or
 /// [`Steering::detach`]) detaches the programs: links are never pinned, so a
 /// crashed agent leaves no steering behind.
 pub struct Steering {
@@ -116,6 +128,9 @@ impl Steering {
         v4: Option<SocketAddr>,
         v6: Option<SocketAddr>,
     ) -> Result<Steering, SteeringError> {
+        if OBJECT.is_empty() {
+            return Err(SteeringError::NotBuilt);
+        }
         let level = kernel_log_level();
         let mut ebpf = EbpfLoader::new()
             .override_global(aya_log::LEVEL, &level, true)

@@ -1,4 +1,5 @@
-//! The redirect listeners that steered connects land on.
+//! The redirect listeners that steered connects land on: binding them, and
+//! taking what the kernel queued when they close.
 
 use std::{io, net::SocketAddr};
 

@@ -11,10 +11,8 @@ use std::{
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
-use crate::{
-    agent::AgentHandle,
-    config::{Config, ConfigError},
-};
+use super::AgentHandle;
+use crate::config::{Config, ConfigError, ValidConfig};
 
 /// Remembers the last text seen so unchanged files are not re-applied.
 pub struct ConfigFile {
@@ -35,7 +33,7 @@ impl ConfigFile {
     /// A new, valid configuration if the file changed since the last call;
     /// `Ok(None)` if it did not; an error (once per distinct bad content) if
     /// it changed to something invalid.
-    pub fn poll(&mut self) -> Result<Option<Config>, ConfigError> {
+    pub fn poll(&mut self) -> Result<Option<ValidConfig>, ConfigError> {
         let text = std::fs::read_to_string(&self.path)
             .map_err(|source| ConfigError::Read { path: self.path.clone(), source })?;
         if self.last.as_deref() == Some(text.as_str()) {

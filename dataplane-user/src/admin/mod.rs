@@ -2,7 +2,8 @@
 //! process and its event loop are alive), `/ready` (this agent can serve:
 //! steering attached and every route with a live tunnel connection; 503 with
 //! a JSON body naming what is missing otherwise) and `/status` (the JSON
-//! behind `dataplane status`).
+//! behind `dataplane status`). HTTP only: it reads the agent through
+//! [`AdminSource`]. The documents are in `model`; `client` reads them back.
 
 use std::{
     convert::Infallible,
@@ -17,11 +18,25 @@ use std::{
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Bytes, header::CONTENT_TYPE, service::service_fn};
 use hyper_util::rt::TokioIo;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
-use crate::{agent::AgentHandle, flow_metrics::FlowSnapshot, metrics::ProcessStats};
+pub mod client;
+pub mod model;
+
+pub use model::{Missing, PeerStatus, Readiness, RouteStatus, Status, SteeringStatus};
+
+/// What the admin server reads: the agent implements it; the server knows
+/// nothing else of the agent.
+pub trait AdminSource: Send + Sync + 'static {
+    /// The Prometheus text of every metric.
+    fn metrics_text(&self) -> String;
+    /// Whether the agent can serve, and if not, what is missing.
+    fn readiness(&self) -> Readiness;
+    /// The state `dataplane status` shows.
+    fn status(&self) -> Status;
+}
 
 /// The event loop must have ticked this recently for `/healthz` to pass.
 const HEARTBEAT_STALE: Duration = Duration::from_secs(5);
@@ -34,69 +49,13 @@ pub struct AdminError {
     pub source: std::io::Error,
 }
 
-/// Why the agent is not ready, route by route.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Missing {
-    /// The route (CIDR) or `steering` / `peer:<name>`.
-    pub what: String,
-    /// The peer it needs, if any.
-    pub peer: Option<String>,
-    pub reason: String,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Readiness {
-    pub ready: bool,
-    pub missing: Vec<Missing>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct PeerStatus {
-    pub name: String,
-    pub identity: String,
-    /// This agent dials it (otherwise it dials us).
-    pub dialed: bool,
-    pub live_connections: usize,
-    pub rtt_ms: Option<f64>,
-    pub streams_opened: u64,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct RouteStatus {
-    pub cidr: String,
-    pub via: String,
-    pub ready: bool,
-}
-
-/// Everything `dataplane status` shows.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Status {
-    pub node: String,
-    pub version: String,
-    pub readiness: Readiness,
-    pub steering: Option<SteeringStatus>,
-    pub routes: Vec<RouteStatus>,
-    pub peers: Vec<PeerStatus>,
-    pub serves: Vec<String>,
-    pub flows: FlowSnapshot,
-    pub process: ProcessStats,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct SteeringStatus {
-    pub attached: bool,
-    pub cgroup: String,
-    pub route_entries_v4: usize,
-    pub route_entries_v6: usize,
-}
-
 /// Binds the admin listener (so a bad address fails the start, naming it).
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, AdminError> {
     TcpListener::bind(addr).await.map_err(|source| AdminError { addr, source })
 }
 
 /// Serves until the task is dropped.
-pub async fn serve(listener: TcpListener, agent: AgentHandle) {
+pub async fn serve(listener: TcpListener, agent: Arc<dyn AdminSource>) {
     let heartbeat = Arc::new(AtomicU64::new(now_ms()));
     let beat = heartbeat.clone();
     tokio::spawn(async move {
@@ -136,7 +95,7 @@ fn now_ms() -> u64 {
 
 fn route(
     req: &Request<hyper::body::Incoming>,
-    agent: &AgentHandle,
+    agent: &Arc<dyn AdminSource>,
     heartbeat: &AtomicU64,
 ) -> Response<Full<Bytes>> {
     if req.method() != hyper::Method::GET {
@@ -146,7 +105,7 @@ fn route(
         "/metrics" => reply(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            agent.encode_metrics(),
+            agent.metrics_text(),
         ),
         "/healthz" => {
             let age = Duration::from_millis(now_ms().saturating_sub(heartbeat.load(Relaxed)));

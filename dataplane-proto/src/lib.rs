@@ -1,0 +1,14 @@
+//! The tunnel's wire protocol, sans-IO: pure encode/decode over byte slices,
+//! no sockets, no clocks, so every message is property-tested and fuzzed and
+//! both ends agree by construction. `no_std`, so the same code could run
+//! anywhere; the agent is its only user today, and the control messages to
+//! come (route advertisements, relay hello, drain notices) land here too.
+//!
+//! - [`stream`]: the header that opens each flow's QUIC stream and the status
+//!   that answers it (docs/protocol.md).
+#![cfg_attr(not(test), no_std)]
+
+pub mod stream;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,62 @@
+//! The documents the admin API serves (`/ready`, `/status`), shared by the
+//! server and `dataplane status`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{process::ProcessStats, steer::metrics::FlowSnapshot};
+
+/// Why the agent is not ready, route by route.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Missing {
+    /// The route (CIDR) or `steering` / `peer:<name>`.
+    pub what: String,
+    /// The peer it needs, if any.
+    pub peer: Option<String>,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Readiness {
+    pub ready: bool,
+    pub missing: Vec<Missing>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub name: String,
+    pub identity: String,
+    /// This agent dials it (otherwise it dials us).
+    pub dialed: bool,
+    pub live_connections: usize,
+    pub rtt_ms: Option<f64>,
+    pub streams_opened: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RouteStatus {
+    pub cidr: String,
+    pub via: String,
+    pub ready: bool,
+}
+
+/// Everything `dataplane status` shows.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub node: String,
+    pub version: String,
+    pub readiness: Readiness,
+    pub steering: Option<SteeringStatus>,
+    pub routes: Vec<RouteStatus>,
+    pub peers: Vec<PeerStatus>,
+    pub serves: Vec<String>,
+    pub flows: FlowSnapshot,
+    pub process: ProcessStats,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SteeringStatus {
+    pub attached: bool,
+    pub cgroup: String,
+    pub route_entries_v4: usize,
+    pub route_entries_v6: usize,
+}

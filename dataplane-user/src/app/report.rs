@@ -1,0 +1,201 @@
+//! What the agent reports: readiness (can it serve?), the status document,
+//! the per-route readiness metric, and the admin API's read interface.
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use prometheus_client::{collector::Collector, encoding::DescriptorEncoder, metrics::MetricType};
+
+use super::{AgentHandle, Summary};
+use crate::{
+    admin::{self, AdminSource},
+    connector::Connector,
+    kernel::{KernelCounters, SteeringError},
+    lock, process,
+    routes::{RouteTable, Upstream},
+    steer::metrics::FlowSnapshot,
+    tunnel::Tunnel,
+};
+
+impl AgentHandle {
+    /// Kernel counters summed over CPUs (zero for an agent without steering).
+    pub fn kernel_counters(&self) -> Result<KernelCounters, SteeringError> {
+        self.0.steering.as_ref().map_or(Ok(KernelCounters::default()), |s| s.counters())
+    }
+
+    pub fn flow_stats(&self) -> FlowSnapshot {
+        self.0.flows.snapshot()
+    }
+
+    /// Route trie sizes (v4, v6) as the kernel holds them.
+    pub fn route_entries(&self) -> (usize, usize) {
+        self.0.steering.as_ref().map_or((0, 0), |s| s.route_entries())
+    }
+
+    pub fn cgroup(&self) -> Option<PathBuf> {
+        self.0.steering.as_ref().map(|s| s.cgroup().to_owned())
+    }
+
+    pub fn tunnel(&self) -> Option<&Arc<Tunnel>> {
+        self.0.tunnel.as_ref()
+    }
+
+    pub fn connector(&self) -> Option<&Arc<Connector>> {
+        self.0.connector.as_ref()
+    }
+
+    /// The Prometheus text of every metric this agent exports.
+    pub fn encode_metrics(&self) -> String {
+        process::encode(&self.0.registry)
+    }
+
+    /// Whether this agent can serve: steering attached (if it routes), and a
+    /// live tunnel connection for every route through a peer and every peer
+    /// it dials.
+    pub fn readiness(&self) -> admin::Readiness {
+        let s = &self.0;
+        let mut missing = Vec::new();
+        if s.drain.is_cancelled() {
+            missing.push(admin::Missing { what: "agent".into(), peer: None, reason: "shutting down".into() });
+        }
+        if let Some(st) = &s.steering
+            && !st.attached()
+        {
+            missing.push(admin::Missing {
+                what: "steering".into(),
+                peer: None,
+                reason: "programs detached".into(),
+            });
+        }
+        let live = |peer: &str| s.tunnel.as_ref().map_or(0, |t| t.live_connections(peer));
+        for r in lock(&s.routes).entries() {
+            if let Upstream::Peer(p) = &r.upstream
+                && live(p) == 0
+            {
+                missing.push(admin::Missing {
+                    what: r.net.to_string(),
+                    peer: Some(p.to_string()),
+                    reason: "no live tunnel connection".into(),
+                });
+            }
+        }
+        let config = lock(&s.config);
+        for p in config.peers.iter().filter(|p| !p.dial.is_empty()) {
+            if live(&p.name) == 0 && !missing.iter().any(|m| m.peer.as_deref() == Some(&p.name)) {
+                missing.push(admin::Missing {
+                    what: format!("peer:{}", p.name),
+                    peer: Some(p.name.clone()),
+                    reason: "no live tunnel connection to a peer this agent dials".into(),
+                });
+            }
+        }
+        admin::Readiness { ready: missing.is_empty(), missing }
+    }
+
+    /// The state `dataplane status` shows.
+    pub fn status(&self) -> admin::Status {
+        let s = &self.0;
+        let readiness = self.readiness();
+        let config = lock(&s.config).config().clone();
+        let tunnel = s.tunnel.as_ref();
+        let routes = lock(&s.routes)
+            .entries()
+            .iter()
+            .map(|r| {
+                let (via, ready) = match &r.upstream {
+                    Upstream::Direct => ("direct".to_owned(), true),
+                    Upstream::Peer(p) => (p.to_string(), tunnel.is_some_and(|t| t.live_connections(p) > 0)),
+                };
+                admin::RouteStatus { cidr: r.net.to_string(), via, ready }
+            })
+            .collect();
+        let peers = config
+            .peers
+            .iter()
+            .map(|p| admin::PeerStatus {
+                name: p.name.clone(),
+                identity: p.identity.clone(),
+                dialed: !p.dial.is_empty(),
+                live_connections: tunnel.map_or(0, |t| t.live_connections(&p.name)),
+                rtt_ms: tunnel.and_then(|t| t.best_rtt(&p.name)).map(|d| d.as_secs_f64() * 1e3),
+                streams_opened: tunnel.map_or(0, |t| t.metrics.streams_opened(&p.name)),
+            })
+            .collect();
+        let steering = s.steering.as_ref().map(|st| {
+            let (v4, v6) = st.route_entries();
+            admin::SteeringStatus {
+                attached: st.attached(),
+                cgroup: st.cgroup().display().to_string(),
+                route_entries_v4: v4,
+                route_entries_v6: v6,
+            }
+        });
+        admin::Status {
+            node: s.node.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            readiness,
+            steering,
+            routes,
+            peers,
+            serves: config.serve.iter().map(|v| format!("{} ports {:?}", v.cidr, v.ports)).collect(),
+            flows: self.flow_stats(),
+            process: process::ProcessStats::read(),
+        }
+    }
+
+    pub fn summary(&self) -> Summary {
+        Summary { kernel: self.kernel_counters().unwrap_or_default(), flows: self.flow_stats() }
+    }
+}
+
+impl AdminSource for AgentHandle {
+    fn metrics_text(&self) -> String {
+        self.encode_metrics()
+    }
+
+    fn readiness(&self) -> admin::Readiness {
+        AgentHandle::readiness(self)
+    }
+
+    fn status(&self) -> admin::Status {
+        AgentHandle::status(self)
+    }
+}
+
+/// `dataplane_route_ready{route, via}`: 1 while a route can be served (a
+/// direct route always; a peer route while the peer has a live connection).
+#[derive(Debug)]
+pub(super) struct RouteReadiness {
+    pub routes: Arc<Mutex<RouteTable>>,
+    pub tunnel: Option<Arc<Tunnel>>,
+}
+
+impl Collector for RouteReadiness {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let rows: Vec<(String, String, bool)> = lock(&self.routes)
+            .entries()
+            .iter()
+            .map(|r| match &r.upstream {
+                Upstream::Direct => (r.net.to_string(), "direct".to_owned(), true),
+                Upstream::Peer(p) => (
+                    r.net.to_string(),
+                    p.to_string(),
+                    self.tunnel.as_ref().is_some_and(|t| t.live_connections(p) > 0),
+                ),
+            })
+            .collect();
+        let mut m = encoder.encode_descriptor(
+            "route_ready",
+            "1 while the route can be served (its peer has a live tunnel connection)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (route, via, ready) in &rows {
+            m.encode_family(&[("route", route.as_str()), ("via", via.as_str())])?
+                .encode_gauge(&i64::from(*ready))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,287 @@
+//! The agent's YAML configuration: the types and their defaults. Validation
+//! (in `validate`) turns a [`Config`] into a [`ValidConfig`], which carries
+//! what it derived (parsed routes, serve policy), so nothing is parsed twice
+//! and holding one proves the config was checked.
+
+use std::{
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+mod validate;
+
+pub use validate::{NEVER_SERVED, ValidConfig, ValidRoute, ValidServe, parse_cidr};
+
+/// Exit code for a bad configuration (EX_USAGE from sysexits.h).
+pub const EXIT_BAD_CONFIG: i32 = 64;
+
+/// The `via` value that dials the original destination from the agent itself.
+pub const VIA_DIRECT: &str = "direct";
+
+/// A configuration that could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    /// The YAML does not match the schema (unknown field, wrong type, ...).
+    #[error("invalid config: {0}")]
+    Syntax(String),
+    /// A field has a value the agent cannot use.
+    #[error("invalid config: {field}: {reason}")]
+    Invalid { field: String, reason: String },
+}
+
+impl ConfigError {
+    pub(crate) fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError::Invalid { field: field.into(), reason: reason.into() }
+    }
+}
+
+/// The whole file.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Identity in logs; defaults to $NODE_NAME, then the hostname.
+    #[serde(default = "default_node")]
+    pub node: String,
+    /// Admin HTTP server (/metrics /ready /healthz /status); `null` disables it.
+    #[serde(default = "default_admin")]
+    pub admin: Option<SocketAddr>,
+    /// Threads that carry flows; default: one per CPU this process may run
+    /// on (see [`Config::worker_threads`]).
+    #[serde(default)]
+    pub workers: Option<usize>,
+    #[serde(default)]
+    pub log: LogSettings,
+    #[serde(default)]
+    pub steering: SteeringSettings,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    /// CIDRs whose TCP connects are steered into the agent.
+    #[serde(default)]
+    pub routes: Vec<Route>,
+    /// Certificates for the tunnel (required with peers, serve or tunnel.listen).
+    #[serde(default)]
+    pub tls: Option<TlsFiles>,
+    #[serde(default)]
+    pub tunnel: TunnelSettings,
+    /// Agents this one exchanges flows with.
+    #[serde(default)]
+    pub peers: Vec<Peer>,
+    /// As a connector: what this agent dials on behalf of peers. Nothing else.
+    #[serde(default)]
+    pub serve: Vec<Serve>,
+}
+
+/// Logging. `DATAPLANE_LOG` (an EnvFilter) and `DATAPLANE_LOG_FORMAT`
+/// override these.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    #[serde(default = "default_log_level")]
+    pub level: String,
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings { level: default_log_level(), format: LogFormat::default() }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (the default on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors in clusters.
+    Json,
+}
+
+/// PEM files: the private CA, this node's certificate (identity in a URI SAN)
+/// and its key.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// QUIC endpoint settings. Restart-only.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelSettings {
+    /// Accept QUIC from peers here; omit to only dial out.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// Keep-alive interval on every tunnel connection.
+    #[serde(default = "default_keep_alive", with = "humantime_serde")]
+    pub keep_alive: Duration,
+    /// A connection silent this long is dead (both ends' minimum applies).
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// UDP socket buffer size to force (SO_RCVBUFFORCE/SO_SNDBUFFORCE).
+    #[serde(default = "default_udp_buffer")]
+    pub udp_buffer_bytes: usize,
+}
+
+impl Default for TunnelSettings {
+    fn default() -> Self {
+        TunnelSettings {
+            listen: None,
+            keep_alive: default_keep_alive(),
+            idle_timeout: default_idle_timeout(),
+            udp_buffer_bytes: default_udp_buffer(),
+        }
+    }
+}
+
+/// Another agent.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    /// Referenced by `routes[].via`.
+    pub name: String,
+    /// Addresses to dial; omit for a peer that dials us (a connector behind a
+    /// firewall that allows no inbound traffic).
+    #[serde(default)]
+    pub dial: Vec<SocketAddr>,
+    /// The URI SAN its certificate must carry.
+    pub identity: String,
+    /// Connections to keep to it (when dialing).
+    #[serde(default = "default_connections")]
+    pub connections: u32,
+}
+
+/// Destinations a connector dials for its peers.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Serve {
+    pub cidr: String,
+    /// Destination ports allowed; at least one.
+    pub ports: Vec<u16>,
+}
+
+/// Kernel-side steering settings. Changing them needs a restart.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SteeringSettings {
+    /// cgroup v2 directory the programs attach to; default: the cgroup v2 mount.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
+    #[serde(default)]
+    pub redirect: Redirect,
+}
+
+/// The node-local listeners that routed connects are rewritten to. They sit on
+/// an interface of their own so every pod can reach them through its gateway.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Redirect {
+    #[serde(default = "default_interface")]
+    pub interface: String,
+    /// IPv4 listener; `null` disables IPv4 steering.
+    #[serde(default = "default_v4")]
+    pub v4: Option<SocketAddr>,
+    /// IPv6 listener; `null` disables IPv6 steering.
+    #[serde(default = "default_v6")]
+    pub v6: Option<SocketAddr>,
+}
+
+impl Default for Redirect {
+    fn default() -> Self {
+        Redirect { interface: default_interface(), v4: default_v4(), v6: default_v6() }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Timeouts {
+    /// Dialing an upstream (e.g. `10s`).
+    #[serde(default = "default_connect", with = "humantime_serde")]
+    pub connect: Duration,
+    /// How long open flows may finish after SIGTERM before they are cut.
+    #[serde(default = "default_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts { connect: default_connect(), shutdown_grace: default_grace() }
+    }
+}
+
+/// One steered CIDR.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// Network in CIDR notation, host bits clear (`198.51.100.101/32`).
+    pub cidr: String,
+    /// Where flows go: `direct` (dial the original destination from the agent).
+    pub via: String,
+}
+
+fn default_node() -> String {
+    std::env::var("NODE_NAME")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|s| s.trim().to_owned()))
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+/// Most runtime worker threads a config may ask for.
+pub const MAX_WORKERS: usize = 256;
+
+impl Config {
+    /// The runtime's worker threads: `workers`, or `cpus` (the CPUs this
+    /// process may run on, cgroup quota included). Operators cap it where
+    /// the agent's share of the node should be smaller than its CPU limit;
+    /// on the 2-core benchmark one and two workers measured within noise of
+    /// each other (README, "Performance").
+    pub fn worker_threads(&self, cpus: usize) -> usize {
+        self.workers.unwrap_or(cpus.max(1))
+    }
+}
+
+fn default_admin() -> Option<SocketAddr> {
+    Some(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 9464))
+}
+fn default_log_level() -> String {
+    "info".to_owned()
+}
+fn default_interface() -> String {
+    "dataplane0".to_owned()
+}
+fn default_v4() -> Option<SocketAddr> {
+    Some(SocketAddr::new(Ipv4Addr::new(169, 254, 77, 1).into(), 15001))
+}
+fn default_v6() -> Option<SocketAddr> {
+    Some(SocketAddr::new(Ipv6Addr::new(0xfd00, 0xd47a, 0, 0, 0, 0, 0, 1).into(), 15001))
+}
+fn default_keep_alive() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(8)
+}
+fn default_udp_buffer() -> usize {
+    8 << 20
+}
+fn default_connections() -> u32 {
+    2
+}
+fn default_connect() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_grace() -> Duration {
+    Duration::from_secs(10)
+}
+
+#[cfg(test)]
+mod tests;

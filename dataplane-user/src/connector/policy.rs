@@ -1,0 +1,106 @@
+//! What a connector may dial: default deny, allowed only inside a served
+//! CIDR on a served port, and never in the ranges no connector dials.
+
+use std::net::{IpAddr, SocketAddr};
+
+use ipnet::IpNet;
+
+use crate::config::{NEVER_SERVED, ValidServe};
+
+/// Why a destination was refused, for logs and counters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Denial {
+    /// In a range no connector ever dials (loopback, link-local, metadata, ...).
+    NeverServed,
+    /// Outside every served CIDR.
+    NotServed,
+    /// In a served CIDR, but not on a served port.
+    PortNotServed,
+}
+
+impl Denial {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Denial::NeverServed => "never_served",
+            Denial::NotServed => "not_served",
+            Denial::PortNotServed => "port_not_served",
+        }
+    }
+}
+
+/// What this connector may dial.
+#[derive(Clone, Debug)]
+pub struct ServePolicy {
+    serve: Vec<ValidServe>,
+    never: Vec<IpNet>,
+}
+
+impl ServePolicy {
+    pub fn new(serve: Vec<ValidServe>) -> ServePolicy {
+        let never = NEVER_SERVED.iter().map(|(c, _)| c.parse().expect("static CIDR")).collect();
+        ServePolicy { serve, never }
+    }
+
+    /// Default deny: allowed only inside a served CIDR on a served port, and
+    /// never in the ranges no connector dials, however the address is spelled
+    /// (`::ffff:127.0.0.1` is loopback).
+    pub fn check(&self, dst: SocketAddr) -> Result<SocketAddr, Denial> {
+        let ip: IpAddr = dst.ip().to_canonical();
+        if self.never.iter().any(|n| n.contains(&ip)) || ip.is_multicast() || ip.is_unspecified() {
+            return Err(Denial::NeverServed);
+        }
+        let mut in_cidr = false;
+        for s in self.serve.iter().filter(|s| s.net.contains(&ip)) {
+            in_cidr = true;
+            if s.ports.contains(&dst.port()) {
+                return Ok(SocketAddr::new(ip, dst.port()));
+            }
+        }
+        Err(if in_cidr { Denial::PortNotServed } else { Denial::NotServed })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> ServePolicy {
+        ServePolicy::new(vec![
+            ValidServe { net: "198.51.100.101/32".parse().expect("net"), ports: vec![6443] },
+            ValidServe { net: "2001:db8::/64".parse().expect("net"), ports: vec![443, 6443] },
+        ])
+    }
+
+    fn check(s: &str) -> Result<SocketAddr, Denial> {
+        policy().check(s.parse().expect("addr"))
+    }
+
+    #[test]
+    fn serves_only_what_is_configured() {
+        assert!(check("198.51.100.101:6443").is_ok());
+        assert!(check("[2001:db8::5]:443").is_ok());
+        assert_eq!(check("198.51.100.101:22"), Err(Denial::PortNotServed));
+        assert_eq!(check("198.51.100.102:6443"), Err(Denial::NotServed));
+        assert_eq!(check("[2001:db8:1::5]:443"), Err(Denial::NotServed));
+    }
+
+    #[test]
+    fn never_dials_loopback_link_local_or_metadata_however_spelled() {
+        for dst in [
+            "127.0.0.1:6443",
+            "[::1]:6443",
+            "169.254.169.254:80",
+            "[fe80::1]:443",
+            "[fd00:ec2::254]:80",
+            "0.0.0.0:6443",
+            "[::]:6443",
+            "224.0.0.1:6443",
+            "[::ffff:127.0.0.1]:6443",
+            "[::ffff:169.254.169.254]:80",
+        ] {
+            assert_eq!(check(dst), Err(Denial::NeverServed), "{dst}");
+        }
+        // A mapped form of a served address is served, dialled as IPv4.
+        assert_eq!(check("[::ffff:198.51.100.101]:6443"), Ok("198.51.100.101:6443".parse().expect("addr")));
+    }
+}

@@ -1,0 +1,271 @@
+//! The QUIC tunnel: one endpoint per agent that both accepts and dials,
+//! mutual TLS against the private CA, and a pool of live connections per peer.
+//! It carries streams and knows nothing of what they are for: streams a
+//! peer opens go to the [`StreamHandler`] it was given (the connector role,
+//! a relay later), and the steered side opens its own with [`Tunnel::open`].
+//!
+//! Which side dialled does not decide which side opens streams: every
+//! connection, dialled or accepted, serves the streams its peer opens and can
+//! carry streams this agent opens. So a connector behind a firewall that
+//! allows no inbound traffic dials out to the agents that use it and still
+//! receives their flows, the way cloudflared serves its edge.
+//!
+//! Inside: `transport` (socket and QUIC settings), `handshake` (welcome,
+//! failure reasons), `dial` (reconnecting with backoff), `pool` (live
+//! connections per peer), `metrics`, and `splice` (a stream to and from a
+//! TCP socket).
+
+mod dial;
+mod handshake;
+pub mod metrics;
+mod pool;
+pub mod splice;
+mod transport;
+
+use std::{
+    collections::HashMap,
+    net::{Ipv6Addr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use prometheus_client::registry::Registry;
+use quinn::{
+    ClientConfig, ConnectionError, Endpoint, EndpointConfig, RecvStream, SendStream, ServerConfig,
+    crypto::rustls::{QuicClientConfig, QuicServerConfig},
+};
+use tokio::{sync::watch, task::JoinSet};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+pub use handshake::failure_reason;
+use metrics::{BufferLabels, PeerDirectionLabels, PeerLabels, TunnelCollector, TunnelMetrics};
+use pool::PeerSlot;
+pub use transport::{transport, udp_socket};
+
+use crate::{
+    config::{Peer, TunnelSettings},
+    tls::{TlsError, TlsMaterial},
+};
+
+/// Takes the streams peers open. Implemented by the roles that serve them
+/// (the connector; a relay next); the tunnel holds one and never learns
+/// which.
+pub trait StreamHandler: Send + Sync {
+    /// A stream `peer` opened. Called on the connection's task, so it must
+    /// not wait: spawn the work (and track it, for the drain).
+    fn accept_stream(self: Arc<Self>, peer: &Arc<str>, send: SendStream, recv: RecvStream);
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("tunnel.listen {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("building the QUIC configuration: {0}")]
+    Quic(String),
+    /// No live connection to the peer: the flow fails at once.
+    #[error("no live tunnel connection to peer `{0}`")]
+    NoConnection(String),
+    #[error("opening a stream to peer `{peer}`: {source}")]
+    Open { peer: String, source: ConnectionError },
+}
+
+pub struct Tunnel {
+    endpoint: Endpoint,
+    peers: HashMap<Arc<str>, Arc<PeerSlot>>,
+    by_identity: HashMap<String, Arc<PeerSlot>>,
+    dial: Vec<(Arc<PeerSlot>, Vec<SocketAddr>, u32)>,
+    client_configs: HashMap<Arc<str>, ClientConfig>,
+    handler: Option<Arc<dyn StreamHandler>>,
+    /// How long a dialer waits for the acceptor's welcome: the idle timeout,
+    /// which is how long any silent connection is given anyway.
+    welcome_timeout: Duration,
+    stop: watch::Sender<bool>,
+    pub metrics: TunnelMetrics,
+}
+
+impl std::fmt::Debug for Tunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tunnel").field("local", &self.local_addr()).finish_non_exhaustive()
+    }
+}
+
+impl Tunnel {
+    /// Binds the endpoint (at `tunnel.listen`, or an ephemeral port to only
+    /// dial) with forced socket buffers. Nothing runs until [`Tunnel::start`].
+    pub fn bind(
+        settings: &TunnelSettings,
+        peers: &[Peer],
+        tls: &TlsMaterial,
+        handler: Option<Arc<dyn StreamHandler>>,
+        registry: &mut Registry,
+    ) -> Result<Arc<Tunnel>, TunnelError> {
+        let transport = Arc::new(transport(settings)?);
+        let quic = |e: &dyn std::fmt::Display| TunnelError::Quic(e.to_string());
+        let server_crypto = QuicServerConfig::try_from(tls.server_config()?).map_err(|e| quic(&e))?;
+        let mut server = ServerConfig::with_crypto(Arc::new(server_crypto));
+        server.transport_config(transport.clone());
+
+        let (addr, accept) = match settings.listen {
+            Some(a) => (a, true),
+            None => (SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 0), false),
+        };
+        let (socket, buffers) = udp_socket(addr, settings.udp_buffer_bytes)
+            .map_err(|source| TunnelError::Bind { addr, source })?;
+        let endpoint = Endpoint::new(
+            EndpointConfig::default(),
+            accept.then_some(server),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|source| TunnelError::Bind { addr, source })?;
+
+        let mut slots = HashMap::new();
+        let mut by_identity = HashMap::new();
+        let mut dial = Vec::new();
+        let mut client_configs = HashMap::new();
+        for p in peers {
+            let dialers = if p.dial.is_empty() { 0 } else { p.connections };
+            let slot = Arc::new(PeerSlot::new(&p.name, &p.identity, dialers));
+            let crypto = QuicClientConfig::try_from(tls.client_config(&p.identity)?).map_err(|e| quic(&e))?;
+            let mut client = ClientConfig::new(Arc::new(crypto));
+            client.transport_config(transport.clone());
+            client_configs.insert(slot.name.clone(), client);
+            if !p.dial.is_empty() {
+                dial.push((slot.clone(), p.dial.clone(), p.connections));
+            }
+            by_identity.insert(p.identity.clone(), slot.clone());
+            slots.insert(slot.name.clone(), slot);
+        }
+        let metrics = TunnelMetrics::register(registry);
+        metrics.udp_buffer.get_or_create(&BufferLabels { direction: "receive" }).set(buffers.0 as i64);
+        metrics.udp_buffer.get_or_create(&BufferLabels { direction: "send" }).set(buffers.1 as i64);
+        registry.register_collector(Box::new(TunnelCollector { peers: slots.values().cloned().collect() }));
+        info!(
+            local = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            accepting = accept,
+            rcvbuf = buffers.0,
+            sndbuf = buffers.1,
+            "tunnel endpoint bound"
+        );
+        Ok(Arc::new(Tunnel {
+            endpoint,
+            peers: slots,
+            by_identity,
+            dial,
+            client_configs,
+            handler,
+            welcome_timeout: settings.idle_timeout,
+            stop: watch::channel(false).0,
+            metrics,
+        }))
+    }
+
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.endpoint.local_addr().ok()
+    }
+
+    /// Starts accepting (if listening) and the dialers.
+    pub fn start(self: &Arc<Self>) -> JoinSet<()> {
+        let mut tasks = JoinSet::new();
+        tasks.spawn(self.clone().accept_loop());
+        for (slot, addrs, n) in &self.dial {
+            for i in 0..*n {
+                tasks.spawn(self.clone().dial_loop(slot.clone(), addrs.clone(), i as usize));
+            }
+        }
+        tasks
+    }
+
+    /// Live connections to `peer`.
+    pub fn live_connections(&self, peer: &str) -> usize {
+        self.peers.get(peer).map_or(0, |s| s.live().len())
+    }
+
+    /// Smoothed RTT of the best live connection to `peer`.
+    pub fn best_rtt(&self, peer: &str) -> Option<Duration> {
+        self.peers.get(peer)?.live().iter().map(|c| c.rtt()).min()
+    }
+
+    /// Opens a stream to `peer` on one of its live connections.
+    pub async fn open(&self, peer: &str) -> Result<(SendStream, RecvStream), TunnelError> {
+        let slot = self.peers.get(peer).ok_or_else(|| TunnelError::NoConnection(peer.to_owned()))?;
+        let conn = slot.pick().ok_or_else(|| TunnelError::NoConnection(peer.to_owned()))?;
+        let streams =
+            conn.open_bi().await.map_err(|source| TunnelError::Open { peer: peer.to_owned(), source })?;
+        self.metrics.streams_opened.get_or_create(&PeerLabels { peer: peer.to_owned() }).inc();
+        Ok(streams)
+    }
+
+    /// Closes every connection and the endpoint, waiting briefly for peers to
+    /// learn of it (so they fail over at once instead of timing out).
+    pub async fn close(&self) {
+        let _ = self.stop.send(true);
+        self.endpoint.close(handshake::CLOSE_SHUTDOWN, b"agent shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+
+    async fn accept_loop(self: Arc<Self>) {
+        while let Some(incoming) = self.endpoint.accept().await {
+            let this = self.clone();
+            tokio::spawn(async move {
+                let remote = incoming.remote_address();
+                let conn = match incoming.await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let reason = handshake::failure_reason(&e);
+                        warn!(%remote, %reason, error = %e, "incoming tunnel handshake failed");
+                        return this.metrics.failed(reason);
+                    }
+                };
+                let identity = handshake::peer_identity(&conn);
+                let Some(slot) = identity.as_deref().and_then(|id| this.by_identity.get(id)).cloned() else {
+                    warn!(%remote, ?identity, "peer identity is not configured; closing");
+                    this.metrics.failed("unknown_identity".into());
+                    return conn.close(handshake::CLOSE_UNKNOWN_PEER, b"identity not configured");
+                };
+                if let Err(e) = handshake::send_welcome(&conn).await {
+                    debug!(%remote, error = %e, "could not welcome the peer");
+                    return;
+                }
+                this.run_connection(slot, conn, "accepted").await;
+            });
+        }
+    }
+
+    /// Registers a live connection and serves the streams the peer opens on it
+    /// until it closes.
+    async fn run_connection(&self, slot: Arc<PeerSlot>, conn: quinn::Connection, direction: &'static str) {
+        let labels = PeerDirectionLabels { peer: slot.name.to_string(), direction };
+        self.metrics.connections_opened.get_or_create(&labels).inc();
+        slot.add(&conn);
+        let span = info_span!("tunnel", peer = %slot.name, remote = %conn.remote_address());
+        async {
+            info!(identity = %slot.identity, "tunnel connection up");
+            let mut stop = self.stop.subscribe();
+            loop {
+                let accepted = tokio::select! {
+                    a = conn.accept_bi() => a,
+                    _ = stop.changed() => break,
+                };
+                match accepted {
+                    Ok((mut send, recv)) => match &self.handler {
+                        Some(h) => h.clone().accept_stream(&slot.name, send, recv),
+                        None => {
+                            debug!("stream from a peer, but this agent serves nothing; resetting");
+                            let _ = send.reset(handshake::RESET_NOT_SERVED);
+                        }
+                    },
+                    Err(e) => {
+                        info!(reason = %e, "tunnel connection closed");
+                        break;
+                    }
+                }
+            }
+        }
+        .instrument(span)
+        .await;
+        slot.remove(&conn);
+    }
+}
