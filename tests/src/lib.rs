@@ -251,6 +251,26 @@ pub fn raise_nofile_limit(want: u64) {
     }
 }
 
+/// A latency bound a test asserts, in microseconds, scaled by
+/// `DATAPLANE_TEST_TIME_SCALE` (default 1). The bounds are set for a real
+/// machine; under an emulated CPU (`cargo xtask vm-test` sets the scale)
+/// everything runs several times slower. Bounds stay well under the timeouts
+/// whose expiry they rule out (a hang would still fail them).
+pub fn fast_us(us: u64) -> u64 {
+    let scale = std::env::var("DATAPLANE_TEST_TIME_SCALE").ok().and_then(|v| v.parse::<u64>().ok());
+    us * scale.unwrap_or(1).max(1)
+}
+
+/// Polls `done` every 20 ms until it holds; panics naming `what` if it does
+/// not within `within`.
+pub fn wait_for(what: &str, within: std::time::Duration, mut done: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !done() {
+        assert!(start.elapsed() < within, "{what}: not within {within:?}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// Waits until the agent has no active flows. An application sees a flow end
 /// (the FIN the agent passes on) a moment before the agent's flow task has
 /// finished and counted it; checks of the totals wait for that.

@@ -170,9 +170,22 @@ impl Probe {
     /// Opens `n` idle connections and keeps them until the returned child's
     /// stdin is closed (drop it, or call [`Held::release`]).
     pub fn hold(&self, addr: SocketAddr, n: usize) -> Result<Held> {
+        self.hold_with(addr, n, &[])
+    }
+
+    /// [`Probe::hold`], each connection sending the payload first (no FIN):
+    /// an application that then resets, as iperf3 ends its tests.
+    pub fn hold_sending(&self, addr: SocketAddr, n: usize) -> Result<Held> {
+        self.hold_with(addr, n, &["--send-first"])
+    }
+
+    fn hold_with(&self, addr: SocketAddr, n: usize, extra: &[&str]) -> Result<Held> {
         use std::io::BufRead;
+        let count = n.to_string();
+        let mut args = vec!["--hold", &count];
+        args.extend_from_slice(extra);
         let mut child = self
-            .command(&["--hold", &n.to_string()], addr)
+            .command(&args, addr)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .spawn()

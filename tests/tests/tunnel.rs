@@ -11,15 +11,8 @@ use tests::{
     require_root,
     topology::{OTHER_V4, OTHER_V6, addr},
     tunnel_env::{CLIENT_ID, CONNECTOR_ID, Mode, PEER, STALLED_V4, TunnelEnv, UNSERVED_V4, ensure_tunnel},
+    wait_for,
 };
-
-fn wait_for(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(start.elapsed() < within, "{what}: not within {within:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn text(o: &std::process::Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
@@ -139,6 +132,34 @@ fn a_slow_reader_stalls_the_writer_instead_of_filling_the_agents() {
     assert!(written < 128 << 20, "accepted {written} bytes: something buffers without bound");
 }
 
+/// An application that resets its connection after the path carried its
+/// bytes (iperf3 ends every test so) is counted as `client_reset`, apart
+/// from failures of the path, which the FlowErrorRate alert counts.
+#[test]
+fn an_application_reset_is_not_counted_as_a_failure() {
+    if !require_root() {
+        return;
+    }
+    let env = TunnelEnv::new().expect("environment");
+    let (client, _connector) = env.start(Mode::ConnectorListens).expect("agents start");
+    let server = env.stalled_server().expect("server");
+    let held = env.topo.pod_probe().hold_sending(addr(STALLED_V4), 1).expect("probe");
+    let payload = "hello through the dataplane".len() as u64;
+    // The connector dialled: the bytes, sent right behind the header, are
+    // on their way.
+    wait_for("the flow reaches the server", Duration::from_secs(10), || server.accepted() == 1);
+    held.release();
+    wait_for("the flow ends", Duration::from_secs(10), || client.handle.flow_stats().active == 0);
+    let f = client.handle.flow_stats();
+    assert_eq!((f.client_reset, f.failed, f.completed), (1, 0, 0), "{f:?}");
+    assert_eq!(f.bytes_up, payload, "the bytes of a reset flow are counted: {f:?}");
+    let scrape = client.handle.encode_metrics();
+    assert!(
+        scrape.contains(r#"dataplane_flows_closed_total{route="198.51.100.102/32",result="client_reset"} 1"#),
+        "{scrape}"
+    );
+}
+
 /// A routed destination the connector does not serve: it answers `denied`,
 /// counts why, and the application gets a reset at once, never a hang.
 #[test]
@@ -150,7 +171,7 @@ fn a_destination_the_connector_does_not_serve_is_refused_fast() {
     let (client, connector) = env.start(Mode::ConnectorListens).expect("agents start");
     let a = env.topo.pod_probe().connect(addr(UNSERVED_V4)).expect("probe");
     assert!(a.was_reset(), "{a:?}");
-    assert!(a.elapsed_us < 500_000, "refused fast, took {} us", a.elapsed_us);
+    assert!(a.elapsed_us < tests::fast_us(500_000), "refused fast, took {} us", a.elapsed_us);
     let c = connector.handle.connector().expect("connector");
     assert_eq!(c.metrics.denials("not_served"), 1, "{}", connector.handle.encode_metrics());
     assert_eq!(c.metrics.status("denied"), 1);
@@ -193,7 +214,7 @@ fn a_peer_with_a_certificate_from_another_ca_is_refused_at_the_handshake() {
     // finishes first, so only the welcome tells it apart.
     assert_eq!(client_side.metrics.connections_opened(PEER), 0, "a refused connection never counts as up");
     let a = env.topo.pod_probe().connect(addr(OTHER_V4)).expect("probe");
-    assert!(a.was_reset() && a.elapsed_us < 500_000, "fails at once without a tunnel: {a:?}");
+    assert!(a.was_reset() && a.elapsed_us < tests::fast_us(500_000), "fails at once without a tunnel: {a:?}");
     assert!(client.handle.flow_stats().no_tunnel >= 1);
     drop(client);
     drop(connector);
@@ -238,8 +259,11 @@ fn killing_the_connector_fails_new_flows_fast_and_they_recover() {
     // Its shutdown waits for acknowledgements that cannot arrive: let it.
     let stopping = std::thread::spawn(move || drop(connector));
     let tunnel = client.handle.tunnel().expect("tunnel").clone();
+    // QUIC's idle timeout is the larger of the configured one (1.5 s) and
+    // three probe timeouts, which grow with the measured RTT: about 2 s on
+    // a real machine, more under an emulated CPU (RTTs of 250 ms seen).
     while tunnel.live_connections(PEER) > 0 {
-        assert!(cut.elapsed() < Duration::from_secs(5), "dead tunnel not noticed within 5 s");
+        assert!(cut.elapsed() < Duration::from_secs(15), "dead tunnel not noticed within 15 s");
         std::thread::sleep(Duration::from_millis(20));
     }
     let noticed = cut.elapsed();
@@ -249,7 +273,8 @@ fn killing_the_connector_fails_new_flows_fast_and_they_recover() {
     );
     let a = env.topo.pod_probe().connect(addr(OTHER_V4)).expect("probe");
     assert!(a.was_reset(), "{a:?}");
-    assert!(a.elapsed_us < 300_000, "fails fast once the tunnel is known dead: {} us", a.elapsed_us);
+    let bound = tests::fast_us(300_000);
+    assert!(a.elapsed_us < bound, "fails fast once the tunnel is known dead: {} us", a.elapsed_us);
 
     stopping.join().expect("connector stopped");
     env.topo.remote.ip(&["link", "set", &link, "up"]).expect("restore the link");

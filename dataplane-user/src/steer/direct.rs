@@ -118,30 +118,30 @@ pub async fn relay(client: &mut TcpStream, upstream: &mut TcpStream) -> ((u64, u
     let (mut up, mut down) = (0u64, 0u64);
     let (mut cr, mut cw) = client.split();
     let (mut ur, mut uw) = upstream.split();
-    let to_upstream = async {
-        let mut buf = vec![0u8; CHUNK];
-        loop {
-            let n = cr.read(&mut buf).await.map_err(RelayError::Client)?;
-            if n == 0 {
-                return uw.shutdown().await.map_err(RelayError::Upstream);
-            }
-            uw.write_all(&buf[..n]).await.map_err(RelayError::Upstream)?;
-            up += n as u64;
-        }
-    };
-    let to_client = async {
-        let mut buf = vec![0u8; CHUNK];
-        loop {
-            let n = ur.read(&mut buf).await.map_err(RelayError::Upstream)?;
-            if n == 0 {
-                return cw.shutdown().await.map_err(RelayError::Client);
-            }
-            cw.write_all(&buf[..n]).await.map_err(RelayError::Client)?;
-            down += n as u64;
-        }
-    };
+    let to_upstream = copy_half(&mut cr, &mut uw, &mut up, RelayError::Client, RelayError::Upstream);
+    let to_client = copy_half(&mut ur, &mut cw, &mut down, RelayError::Upstream, RelayError::Client);
     let result = tokio::try_join!(to_upstream, to_client).map(|_| ());
     ((up, down), result)
+}
+
+/// One direction: read until EOF, pass the FIN on; errors are attributed to
+/// the side they came from.
+async fn copy_half(
+    from: &mut (impl AsyncReadExt + Unpin),
+    to: &mut (impl AsyncWriteExt + Unpin),
+    moved: &mut u64,
+    read_side: fn(io::Error) -> RelayError,
+    write_side: fn(io::Error) -> RelayError,
+) -> Result<(), RelayError> {
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = from.read(&mut buf).await.map_err(read_side)?;
+        if n == 0 {
+            return to.shutdown().await.map_err(write_side);
+        }
+        to.write_all(&buf[..n]).await.map_err(write_side)?;
+        *moved += n as u64;
+    }
 }
 
 #[cfg(test)]

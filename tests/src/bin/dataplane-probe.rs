@@ -29,6 +29,8 @@ struct Args {
     latencies: Option<usize>,
     concurrency: usize,
     hold: Option<usize>,
+    /// With --hold: each connection sends the payload first (no FIN).
+    send_first: bool,
     fill: Option<u64>,
     exec: Vec<String>,
     addr: Option<SocketAddr>,
@@ -40,6 +42,7 @@ fn parse() -> Result<Args> {
         (None, None, false, 1, "hello through the dataplane".to_owned(), None);
     let (mut bind_port, mut reset, mut bulk, mut exec) = (None, false, None, Vec::new());
     let (mut latencies, mut fill, mut concurrency, mut hold) = (None, None, 1usize, None);
+    let mut send_first = false;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--cgroup" => cgroup = Some(args.next().context("--cgroup needs a value")?),
@@ -54,6 +57,7 @@ fn parse() -> Result<Args> {
             "--fill" => fill = Some(args.next().context("--fill needs a value")?.parse()?),
             "--concurrency" => concurrency = args.next().context("--concurrency needs a value")?.parse()?,
             "--hold" => hold = Some(args.next().context("--hold needs a value")?.parse()?),
+            "--send-first" => send_first = true,
             "--exec" => {
                 exec = args.by_ref().collect();
                 break;
@@ -77,6 +81,7 @@ fn parse() -> Result<Args> {
         latencies,
         concurrency,
         hold,
+        send_first,
         fill,
         exec,
         addr,
@@ -123,7 +128,11 @@ fn main() -> Result<()> {
         raise_nofile_limit();
         let mut held = Vec::with_capacity(hold);
         for _ in 0..hold {
-            held.push(TcpStream::connect_timeout(&addr, Duration::from_secs(5))?);
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            if args.send_first {
+                s.write_all(args.payload.as_bytes())?;
+            }
+            held.push(s);
         }
         println!("{}", serde_json::json!({ "held": held.len() }));
         std::io::stdout().flush()?;
