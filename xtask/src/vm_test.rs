@@ -29,7 +29,7 @@ pub struct Options {
     #[arg(long = "kernel", default_values = ["6.1", "6.12"])]
     pub kernels: Vec<String>,
     /// Wall-clock limit per kernel, in seconds (boot, tests, power-off).
-    #[arg(long, default_value_t = 420)]
+    #[arg(long, default_value_t = 900)]
     pub timeout: u64,
     /// Only run tests whose name contains this (a filter that matches no
     /// test is an error, not a pass).
