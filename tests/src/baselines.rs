@@ -80,6 +80,8 @@ impl RawQuinnServer {
                 while let Some(incoming) = ep.accept().await {
                     tokio::spawn(async move {
                         let Ok(conn) = incoming.await else { return };
+                        // As the tunnel does once a peer is authenticated.
+                        tunnel::open_stream_limits(&conn);
                         while let Ok((send, recv)) = conn.accept_bi().await {
                             tokio::spawn(echo_stream(send, recv));
                         }
@@ -137,6 +139,7 @@ impl RawQuinnClient {
         let (endpoint, conn) = rt.block_on(async move {
             let ep = quinn::Endpoint::new(Default::default(), None, socket, Arc::new(quinn::TokioRuntime))?;
             let conn = ep.connect_with(config, addr, "dataplane.peer")?.await?;
+            tunnel::open_stream_limits(&conn);
             Ok::<_, anyhow::Error>((ep, conn))
         })?;
         Ok(RawQuinnClient { rt, conn, endpoint })

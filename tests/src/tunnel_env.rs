@@ -138,7 +138,12 @@ impl TunnelEnv {
     }
 
     /// Short keep-alive and idle timeout: the tests wait for dead tunnels.
-    const TUNNEL_TIMERS: &str = "keep_alive: 300ms, idle_timeout: 1500ms";
+    /// Scaled like the latency bounds ([`crate::fast_us`]): on a starved
+    /// emulated CPU a 1.5 s idle timeout can expire mid-transfer.
+    fn tunnel_timers() -> String {
+        let (keep_alive, idle) = (crate::fast_us(300_000) / 1000, crate::fast_us(1_500_000) / 1000);
+        format!("keep_alive: {keep_alive}ms, idle_timeout: {idle}ms")
+    }
 
     /// The client agent: steers the private addresses into the tunnel.
     pub fn client_config(&self, mode: Mode, tls: &TlsPaths) -> ValidConfig {
@@ -156,7 +161,7 @@ impl TunnelEnv {
              tunnel: {{ {listen}{} }}\npeers:\n  - {{ name: {PEER}, {dial}identity: '{CONNECTOR_ID}' }}\nroutes:\n{}",
             self.topo.cgroup.path.display(),
             Self::tls_yaml(tls),
-            Self::TUNNEL_TIMERS,
+            Self::tunnel_timers(),
             [
                 "198.51.100.101/32",
                 "2001:db8::101/128",
@@ -185,7 +190,7 @@ impl TunnelEnv {
             "node: connector-1\ntimeouts: {{ connect: 2s, shutdown_grace: 1s }}\n{}tunnel: {{ {listen}{} }}\n\
              peers:\n  - {{ name: worker-1, {dial}identity: '{CLIENT_ID}' }}\nserve:\n{}",
             Self::tls_yaml(tls),
-            Self::TUNNEL_TIMERS,
+            Self::tunnel_timers(),
             ["198.51.100.101/32", "2001:db8::101/128", "198.51.100.102/32", "2001:db8::102/128"]
                 .iter()
                 .map(|c| format!("  - {{ cidr: '{c}', ports: [6443, 7000] }}\n"))

@@ -65,42 +65,157 @@ pub(super) fn peer_identity(conn: &quinn::Connection) -> Option<String> {
     uri_san(certs.first()?)
 }
 
-/// A short, stable label for why a handshake failed.
-pub fn failure_reason(e: &ConnectionError) -> String {
-    fn tls_alert(code: u64) -> Option<String> {
-        // QUIC carries TLS alerts as CRYPTO_ERROR 0x100 + alert.
-        let alert = code.checked_sub(0x100).filter(|a| *a <= 0xff)?;
-        Some(
-            match alert {
-                42 => "bad_certificate",
-                43 => "unsupported_certificate",
-                45 => "certificate_expired",
-                46 => "certificate_unknown",
-                48 => "unknown_ca",
-                116 => "certificate_required",
-                120 => "no_application_protocol",
-                a => return Some(format!("tls_alert_{a}")),
-            }
-            .to_owned(),
-        )
-    }
+/// Every reason a handshake failure is counted under: a fixed set, so no
+/// peer (or stranger) can mint metric series by choosing its close codes.
+pub const HANDSHAKE_REASONS: &[&str] = &[
+    // TLS alerts we sent (or our stack raised).
+    "bad_certificate",
+    "unsupported_certificate",
+    "certificate_expired",
+    "certificate_unknown",
+    "unknown_ca",
+    "certificate_required",
+    "no_application_protocol",
+    "tls_other",
+    // QUIC transport errors we raised.
+    "protocol_violation",
+    "invalid_token",
+    "transport_other",
+    // What the peer told us.
+    "peer_refused",
+    "peer_bad_certificate",
+    "peer_unsupported_certificate",
+    "peer_certificate_expired",
+    "peer_certificate_unknown",
+    "peer_unknown_ca",
+    "peer_certificate_required",
+    "peer_no_application_protocol",
+    "peer_tls_other",
+    "peer_unknown_identity",
+    "peer_closed",
+    "peer_closed_other",
+    // Neither side said anything.
+    "timeout",
+    "reset",
+    "version_mismatch",
+    "locally_closed",
+    "cids_exhausted",
+    // Our own checks after the TLS handshake.
+    "unknown_identity",
+];
+
+/// A short, stable label for why a handshake failed, from
+/// [`HANDSHAKE_REASONS`].
+pub fn failure_reason(e: &ConnectionError) -> &'static str {
     match e {
-        ConnectionError::TransportError(t) => {
-            tls_alert(u64::from(t.code)).unwrap_or_else(|| format!("transport_{:#x}", u64::from(t.code)))
-        }
-        ConnectionError::ConnectionClosed(c) => match u64::from(c.error_code) {
-            // CONNECTION_REFUSED: the peer is not accepting (shutting down).
-            0x2 => "peer_refused".into(),
-            code => tls_alert(code).map_or_else(|| format!("peer_closed_{code:#x}"), |a| format!("peer_{a}")),
-        },
+        ConnectionError::TransportError(t) => code_reason(u64::from(t.code), false),
+        ConnectionError::ConnectionClosed(c) => code_reason(u64::from(c.error_code), true),
         ConnectionError::ApplicationClosed(a) if a.error_code == CLOSE_UNKNOWN_PEER => {
-            "peer_unknown_identity".into()
+            "peer_unknown_identity"
         }
-        ConnectionError::ApplicationClosed(_) => "peer_closed".into(),
-        ConnectionError::TimedOut => "timeout".into(),
-        ConnectionError::Reset => "reset".into(),
-        ConnectionError::VersionMismatch => "version_mismatch".into(),
-        ConnectionError::LocallyClosed => "locally_closed".into(),
-        ConnectionError::CidsExhausted => "cids_exhausted".into(),
+        ConnectionError::ApplicationClosed(_) => "peer_closed",
+        ConnectionError::TimedOut => "timeout",
+        ConnectionError::Reset => "reset",
+        ConnectionError::VersionMismatch => "version_mismatch",
+        ConnectionError::LocallyClosed => "locally_closed",
+        ConnectionError::CidsExhausted => "cids_exhausted",
+    }
+}
+
+/// The label for a QUIC transport error code, raised here or (`by_peer`)
+/// sent by the peer. QUIC carries TLS alerts as CRYPTO_ERROR 0x100 + alert.
+fn code_reason(code: u64, by_peer: bool) -> &'static str {
+    let alert = code.checked_sub(0x100).filter(|a| *a <= 0xff);
+    match (by_peer, code, alert) {
+        (_, _, Some(alert)) => {
+            let (ours, theirs) = match alert {
+                42 => ("bad_certificate", "peer_bad_certificate"),
+                43 => ("unsupported_certificate", "peer_unsupported_certificate"),
+                45 => ("certificate_expired", "peer_certificate_expired"),
+                46 => ("certificate_unknown", "peer_certificate_unknown"),
+                48 => ("unknown_ca", "peer_unknown_ca"),
+                116 => ("certificate_required", "peer_certificate_required"),
+                120 => ("no_application_protocol", "peer_no_application_protocol"),
+                _ => ("tls_other", "peer_tls_other"),
+            };
+            if by_peer { theirs } else { ours }
+        }
+        // CONNECTION_REFUSED: the peer is not accepting (shutting down, or busy).
+        (true, 0x2, None) => "peer_refused",
+        (true, _, None) => "peer_closed_other",
+        (false, 0xa, None) => "protocol_violation",
+        (false, 0xb, None) => "invalid_token",
+        (false, _, None) => "transport_other",
+    }
+}
+
+/// At most [`LOG_BURST`] lines per [`LOG_WINDOW`] for failed handshakes; the
+/// first line of the next window says how many were left out. A flood of
+/// junk handshakes must not become a flood of log lines.
+#[derive(Debug, Default)]
+pub(super) struct LogBudget {
+    state: std::sync::Mutex<(Option<std::time::Instant>, u32, u64)>,
+}
+
+const LOG_BURST: u32 = 10;
+const LOG_WINDOW: Duration = Duration::from_secs(10);
+
+impl LogBudget {
+    /// `Some(suppressed since the last line)` if a line may be written now.
+    pub fn allow(&self, now: std::time::Instant) -> Option<u64> {
+        let mut s = crate::lock(&self.state);
+        let (start, lines, suppressed) = &mut *s;
+        if start.is_none_or(|t| now.duration_since(t) >= LOG_WINDOW) {
+            *start = Some(now);
+            *lines = 0;
+        }
+        if *lines < LOG_BURST {
+            *lines += 1;
+            Some(std::mem::take(suppressed))
+        } else {
+            *suppressed += 1;
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// Whatever code a peer sends, or our stack raises, the label is one
+        /// of the fixed set.
+        #[test]
+        fn every_code_maps_into_the_fixed_set(code in any::<u64>(), by_peer in any::<bool>()) {
+            prop_assert!(HANDSHAKE_REASONS.contains(&code_reason(code, by_peer)));
+        }
+    }
+
+    #[test]
+    fn known_codes_keep_their_names() {
+        assert_eq!(code_reason(0x100 + 48, false), "unknown_ca");
+        assert_eq!(code_reason(0x100 + 48, true), "peer_unknown_ca");
+        assert_eq!(code_reason(0x100 + 7, true), "peer_tls_other");
+        assert_eq!(code_reason(0x2, true), "peer_refused");
+        assert_eq!(code_reason(0xa, false), "protocol_violation");
+        assert_eq!(code_reason(0xdead_beef, true), "peer_closed_other");
+        assert_eq!(failure_reason(&ConnectionError::TimedOut), "timeout");
+    }
+
+    #[test]
+    fn the_log_budget_allows_a_burst_then_counts_what_it_left_out() {
+        let budget = LogBudget::default();
+        let t0 = std::time::Instant::now();
+        for _ in 0..LOG_BURST {
+            assert_eq!(budget.allow(t0), Some(0));
+        }
+        assert_eq!(budget.allow(t0), None);
+        assert_eq!(budget.allow(t0 + Duration::from_secs(1)), None);
+        // The next window's first line reports the two left out.
+        assert_eq!(budget.allow(t0 + LOG_WINDOW), Some(2));
+        assert_eq!(budget.allow(t0 + LOG_WINDOW), Some(0));
     }
 }

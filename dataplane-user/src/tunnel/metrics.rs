@@ -41,6 +41,8 @@ pub(super) struct BufferLabels {
 #[derive(Debug)]
 pub struct TunnelMetrics {
     handshake_failures: Family<ReasonLabels, Counter>,
+    handshakes_refused: Family<ReasonLabels, Counter>,
+    pub(super) handshakes_in_flight: Gauge,
     pub(super) connections_opened: Family<PeerDirectionLabels, Counter>,
     pub(super) streams_opened: Family<PeerLabels, Counter>,
     pub(super) udp_buffer: Family<BufferLabels, Gauge>,
@@ -50,6 +52,8 @@ impl TunnelMetrics {
     pub(super) fn register(registry: &mut Registry) -> TunnelMetrics {
         let m = TunnelMetrics {
             handshake_failures: Family::default(),
+            handshakes_refused: Family::default(),
+            handshakes_in_flight: Gauge::default(),
             connections_opened: Family::default(),
             streams_opened: Family::default(),
             udp_buffer: Family::default(),
@@ -58,6 +62,20 @@ impl TunnelMetrics {
             "tunnel_handshake_failures",
             "Failed tunnel handshakes in either direction, by reason",
             m.handshake_failures.clone(),
+        );
+        registry.register(
+            "tunnel_handshakes_refused",
+            "Connection attempts not given a handshake, by reason (retry: asked to prove its address first; \
+             busy: too many handshakes in flight; per_source: too many from its address)",
+            m.handshakes_refused.clone(),
+        );
+        for reason in ["retry", "busy", "per_source"] {
+            let _ = m.handshakes_refused.get_or_create_owned(&ReasonLabels { reason: reason.to_owned() });
+        }
+        registry.register(
+            "tunnel_handshakes_in_flight",
+            "Handshakes of accepted connection attempts not finished yet",
+            m.handshakes_in_flight.clone(),
         );
         registry.register(
             "tunnel_connections_opened",
@@ -90,8 +108,19 @@ impl TunnelMetrics {
         m
     }
 
-    pub(super) fn failed(&self, reason: String) {
-        self.handshake_failures.get_or_create(&ReasonLabels { reason }).inc();
+    /// Counts a failed handshake; `reason` is one of
+    /// [`super::handshake::HANDSHAKE_REASONS`].
+    pub(super) fn failed(&self, reason: &'static str) {
+        self.handshake_failures.get_or_create(&ReasonLabels { reason: reason.to_owned() }).inc();
+    }
+
+    pub(super) fn refused(&self, reason: &'static str) {
+        self.handshakes_refused.get_or_create(&ReasonLabels { reason: reason.to_owned() }).inc();
+    }
+
+    /// Connection attempts refused for `reason` (`retry`, `busy`, `per_source`).
+    pub fn handshakes_refused(&self, reason: &str) -> u64 {
+        self.handshakes_refused.get(&ReasonLabels { reason: reason.to_owned() }).map_or(0, |c| c.get())
     }
 
     /// Handshake failures counted for `reason`.

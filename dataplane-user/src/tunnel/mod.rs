@@ -15,6 +15,7 @@
 //! connections per peer), `metrics`, and `splice` (a stream to and from a
 //! TCP socket).
 
+pub mod admission;
 mod dial;
 mod handshake;
 pub mod metrics;
@@ -37,10 +38,11 @@ use quinn::{
 use tokio::{sync::watch, task::JoinSet};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-pub use handshake::failure_reason;
+use admission::{Admission, Verdict};
+pub use handshake::{HANDSHAKE_REASONS, failure_reason};
 use metrics::{BufferLabels, PeerDirectionLabels, PeerLabels, TunnelCollector, TunnelMetrics};
 use pool::PeerSlot;
-pub use transport::{transport, udp_socket};
+pub use transport::{open_stream_limits, transport, udp_socket};
 
 use crate::{
     config::{Peer, TunnelSettings},
@@ -81,6 +83,8 @@ pub struct Tunnel {
     /// How long a dialer waits for the acceptor's welcome: the idle timeout,
     /// which is how long any silent connection is given anyway.
     welcome_timeout: Duration,
+    admission: Arc<Admission>,
+    handshake_logs: handshake::LogBudget,
     stop: watch::Sender<bool>,
     pub metrics: TunnelMetrics,
 }
@@ -106,6 +110,13 @@ impl Tunnel {
         let server_crypto = QuicServerConfig::try_from(tls.server_config()?).map_err(|e| quic(&e))?;
         let mut server = ServerConfig::with_crypto(Arc::new(server_crypto));
         server.transport_config(transport.clone());
+        // Attempts waiting for the accept loop, and the packets buffered for
+        // them: quinn's defaults (65,536 attempts, 100 MiB) are sized for a
+        // web server, not for a tunnel endpoint any stranger can reach.
+        server
+            .max_incoming(admission::MAX_HANDSHAKES * 4)
+            .incoming_buffer_size(64 << 10)
+            .incoming_buffer_size_total(8 << 20);
 
         let (addr, accept) = match settings.listen {
             Some(a) => (a, true),
@@ -157,6 +168,8 @@ impl Tunnel {
             client_configs,
             handler,
             welcome_timeout: settings.idle_timeout,
+            admission: Arc::default(),
+            handshake_logs: handshake::LogBudget::default(),
             stop: watch::channel(false).0,
             metrics,
         }))
@@ -208,35 +221,74 @@ impl Tunnel {
 
     async fn accept_loop(self: Arc<Self>) {
         while let Some(incoming) = self.endpoint.accept().await {
+            let remote = incoming.remote_address();
+            let admitted =
+                self.admission.admit(remote.ip(), incoming.remote_address_validated(), incoming.may_retry());
+            let handshake_slot = match admitted {
+                Ok(slot) => slot,
+                Err(verdict) => {
+                    self.metrics.refused(verdict.reason());
+                    match verdict {
+                        Verdict::Retry => {
+                            if incoming.retry().is_err() {
+                                debug!(%remote, "a Retry was not possible; dropping the attempt");
+                            }
+                        }
+                        _ => incoming.ignore(),
+                    }
+                    continue;
+                }
+            };
+            self.metrics.handshakes_in_flight.set(self.admission.in_flight() as i64);
             let this = self.clone();
             tokio::spawn(async move {
-                let remote = incoming.remote_address();
-                let conn = match incoming.await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        let reason = handshake::failure_reason(&e);
-                        warn!(%remote, %reason, error = %e, "incoming tunnel handshake failed");
-                        return this.metrics.failed(reason);
-                    }
-                };
-                let identity = handshake::peer_identity(&conn);
-                let Some(slot) = identity.as_deref().and_then(|id| this.by_identity.get(id)).cloned() else {
-                    warn!(%remote, ?identity, "peer identity is not configured; closing");
-                    this.metrics.failed("unknown_identity".into());
-                    return conn.close(handshake::CLOSE_UNKNOWN_PEER, b"identity not configured");
-                };
-                if let Err(e) = handshake::send_welcome(&conn).await {
-                    debug!(%remote, error = %e, "could not welcome the peer");
-                    return;
+                let welcomed = this.handshake(incoming).await;
+                drop(handshake_slot);
+                this.metrics.handshakes_in_flight.set(this.admission.in_flight() as i64);
+                if let Some((slot, conn)) = welcomed {
+                    this.run_connection(slot, conn, "accepted").await;
                 }
-                this.run_connection(slot, conn, "accepted").await;
             });
         }
+    }
+
+    /// Runs an admitted attempt's handshake: TLS, then the identity check
+    /// and the welcome. Failures are counted; their log lines are rationed.
+    async fn handshake(&self, incoming: quinn::Incoming) -> Option<(Arc<PeerSlot>, quinn::Connection)> {
+        let remote = incoming.remote_address();
+        let conn = match incoming.await {
+            Ok(c) => c,
+            Err(e) => {
+                let reason = handshake::failure_reason(&e);
+                self.metrics.failed(reason);
+                if let Some(suppressed) = self.handshake_logs.allow(std::time::Instant::now()) {
+                    warn!(%remote, %reason, error = %e, suppressed, "incoming tunnel handshake failed");
+                }
+                return None;
+            }
+        };
+        let identity = handshake::peer_identity(&conn);
+        let Some(slot) = identity.as_deref().and_then(|id| self.by_identity.get(id)).cloned() else {
+            self.metrics.failed("unknown_identity");
+            if let Some(suppressed) = self.handshake_logs.allow(std::time::Instant::now()) {
+                warn!(%remote, ?identity, suppressed, "peer identity is not configured; closing");
+            }
+            conn.close(handshake::CLOSE_UNKNOWN_PEER, b"identity not configured");
+            return None;
+        };
+        if let Err(e) = handshake::send_welcome(&conn).await {
+            debug!(%remote, error = %e, "could not welcome the peer");
+            return None;
+        }
+        Some((slot, conn))
     }
 
     /// Registers a live connection and serves the streams the peer opens on it
     /// until it closes.
     async fn run_connection(&self, slot: Arc<PeerSlot>, conn: quinn::Connection, direction: &'static str) {
+        // Authenticated now (the welcome was sent or received): lift the
+        // stream limit the handshake ran under to the working one.
+        transport::open_stream_limits(&conn);
         let labels = PeerDirectionLabels { peer: slot.name.to_string(), direction };
         self.metrics.connections_opened.get_or_create(&labels).inc();
         slot.add(&conn);

@@ -7,9 +7,16 @@ use quinn::{IdleTimeout, TransportConfig, VarInt};
 use super::TunnelError;
 use crate::config::TunnelSettings;
 
-/// Streams in flight per connection; quinn's default of 100 would cap a
-/// node's concurrent flows per connection far too low.
+/// Streams in flight per connection once the peer is authenticated; quinn's
+/// default of 100 would cap a node's concurrent flows per connection far too
+/// low.
 const MAX_STREAMS: u32 = 65_536;
+/// Streams a peer may open while the handshake runs. quinn sets up state for
+/// every stream the limit allows when it creates a connection (about 80
+/// bytes each way per stream): at 65,536 that was 5 MiB for each Initial a
+/// stranger sent. The welcome, the only stream before authentication, is
+/// unidirectional.
+const HANDSHAKE_STREAMS: u32 = 8;
 /// Per-stream and per-connection receive windows, which are also what a peer
 /// can make us hold per connection. 4 MiB carries a stream at 6 Gbit/s over
 /// a 5 ms path (650 Mbit/s at 50 ms), 16 MiB a connection at 25 Gbit/s (2.7
@@ -22,7 +29,7 @@ const CONNECTION_WINDOW: u32 = 16 << 20;
 /// benchmark's raw-QUIC baseline, which must match them).
 pub fn transport(settings: &TunnelSettings) -> Result<TransportConfig, TunnelError> {
     let mut t = TransportConfig::default();
-    t.max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS))
+    t.max_concurrent_bidi_streams(VarInt::from_u32(HANDSHAKE_STREAMS))
         // One for the welcome; no other unidirectional streams are used.
         .max_concurrent_uni_streams(VarInt::from_u32(1))
         .stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
@@ -33,6 +40,12 @@ pub fn transport(settings: &TunnelSettings) -> Result<TransportConfig, TunnelErr
             IdleTimeout::try_from(settings.idle_timeout).map_err(|e| TunnelError::Quic(e.to_string()))?,
         ));
     Ok(t)
+}
+
+/// Raises an authenticated connection's stream limit to the working one
+/// (the peer learns it in a MAX_STREAMS frame).
+pub fn open_stream_limits(conn: &quinn::Connection) {
+    conn.set_max_concurrent_bi_streams(VarInt::from_u32(MAX_STREAMS));
 }
 
 /// A UDP socket with the buffers forced to `size` (the agent is privileged:
