@@ -12,7 +12,7 @@
 //! - `tls`: mutual-TLS material, verifiers, identities, certificates;
 //! - `admin`: the HTTP admin API over a narrow read interface;
 //! - `app`: the composition root: start, reload, drain and shutdown order;
-//! - `config`, `routes`, `process`, `sockopt`: what they say.
+//! - `config`, `ranges`, `routes`, `process`, `sockopt`: what they say.
 
 pub mod admin;
 pub mod app;
@@ -20,6 +20,7 @@ pub mod config;
 pub mod connector;
 pub mod kernel;
 pub mod process;
+pub mod ranges;
 pub mod routes;
 pub mod sockopt;
 pub mod steer;

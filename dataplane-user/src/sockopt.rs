@@ -27,3 +27,31 @@ pub fn socket_cookie(sock: &impl AsRawFd) -> io::Result<u64> {
 pub fn reset_on_close(sock: &impl std::os::fd::AsFd) -> io::Result<()> {
     socket2::SockRef::from(sock).set_linger(Some(Duration::ZERO))
 }
+
+/// TCP keepalive: probes after a minute of silence, every 10 s, 6 of them, so
+/// a peer that vanished without a FIN or RST is noticed in about two minutes
+/// instead of never (an idle kubectl watch sends nothing for long periods).
+pub fn keepalive(sock: &impl std::os::fd::AsFd) -> io::Result<()> {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(6);
+    socket2::SockRef::from(sock).set_tcp_keepalive(&ka)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keepalive_is_set_with_our_timers() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let s = std::net::TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        keepalive(&s).expect("set");
+        let r = socket2::SockRef::from(&s);
+        assert!(r.keepalive().expect("read back"));
+        assert_eq!(r.tcp_keepalive_time().expect("time"), Duration::from_secs(60));
+        assert_eq!(r.tcp_keepalive_interval().expect("interval"), Duration::from_secs(10));
+        assert_eq!(r.tcp_keepalive_retries().expect("retries"), 6);
+    }
+}

@@ -42,7 +42,12 @@ impl Attempt {
     /// which came first, or a refusal.
     pub fn was_reset(&self) -> bool {
         let e = self.error.as_deref().unwrap_or_default();
-        !self.ok && (e.contains("reset") || e.contains("Broken pipe") || e.contains("refused"))
+        // ENOTCONN: the reset came between connect() and getpeername().
+        !self.ok
+            && (e.contains("reset")
+                || e.contains("Broken pipe")
+                || e.contains("refused")
+                || e.contains("not connected"))
     }
 
     /// The echoed payload.

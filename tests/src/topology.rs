@@ -118,10 +118,15 @@ impl Topology {
 
     /// A config for this topology's cgroup with the given routes (`direct`).
     pub fn config(&self, routes: &[&str]) -> ValidConfig {
+        self.config_with(routes, "")
+    }
+
+    /// [`Topology::config`] with more top-level YAML (e.g. a `limits:` line).
+    pub fn config_with(&self, routes: &[&str], extra: &str) -> ValidConfig {
         let routes: String =
             routes.iter().map(|r| format!("  - {{ cidr: \"{r}\", via: direct }}\n")).collect();
         let text = format!(
-            "node: test-{}\nsteering:\n  cgroup: {}\ntimeouts: {{ connect: 2s, shutdown_grace: 2s }}\nroutes:\n{routes}",
+            "node: test-{}\nsteering:\n  cgroup: {}\ntimeouts: {{ connect: 2s, shutdown_grace: 2s }}\n{extra}routes:\n{routes}",
             self.id,
             self.cgroup.path.display()
         );

@@ -12,7 +12,9 @@ use std::{
 use dataplane::{process::ProcessStats, tls::TlsMaterial, tunnel::HANDSHAKE_REASONS};
 use tests::{
     fast_us, require_root,
+    topology::{API_V4, Topology, addr},
     tunnel_env::{CLIENT_ID, CONNECTOR_ID, Mode, TunnelEnv, ensure_tunnel},
+    wait_for,
 };
 
 /// The connector's tunnel listener in the private namespace.
@@ -133,4 +135,31 @@ fn a_flood_of_initials_is_bounded_and_a_real_peer_still_connects() {
         let reason = line.split('"').nth(1).expect("a reason label");
         assert!(HANDSHAKE_REASONS.contains(&reason), "label `{reason}` outside the fixed set: {line}");
     }
+}
+
+/// One pod holding idle connections to a routed destination gets
+/// `limits.flows_per_workload` of them; the rest are reset at once and
+/// counted, and the pod's (and anyone's) flows work again as slots free.
+#[test]
+fn a_workload_is_capped_at_its_flows() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::new().expect("topology");
+    let agent = topo
+        .start_agent(topo.config_with(&["198.51.100.101/32"], "limits: { flows_per_workload: 5 }\n"))
+        .expect("agent");
+    let pod = topo.pod_probe();
+    let held = pod.hold(addr(API_V4), 5).expect("five flows held");
+    wait_for("five flows open", Duration::from_secs(10), || agent.handle.flow_stats().active == 5);
+    let over = pod.connect(addr(API_V4)).expect("probe");
+    assert!(over.was_reset(), "the sixth is refused: {over:?}");
+    wait_for("the refusal counted", Duration::from_secs(10), || {
+        agent.handle.flow_stats().over_workload_cap == 1
+    });
+    assert_eq!(agent.handle.flow_stats().active, 5, "no task for a refused flow");
+    held.release();
+    wait_for("the held flows end", Duration::from_secs(10), || agent.handle.flow_stats().active == 0);
+    let a = pod.connect(addr(API_V4)).expect("probe");
+    assert!(a.ok, "a freed slot serves again: {a:?}");
 }

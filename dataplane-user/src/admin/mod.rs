@@ -54,6 +54,15 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, AdminError> {
     TcpListener::bind(addr).await.map_err(|source| AdminError { addr, source })
 }
 
+/// Connections served at once. Scrapes, probes and `dataplane status` need a
+/// handful; the cap keeps a slowloris from spending the descriptors flows
+/// need. Connections over it are closed at once.
+pub const MAX_CONNECTIONS: usize = 32;
+/// A request's headers must arrive within this.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// No connection lives longer (one request each: no keep-alive).
+pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(30);
+
 /// Serves until the task is dropped.
 pub async fn serve(listener: TcpListener, agent: Arc<dyn AdminSource>) {
     let heartbeat = Arc::new(AtomicU64::new(now_ms()));
@@ -64,6 +73,7 @@ pub async fn serve(listener: TcpListener, agent: Arc<dyn AdminSource>) {
             tokio::time::sleep(HEARTBEAT_EVERY).await;
         }
     });
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -73,18 +83,27 @@ pub async fn serve(listener: TcpListener, agent: Arc<dyn AdminSource>) {
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            debug!(%peer, "admin connection over the cap; closed");
+            continue;
+        };
         let (agent, heartbeat) = (agent.clone(), heartbeat.clone());
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let (agent, heartbeat) = (agent.clone(), heartbeat.clone());
                 async move { Ok::<_, Infallible>(route(&req, &agent, &heartbeat)) }
             });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                debug!(%peer, error = %e, "admin connection ended");
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), service);
+            match tokio::time::timeout(CONNECTION_DEADLINE, conn).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!(%peer, error = %e, "admin connection ended"),
+                Err(_) => debug!(%peer, "admin connection over its deadline; closed"),
             }
+            drop(slot);
         });
     }
 }

@@ -159,6 +159,7 @@ impl Agent {
                 tunnel.clone(),
                 routes.clone(),
                 config.timeouts.connect,
+                config.limits.flows_per_workload,
                 flows.clone(),
             ))
         });

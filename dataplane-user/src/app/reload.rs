@@ -1,4 +1,4 @@
-//! Reloads: routes, what this agent serves and timeouts change at runtime;
+//! Reloads: routes, what this agent serves, timeouts and limits change at runtime;
 //! a config that changes anything else is refused whole.
 
 use tracing::info;
@@ -51,6 +51,7 @@ impl AgentHandle {
         }
         if let Some(f) = &shared.flow_server {
             f.set_connect_timeout(next.timeouts.connect);
+            f.set_flows_per_workload(next.limits.flows_per_workload);
         }
         info!(added = diff.upsert.len(), removed = diff.remove.len(), "configuration reloaded");
         *table = new_table;

@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 mod validate;
 
-pub use validate::{NEVER_SERVED, ValidConfig, ValidRoute, ValidServe, parse_cidr};
+pub use validate::{ValidConfig, ValidRoute, ValidServe, parse_cidr};
 
 /// Exit code for a bad configuration (EX_USAGE from sysexits.h).
 pub const EXIT_BAD_CONFIG: i32 = 64;
@@ -61,6 +61,8 @@ pub struct Config {
     pub steering: SteeringSettings,
     #[serde(default)]
     pub timeouts: Timeouts,
+    #[serde(default)]
+    pub limits: Limits,
     /// CIDRs whose TCP connects are steered into the agent.
     #[serde(default)]
     pub routes: Vec<Route>,
@@ -199,6 +201,33 @@ impl Default for Redirect {
     fn default() -> Self {
         Redirect { interface: default_interface(), v4: default_v4(), v6: default_v6() }
     }
+}
+
+/// Caps on what a workload can make the agent hold. Reloadable.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Steered flows one workload (source address) may have open at once;
+    /// more are reset at once and counted (`result="over_workload_cap"`).
+    #[serde(default = "default_flows_per_workload")]
+    pub flows_per_workload: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { flows_per_workload: default_flows_per_workload() }
+    }
+}
+
+/// Most a config may set `limits.flows_per_workload` to: the kernel's flow
+/// table holds 65,536 flows for the whole node.
+pub const MAX_FLOWS_PER_WORKLOAD: usize = 65_536;
+
+/// A kubectl needs a handful of connections and a busy CI runner a few
+/// hundred; 4,096 leaves room for both while one pod cannot take the node's
+/// descriptors (5,000 silent flows from one pod were all held before).
+fn default_flows_per_workload() -> usize {
+    4096
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]

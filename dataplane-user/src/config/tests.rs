@@ -181,6 +181,62 @@ fn routes_may_not_cover_the_listener_or_loopback() {
     assert!(e.contains("steering.redirect.v6"), "{e}");
 }
 
+/// Loopback in any spelling: each of these passed `dataplane check` once.
+#[test]
+fn routes_may_not_cover_loopback_in_any_spelling() {
+    for cidr in
+        ["127.0.0.2/32", "127.128.0.0/9", "'::ffff:127.0.0.1/128'", "'::ffff:0.0.0.0/96'", "'::7f00:1/128'"]
+    {
+        let e = err(&format!("routes: [{{ cidr: {cidr}, via: direct }}]"));
+        // ::ffff:0.0.0.0/96 covers all of IPv4: 0.0.0.0/8 is found first.
+        assert!(
+            e.contains("routes[0].cidr") && (e.contains("loopback") || e.contains("unspecified")),
+            "{cidr}: {e}"
+        );
+    }
+    // The redirect listener in its mapped spelling is still the listener.
+    let e = err("routes: [{ cidr: '::ffff:169.254.77.1/128', via: direct }]");
+    assert!(e.contains("steering.redirect.v4"), "{e}");
+}
+
+/// The agent dials a `via: direct` route itself: never the metadata
+/// address or link-local, however spelled.
+#[test]
+fn direct_routes_never_reach_link_local_or_metadata() {
+    let no_v4_listener = "steering: { redirect: { v4: null } }
+";
+    for cidr in ["169.254.169.254/32", "'64:ff9b::a9fe:a9fe/128'", "'fe80::1/128'", "224.0.0.0/8"] {
+        let e = err(&format!("{no_v4_listener}routes: [{{ cidr: {cidr}, via: direct }}]"));
+        assert!(e.contains("routes[0].cidr") && e.contains("via: direct"), "{cidr}: {e}");
+    }
+    // Through a peer the connector's policy decides (it refuses these too).
+    let ok = format!(
+        "{TLS}{no_v4_listener}peers: [{{ name: c, dial: ['192.0.2.1:4433'], identity: 'spiffe://t/c' }}]\n\
+         routes: [{{ cidr: 198.51.100.0/24, via: c }}]\n"
+    );
+    Config::parse(&ok).expect("a peer route is fine");
+}
+
+#[test]
+fn serve_refuses_forbidden_ranges_in_other_spellings() {
+    let base = format!(
+        "{TLS}tunnel: {{ listen: '0.0.0.0:4433' }}\npeers: [{{ name: c, identity: 'spiffe://t/c' }}]\n"
+    );
+    for cidr in ["'64:ff9b::a9fe:a9fe/128'", "'2002:7f00::/24'", "'::ffff:127.0.0.0/104'"] {
+        let e = err(&format!("{base}serve: [{{ cidr: {cidr}, ports: [443] }}]\n"));
+        assert!(e.contains("serve[0].cidr") && e.contains("never dials"), "{cidr}: {e}");
+    }
+}
+
+#[test]
+fn routes_are_capped_at_the_kernel_tries_capacity() {
+    let n = dataplane_common::ROUTES_MAX_ENTRIES as usize + 1;
+    let routes: String =
+        (0..n).map(|i| format!("  - {{ cidr: 10.{}.{}.0/24, via: direct }}\n", i / 256, i % 256)).collect();
+    let e = err(&format!("routes:\n{routes}"));
+    assert!(e.contains("routes:") && e.contains("4097 IPv4 routes") && e.contains("4096"), "{e}");
+}
+
 #[test]
 fn bad_listeners_are_named() {
     let base = "\nroutes: [{ cidr: 10.0.0.0/8, via: direct }]";

@@ -10,6 +10,8 @@ use std::{
 use ipnet::IpNet;
 
 use super::{Config, ConfigError, MAX_WORKERS, Redirect, VIA_DIRECT};
+use crate::ranges::{self, NEVER_ROUTED, NEVER_SERVED};
+use dataplane_common::ROUTES_MAX_ENTRIES;
 
 /// A configuration that passed [`Config::validate`], with the routes and
 /// serve entries validation parsed. It reads as the [`Config`] it wraps.
@@ -58,19 +60,6 @@ pub struct ValidServe {
     pub ports: Vec<u16>,
 }
 
-/// Ranges a connector never dials, whatever it is configured to serve: the
-/// classic SSRF targets on a node.
-pub const NEVER_SERVED: [(&str, &str); 8] = [
-    ("0.0.0.0/8", "unspecified/this-network addresses"),
-    ("127.0.0.0/8", "loopback"),
-    ("169.254.0.0/16", "link-local (incl. the cloud metadata address 169.254.169.254)"),
-    ("224.0.0.0/4", "multicast"),
-    ("::/128", "the unspecified address"),
-    ("::1/128", "loopback"),
-    ("fe80::/10", "link-local"),
-    ("fd00:ec2::254/128", "the cloud metadata address"),
-];
-
 impl Config {
     /// Reads and validates a file.
     pub fn load(path: &Path) -> Result<ValidConfig, ConfigError> {
@@ -99,6 +88,13 @@ impl Config {
             return Err(ConfigError::invalid("workers", format!("{w}: must be between 1 and {MAX_WORKERS}")));
         }
         self.steering.redirect.validate()?;
+        let cap = self.limits.flows_per_workload;
+        if !(1..=super::MAX_FLOWS_PER_WORKLOAD).contains(&cap) {
+            return Err(ConfigError::invalid(
+                "limits.flows_per_workload",
+                format!("{cap}: must be between 1 and {}", super::MAX_FLOWS_PER_WORKLOAD),
+            ));
+        }
         self.validate_peers()?;
         let routes = self.parse_routes()?;
         let serve = self.parse_serve()?;
@@ -190,12 +186,11 @@ impl Config {
 
     /// The serve entries, parsed, checked against the ranges never served.
     fn parse_serve(&self) -> Result<Vec<ValidServe>, ConfigError> {
-        let never: Vec<(IpNet, &str)> =
-            NEVER_SERVED.iter().map(|(c, why)| (c.parse().expect("static CIDR"), *why)).collect();
+        let never = ranges::parse_table(&NEVER_SERVED);
         let mut out = Vec::with_capacity(self.serve.len());
         for (i, s) in self.serve.iter().enumerate() {
             let net = parse_cidr(&s.cidr).map_err(|e| ConfigError::invalid(format!("serve[{i}].cidr"), e))?;
-            if let Some((range, why)) = never.iter().find(|(n, _)| overlaps(n, &net)) {
+            if let Some((range, why)) = ranges::overlapped(net, &never) {
                 return Err(ConfigError::invalid(
                     format!("serve[{i}].cidr"),
                     format!("{net} overlaps {range}, {why}, which a connector never dials"),
@@ -214,6 +209,9 @@ impl Config {
 
     /// The routes, parsed and checked against each other and the listeners.
     fn parse_routes(&self) -> Result<Vec<ValidRoute>, ConfigError> {
+        let never_routed = ranges::parse_table(&NEVER_ROUTED);
+        let never_served = ranges::parse_table(&NEVER_SERVED);
+        let reserved = self.reserved_addresses();
         let mut out: Vec<ValidRoute> = Vec::with_capacity(self.routes.len());
         for (i, r) in self.routes.iter().enumerate() {
             let net =
@@ -226,13 +224,31 @@ impl Config {
                     format!("unknown upstream `{}` (known: {})", r.via, known.join(", ")),
                 ));
             }
-            for (what, addr) in self.reserved_addresses() {
-                if net.contains(&addr) {
+            let field = || format!("routes[{i}].cidr");
+            // Any spelling: ::ffff:127.0.0.1 is loopback too.
+            if let Some((range, why)) = ranges::overlapped(net, &never_routed) {
+                return Err(ConfigError::invalid(
+                    field(),
+                    format!("{net} covers {range} ({why}); steering it would loop or break the node"),
+                ));
+            }
+            for spelling in ranges::spellings(net) {
+                if let Some((what, addr)) = reserved.iter().find(|(_, a)| spelling.contains(a)) {
                     return Err(ConfigError::invalid(
-                        format!("routes[{i}].cidr"),
+                        field(),
                         format!("{net} covers {what} {addr}; steering it would loop or break the node"),
                     ));
                 }
+            }
+            if r.via == VIA_DIRECT
+                && let Some((range, why)) = ranges::overlapped(net, &never_served)
+            {
+                return Err(ConfigError::invalid(
+                    field(),
+                    format!(
+                        "{net} overlaps {range}, {why}: a `via: direct` route is dialled by the agent itself, which never dials there"
+                    ),
+                ));
             }
             if let Some((j, other)) = out.iter().enumerate().find(|(_, o)| overlaps(&o.net, &net)) {
                 return Err(ConfigError::invalid(
@@ -244,6 +260,17 @@ impl Config {
                 ));
             }
             out.push(ValidRoute { net, via: r.via.clone() });
+        }
+        for (family, v4) in [("IPv4", true), ("IPv6", false)] {
+            let n = out.iter().filter(|r| r.net.addr().is_ipv4() == v4).count();
+            if n > ROUTES_MAX_ENTRIES as usize {
+                return Err(ConfigError::invalid(
+                    "routes",
+                    format!(
+                        "{n} {family} routes exceed the kernel route trie's capacity of {ROUTES_MAX_ENTRIES}"
+                    ),
+                ));
+            }
         }
         Ok(out)
     }
@@ -350,6 +377,4 @@ pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
     Ok(net)
 }
 
-fn overlaps(a: &IpNet, b: &IpNet) -> bool {
-    a.contains(&b.network()) || b.contains(&a.network())
-}
+use ranges::overlaps;

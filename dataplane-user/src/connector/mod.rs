@@ -103,6 +103,8 @@ impl Connector {
                 Err(_) => return self.answer(&mut send, Status::Timeout).await,
             };
             let _ = tcp.set_nodelay(true);
+            // A destination that vanishes mid-flow is noticed, not held forever.
+            let _ = crate::sockopt::keepalive(&tcp);
             if send.write_all(&Response { status: Status::Ok }.encode()).await.is_err() {
                 return;
             }

@@ -5,7 +5,10 @@ use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 
-use crate::config::{NEVER_SERVED, ValidServe};
+use crate::{
+    config::ValidServe,
+    ranges::{self, NEVER_SERVED},
+};
 
 /// Why a destination was refused, for logs and counters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -37,7 +40,7 @@ pub struct ServePolicy {
 
 impl ServePolicy {
     pub fn new(serve: Vec<ValidServe>) -> ServePolicy {
-        let never = NEVER_SERVED.iter().map(|(c, _)| c.parse().expect("static CIDR")).collect();
+        let never = ranges::parse_table(&NEVER_SERVED).into_iter().map(|(n, _)| n).collect();
         ServePolicy { serve, never }
     }
 
@@ -46,8 +49,15 @@ impl ServePolicy {
     /// (`::ffff:127.0.0.1` is loopback).
     pub fn check(&self, dst: SocketAddr) -> Result<SocketAddr, Denial> {
         let ip: IpAddr = dst.ip().to_canonical();
-        if self.never.iter().any(|n| n.contains(&ip)) || ip.is_multicast() || ip.is_unspecified() {
-            return Err(Denial::NeverServed);
+        // Every spelling: 64:ff9b::a9fe:a9fe is the metadata address through
+        // a NAT64 gateway, 2002:7f00:1:: loopback through 6to4.
+        for spelling in ranges::address_spellings(ip) {
+            if self.never.iter().any(|n| n.contains(&spelling))
+                || spelling.is_multicast()
+                || spelling.is_unspecified()
+            {
+                return Err(Denial::NeverServed);
+            }
         }
         let mut in_cidr = false;
         for s in self.serve.iter().filter(|s| s.net.contains(&ip)) {
@@ -97,6 +107,9 @@ mod tests {
             "224.0.0.1:6443",
             "[::ffff:127.0.0.1]:6443",
             "[::ffff:169.254.169.254]:80",
+            "[64:ff9b::a9fe:a9fe]:80",
+            "[2002:7f00:1::]:6443",
+            "[::7f00:1]:6443",
         ] {
             assert_eq!(check(dst), Err(Denial::NeverServed), "{dst}");
         }

@@ -65,6 +65,7 @@ pub(super) async fn serve(
             return FlowResult::dial_failed;
         }
     };
+    let _ = sockopt::keepalive(&upstream);
     server.metrics.setup("direct", accepted.elapsed());
     debug!(%dst, "flow open (direct)");
     let (moved, result) = relay(client, &mut upstream).await;

@@ -11,8 +11,13 @@ use super::{
     FlowServer, direct,
     metrics::{FlowMetrics, FlowResult, UNKNOWN_ROUTE},
     via_peer,
+    workloads::WorkloadSlot,
 };
-use crate::{lock, routes::Upstream, sockopt};
+use crate::{
+    lock,
+    routes::{RouteTable, Upstream},
+    sockopt,
+};
 
 /// Records a flow's end exactly once, also when its task is cut off at the
 /// end of the shutdown grace period (then as `failed`).
@@ -39,8 +44,17 @@ impl Drop for FlowRecord<'_> {
 /// application sees an error at once. The flow's record (a local) is dropped,
 /// and so counted, before the client socket (a parameter) closes: whoever
 /// sees the close finds the metrics already updated.
-pub(super) async fn serve(server: Arc<FlowServer>, mut client: TcpStream, peer: SocketAddr, id: u64) {
+pub(super) async fn serve(
+    server: Arc<FlowServer>,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    id: u64,
+    _slot: WorkloadSlot,
+) {
     let accepted = Instant::now();
+    // A workload that vanishes (its node side dies, a pod is deleted mid
+    // flow) must not leave the flow open forever.
+    let _ = sockopt::keepalive(&client);
     let metrics = &*server.metrics;
     let Some(flow) = server.steering.lookup_flow(peer) else {
         let mut record = FlowRecord::open(metrics, UNKNOWN_ROUTE.to_owned());
@@ -50,12 +64,15 @@ pub(super) async fn serve(server: Arc<FlowServer>, mut client: TcpStream, peer: 
         debug!("no original destination recorded for this peer; resetting");
         return reset(&client);
     };
-    let route = lock(&server.routes).get(flow.route_id).map(|r| (r.net.to_string(), r.upstream.clone()));
-    let Some((route, upstream)) = route else {
-        let mut record = FlowRecord::open(metrics, UNKNOWN_ROUTE.to_owned());
-        record.result = FlowResult::route_gone;
-        info!(dst = %flow.dst, route = flow.route_id, "route removed since the connect; resetting");
-        return reset(&client);
+    let route = route_of(&lock(&server.routes), flow.route_id, flow.dst);
+    let (route, upstream) = match route {
+        Ok(r) => r,
+        Err(result) => {
+            let mut record = FlowRecord::open(metrics, UNKNOWN_ROUTE.to_owned());
+            record.result = result;
+            info!(dst = %flow.dst, route = flow.route_id, ?result, "no route for the recorded destination; resetting");
+            return reset(&client);
+        }
     };
     let span = tracing::Span::current();
     span.record("route", route.as_str());
@@ -73,6 +90,36 @@ pub(super) async fn serve(server: Arc<FlowServer>, mut client: TcpStream, peer: 
     };
 }
 
+/// The route a flow was steered by, as (CIDR, upstream): it must still
+/// exist, and must contain the destination the kernel recorded (a record
+/// that names a route not covering its destination is refused, never
+/// dialled).
+fn route_of(table: &RouteTable, id: u32, dst: SocketAddr) -> Result<(String, Upstream), FlowResult> {
+    let entry = table.get(id).ok_or(FlowResult::route_gone)?;
+    if !entry.net.contains(&dst.ip()) {
+        return Err(FlowResult::route_mismatch);
+    }
+    Ok((entry.net.to_string(), entry.upstream.clone()))
+}
+
 pub(super) fn reset(stream: &TcpStream) {
     let _ = sockopt::reset_on_close(stream);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ValidRoute;
+
+    #[test]
+    fn a_flow_must_lie_inside_the_route_that_steered_it() {
+        let routes = [ValidRoute { net: "198.51.100.101/32".parse().expect("net"), via: "direct".into() }];
+        let table = RouteTable::build(&routes, &RouteTable::default());
+        let id = table.entries()[0].id;
+        let inside: SocketAddr = "198.51.100.101:6443".parse().expect("addr");
+        let outside: SocketAddr = "127.0.0.1:22".parse().expect("addr");
+        assert_eq!(route_of(&table, id, inside).map(|r| r.0), Ok("198.51.100.101/32".to_owned()));
+        assert_eq!(route_of(&table, id, outside).err(), Some(FlowResult::route_mismatch));
+        assert_eq!(route_of(&table, id + 1, inside).err(), Some(FlowResult::route_gone));
+    }
 }

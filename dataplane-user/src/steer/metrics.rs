@@ -25,12 +25,17 @@ pub enum FlowResult {
     unrecovered,
     /// The route was removed between connect and accept.
     route_gone,
+    /// The kernel's record named a route that does not contain the recorded
+    /// destination: refused, never dialled (not expected to happen).
+    route_mismatch,
     /// The direct upstream could not be dialled.
     dial_failed,
     /// The route's peer had no live tunnel connection.
     no_tunnel,
     /// The connector answered with a status other than ok, or not in time.
     refused_by_peer,
+    /// Refused at accept: the workload had `limits.flows_per_workload` open.
+    over_workload_cap,
     /// The application reset its own connection (iperf3 ends every test so);
     /// the path did not fail. Not an error of the dataplane.
     client_reset,
@@ -66,12 +71,16 @@ pub struct FlowSnapshot {
     pub accepted: u64,
     pub unrecovered: u64,
     pub route_gone: u64,
+    #[serde(default)]
+    pub route_mismatch: u64,
     pub dial_failed: u64,
     pub no_tunnel: u64,
     pub refused_by_peer: u64,
     pub failed: u64,
     #[serde(default)]
     pub client_reset: u64,
+    #[serde(default)]
+    pub over_workload_cap: u64,
     pub completed: u64,
     pub active: u64,
     pub bytes_up: u64,
@@ -86,7 +95,7 @@ pub struct FlowMetrics {
     active: Gauge,
     bytes: Family<BytesLabels, Counter>,
     setup: Family<UpstreamLabels, Histogram>,
-    totals: [AtomicU64; 8],
+    totals: [AtomicU64; 10],
     accepted: AtomicU64,
     up: AtomicU64,
     down: AtomicU64,
@@ -160,11 +169,13 @@ impl FlowMetrics {
             accepted: self.accepted.load(Relaxed),
             unrecovered: t(FlowResult::unrecovered),
             route_gone: t(FlowResult::route_gone),
+            route_mismatch: t(FlowResult::route_mismatch),
             dial_failed: t(FlowResult::dial_failed),
             no_tunnel: t(FlowResult::no_tunnel),
             refused_by_peer: t(FlowResult::refused_by_peer),
             failed: t(FlowResult::failed),
             client_reset: t(FlowResult::client_reset),
+            over_workload_cap: t(FlowResult::over_workload_cap),
             completed: t(FlowResult::completed),
             active: self.active.get().max(0) as u64,
             bytes_up: self.up.load(Relaxed),

@@ -9,6 +9,7 @@ pub mod flow;
 pub mod listener;
 pub mod metrics;
 mod via_peer;
+pub mod workloads;
 
 use std::{
     net::SocketAddr,
@@ -25,10 +26,11 @@ use tokio::{
     task::JoinSet,
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{kernel::Steering, lock, routes::RouteTable, tunnel::Tunnel};
-use metrics::FlowMetrics;
+use metrics::{FlowMetrics, FlowResult, UNKNOWN_ROUTE};
+use workloads::Workloads;
 
 /// After detaching, how long the listeners keep accepting connects that were
 /// redirected before the detach and are still completing their handshake.
@@ -46,6 +48,7 @@ pub struct FlowServer {
     routes: Arc<Mutex<RouteTable>>,
     connect_timeout: Mutex<Duration>,
     metrics: Arc<FlowMetrics>,
+    workloads: Arc<Workloads>,
     next_flow_id: AtomicU64,
 }
 
@@ -56,6 +59,7 @@ impl FlowServer {
         tunnel: Option<Arc<Tunnel>>,
         routes: Arc<Mutex<RouteTable>>,
         connect_timeout: Duration,
+        flows_per_workload: usize,
         metrics: Arc<FlowMetrics>,
     ) -> FlowServer {
         FlowServer {
@@ -65,6 +69,7 @@ impl FlowServer {
             routes,
             connect_timeout: Mutex::new(connect_timeout),
             metrics,
+            workloads: Arc::new(Workloads::new(flows_per_workload)),
             next_flow_id: AtomicU64::new(1),
         }
     }
@@ -72,6 +77,11 @@ impl FlowServer {
     /// Applies a reloaded connect timeout to flows that start from now on.
     pub fn set_connect_timeout(&self, timeout: Duration) {
         *lock(&self.connect_timeout) = timeout;
+    }
+
+    /// Applies a reloaded per-workload flow cap.
+    pub fn set_flows_per_workload(&self, cap: usize) {
+        self.workloads.set_cap(cap);
     }
 
     fn connect_timeout(&self) -> Duration {
@@ -152,9 +162,17 @@ impl FlowServer {
     }
 
     fn spawn_flow(self: &Arc<Self>, flows: &mut JoinSet<()>, stream: TcpStream, peer: SocketAddr) {
+        let Some(slot) = self.workloads.open(peer.ip()) else {
+            // Refused before any work: no task, no dial, a reset at once.
+            self.metrics.opened(UNKNOWN_ROUTE);
+            self.metrics.closed(UNKNOWN_ROUTE, FlowResult::over_workload_cap);
+            flow::reset(&stream);
+            debug!(%peer, "workload at its flow cap; reset");
+            return;
+        };
         let id = self.next_flow_id.fetch_add(1, Relaxed);
         let span = info_span!("flow", id, %peer, route = tracing::field::Empty, via = tracing::field::Empty);
-        flows.spawn(flow::serve(self.clone(), stream, peer, id).instrument(span));
+        flows.spawn(flow::serve(self.clone(), stream, peer, id, slot).instrument(span));
     }
 }
 

@@ -32,7 +32,7 @@ pub(super) async fn serve(
         return FlowResult::failed;
     };
     let dst = to.dst;
-    let (mut send, mut recv) = match tunnel.open(to.peer).await {
+    let (mut send, mut recv) = match tunnel.open(to.peer, server.connect_timeout()).await {
         Ok(s) => s,
         Err(e) => {
             info!(%dst, error = %e, "no tunnel to the route's peer; resetting");

@@ -71,6 +71,9 @@ pub enum TunnelError {
     NoConnection(String),
     #[error("opening a stream to peer `{peer}`: {source}")]
     Open { peer: String, source: ConnectionError },
+    /// The peer allowed no new stream in time (its stream budget is used).
+    #[error("peer `{peer}` allowed no new stream within {within:?}")]
+    OpenTimeout { peer: String, within: Duration },
 }
 
 pub struct Tunnel {
@@ -202,11 +205,16 @@ impl Tunnel {
     }
 
     /// Opens a stream to `peer` on one of its live connections.
-    pub async fn open(&self, peer: &str) -> Result<(SendStream, RecvStream), TunnelError> {
+    /// Waits at most `within` for the peer to allow one more stream: once a
+    /// connection's stream budget is used up, `open_bi` would wait for as
+    /// long as it takes a stream to end, and a new flow would hang.
+    pub async fn open(&self, peer: &str, within: Duration) -> Result<(SendStream, RecvStream), TunnelError> {
         let slot = self.peers.get(peer).ok_or_else(|| TunnelError::NoConnection(peer.to_owned()))?;
         let conn = slot.pick().ok_or_else(|| TunnelError::NoConnection(peer.to_owned()))?;
-        let streams =
-            conn.open_bi().await.map_err(|source| TunnelError::Open { peer: peer.to_owned(), source })?;
+        let streams = tokio::time::timeout(within, conn.open_bi())
+            .await
+            .map_err(|_| TunnelError::OpenTimeout { peer: peer.to_owned(), within })?
+            .map_err(|source| TunnelError::Open { peer: peer.to_owned(), source })?;
         self.metrics.streams_opened.get_or_create(&PeerLabels { peer: peer.to_owned() }).inc();
         Ok(streams)
     }
