@@ -257,8 +257,14 @@ pub fn raise_nofile_limit(want: u64) {
 /// everything runs several times slower. Bounds stay well under the timeouts
 /// whose expiry they rule out (a hang would still fail them).
 pub fn fast_us(us: u64) -> u64 {
+    us * time_scale()
+}
+
+/// `DATAPLANE_TEST_TIME_SCALE`, at least 1: how much slower than a real
+/// machine this one is taken to be.
+pub fn time_scale() -> u64 {
     let scale = std::env::var("DATAPLANE_TEST_TIME_SCALE").ok().and_then(|v| v.parse::<u64>().ok());
-    us * scale.unwrap_or(1).max(1)
+    scale.unwrap_or(1).max(1)
 }
 
 /// Polls `done` every 20 ms until it holds; panics naming `what` if it does
