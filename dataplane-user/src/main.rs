@@ -114,6 +114,14 @@ fn main() -> ExitCode {
 
 fn cert(cmd: CertCommand) -> ExitCode {
     let day = Duration::from_secs(86_400);
+    let days = match &cmd {
+        CertCommand::Ca { days, .. } | CertCommand::Issue { days, .. } => *days,
+    };
+    // A certificate valid for no time (or beyond what u32 days hold) is a typo.
+    if !(1..=36_500).contains(&days) {
+        eprintln!("dataplane cert: --days {days}: must be between 1 and 36500");
+        return ExitCode::from(EXIT_BAD_CONFIG as u8);
+    }
     let result = match cmd {
         CertCommand::Ca { out, name, days, force } => {
             dataplane::tls::certs::write_ca(&out, &name, day * days as u32, force)

@@ -56,6 +56,30 @@ fn bad_arguments_are_usage_errors() {
     assert!(out.contains("reload-interval"), "{out}");
 }
 
+/// `dataplane cert`: a certificate valid for no time is refused, a good one is
+/// written with its key private.
+#[test]
+fn cert_refuses_zero_days_and_writes_private_keys() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = dir.path().join("ca");
+    let ca = ca.to_str().expect("utf-8");
+    let (code, out) = dataplane(&["cert", "ca", "--out", ca, "--days", "0"]);
+    assert_eq!(code, 64, "{out}");
+    assert!(out.contains("--days 0"), "{out}");
+    let (code, out) = dataplane(&["cert", "ca", "--out", ca]);
+    assert_eq!(code, 0, "{out}");
+    let node = dir.path().join("node");
+    let node = node.to_str().expect("utf-8");
+    let issue = ["cert", "issue", "--ca", ca, "--identity", "spiffe://t/n", "--out", node];
+    let (code, out) = dataplane(&[&issue[..], &["--days", "0"]].concat());
+    assert_eq!(code, 64, "{out}");
+    let (code, out) = dataplane(&issue);
+    assert_eq!(code, 0, "{out}");
+    let mode = std::fs::metadata(dir.path().join("node/tls.key")).expect("key").permissions().mode();
+    assert_eq!(mode & 0o077, 0, "the key is private: {mode:o}");
+}
+
 /// Serves one canned HTTP response on a loopback port.
 fn one_shot_server(body: &'static str) -> std::net::SocketAddr {
     use std::io::{Read, Write};

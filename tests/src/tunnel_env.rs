@@ -115,15 +115,17 @@ impl TunnelEnv {
     /// Issues a tunnel certificate for `identity` from `ca` (default: the
     /// tunnel CA) into its own directory.
     pub fn tls(&self, name: &str, identity: &str, ca: Option<&Pem>) -> Result<TlsPaths> {
+        self.tls_with(name, identity, ca, Duration::from_secs(3600))
+    }
+
+    /// [`TunnelEnv::tls`] with a certificate that expires `validity` from now.
+    pub fn tls_valid_for(&self, name: &str, identity: &str, validity: Duration) -> Result<TlsPaths> {
+        self.tls_with(name, identity, None, validity)
+    }
+
+    fn tls_with(&self, name: &str, identity: &str, ca: Option<&Pem>, validity: Duration) -> Result<TlsPaths> {
         let ca = ca.unwrap_or(&self.tunnel_ca);
-        let pem = certs::issue(
-            ca,
-            &NodeSpec {
-                identity: identity.into(),
-                validity: Duration::from_secs(3600),
-                ..Default::default()
-            },
-        )?;
+        let pem = certs::issue(ca, &NodeSpec { identity: identity.into(), validity, ..Default::default() })?;
         let d = self.dir.path().join(name);
         std::fs::create_dir_all(&d)?;
         let paths = TlsPaths { ca: d.join("ca.crt"), cert: d.join("tls.crt"), key: d.join("tls.key") };

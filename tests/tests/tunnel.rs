@@ -286,3 +286,40 @@ fn killing_the_connector_fails_new_flows_fast_and_they_recover() {
     assert!(a.ok, "flows work again: {a:?}");
     eprintln!("dead tunnel noticed after {noticed:?}; reconnected {back:?} after the connector returned");
 }
+
+/// A certificate is checked at the handshake; a connection must not outlive
+/// it. The client closes its connections when the connector's certificate
+/// expires, and every redial is then refused on that certificate.
+#[test]
+fn a_connection_closes_when_the_peers_certificate_expires() {
+    if !require_root() {
+        return;
+    }
+    let env = TunnelEnv::new().expect("environment");
+    let valid = Duration::from_micros(tests::fast_us(6_000_000));
+    let issued = Instant::now();
+    let tls = env.tls_valid_for("short-lived", CONNECTOR_ID, valid).expect("tls");
+    let _connector = tests::topology::RunningAgent::start(
+        &env.topo.remote,
+        env.connector_config(Mode::ConnectorListens, &tls),
+    )
+    .expect("connector");
+    let client = env
+        .topo
+        .start_agent(
+            env.client_config(Mode::ConnectorListens, &env.tls("client", CLIENT_ID, None).expect("tls")),
+        )
+        .expect("client");
+    ensure_tunnel(&client.handle, valid / 2).expect("up while the certificate is valid");
+    let tunnel = client.handle.tunnel().expect("tunnel").clone();
+    wait_for("the connections close at the certificate's expiry", valid + Duration::from_secs(10), || {
+        tunnel.live_connections(PEER) == 0
+    });
+    // Certificates carry whole seconds: expiry is at most 1 s before `valid`.
+    let closed = issued.elapsed();
+    assert!(closed + Duration::from_secs(1) >= valid, "closed at {closed:?}, before the expiry at {valid:?}");
+    wait_for("a redial is refused on the expired certificate", Duration::from_secs(15), || {
+        tunnel.metrics.handshake_failures("certificate_expired") >= 1
+    });
+    assert_eq!(tunnel.live_connections(PEER), 0, "no connection comes back");
+}

@@ -5,7 +5,11 @@
 //! is the identity configured for the peer it meant to reach; the acceptor
 //! checks the chain and maps the URI to a configured peer.
 
-use std::{path::PathBuf, sync::Arc};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use rustls::{
     DigitallySignedStruct, RootCertStore, SignatureScheme,
@@ -35,6 +39,9 @@ pub enum TlsError {
     Config(#[from] rustls::Error),
     #[error("tls: {0}")]
     Verifier(String),
+    /// The own certificate is outside its validity period.
+    #[error("tls.cert: {path} is {what} (valid {not_before} to {not_after} UTC; now {now})")]
+    OwnCertificate { path: PathBuf, what: &'static str, not_before: String, not_after: String, now: String },
 }
 
 /// The crypto provider for the whole tree. X25519MLKEM768 comes first among
@@ -60,6 +67,12 @@ impl std::fmt::Debug for TlsMaterial {
 
 impl TlsMaterial {
     pub fn load(files: &TlsFiles) -> Result<TlsMaterial, TlsError> {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(&files.key)
+            && let Some(problem) = key_mode_problem(meta.permissions().mode())
+        {
+            tracing::warn!(path = %files.key.display(), "tls.key {problem}");
+        }
         let read = |field: &'static str, path: &PathBuf| {
             std::fs::read(path).map_err(|e| TlsError::File {
                 field,
@@ -97,6 +110,7 @@ impl TlsMaterial {
         let leaf =
             chain.first().ok_or_else(|| bad("cert", &files.cert, "no certificate in the file".into()))?;
         let identity = uri_san(leaf).ok_or_else(|| TlsError::NoIdentity { path: files.cert.clone() })?;
+        check_own_validity(leaf, &files.cert, SystemTime::now())?;
         let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| bad("key", &files.key, e.to_string()))?;
         let material = TlsMaterial { roots: Arc::new(roots), chain, key: Arc::new(key), identity };
         // Fails here, naming the problem, if the key does not match the cert.
@@ -114,6 +128,12 @@ impl TlsMaterial {
             .with_client_cert_verifier(verifier)
             .with_single_cert(self.chain.clone(), self.key.clone_key())?;
         config.alpn_protocols = vec![ALPN.to_vec()];
+        // No resumption: a resumed session skips the certificate check, so a
+        // peer whose certificate expired (or whose identity was removed)
+        // would come back in on an old ticket. Tunnel connections are few
+        // and long-lived; a full handshake each costs nothing that matters.
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
         Ok(config)
     }
 
@@ -130,8 +150,50 @@ impl TlsMaterial {
             .with_custom_certificate_verifier(verifier)
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
         config.alpn_protocols = vec![ALPN.to_vec()];
+        config.resumption = rustls::client::Resumption::disabled();
         Ok(config)
     }
+}
+
+/// A certificate's validity period.
+pub fn validity(cert: &CertificateDer<'_>) -> Option<(SystemTime, SystemTime)> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let v = parsed.validity();
+    let at = |t: i64| SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(u64::try_from(t).ok()?));
+    Some((at(v.not_before.timestamp())?, at(v.not_after.timestamp())?))
+}
+
+/// The agent's own certificate must be valid now: an agent whose every
+/// handshake is going to fail should say so at start, not run silently.
+fn check_own_validity(leaf: &CertificateDer<'_>, path: &Path, now: SystemTime) -> Result<(), TlsError> {
+    let (not_before, not_after) = validity(leaf).ok_or_else(|| TlsError::File {
+        field: "cert",
+        path: path.to_owned(),
+        reason: "cannot read its validity period".into(),
+    })?;
+    let what = if now < not_before {
+        "not valid yet"
+    } else if now > not_after {
+        "expired"
+    } else {
+        return Ok(());
+    };
+    let show = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+    Err(TlsError::OwnCertificate {
+        path: path.to_owned(),
+        what,
+        not_before: show(not_before),
+        not_after: show(not_after),
+        now: show(now),
+    })
+}
+
+/// What is wrong with a key file's permission bits, if anything: a private
+/// key readable by group or others is readable by whoever shares the node.
+pub fn key_mode_problem(mode: u32) -> Option<String> {
+    (mode & 0o077 != 0).then(|| {
+        format!("is readable by group or others (mode {:o}); make it 0600 (`chmod 600`)", mode & 0o777)
+    })
 }
 
 /// The first URI SAN of a certificate: a peer's identity.
@@ -275,6 +337,42 @@ mod tests {
             certs::issue(&ca, &NodeSpec { identity: "no-scheme".into(), ..Default::default() }),
             Err(certs::CertError::BadIdentity(_))
         ));
+    }
+
+    #[test]
+    fn an_own_certificate_outside_its_validity_is_refused_naming_it() {
+        let ca = certs::new_ca("test CA", Duration::from_secs(3600)).expect("ca");
+        let m = node(&ca, "spiffe://t/a");
+        let leaf = &m.chain[0];
+        let (not_before, not_after) = validity(leaf).expect("validity");
+        let path = Path::new("/etc/dataplane/tls/tls.crt");
+        assert!(check_own_validity(leaf, path, not_before + Duration::from_secs(60)).is_ok());
+        let e = check_own_validity(leaf, path, not_after + Duration::from_secs(1)).expect_err("expired");
+        assert!(e.to_string().contains("tls.cert") && e.to_string().contains("expired"), "{e}");
+        let e = check_own_validity(leaf, path, not_before - Duration::from_secs(1)).expect_err("early");
+        assert!(e.to_string().contains("not valid yet"), "{e}");
+    }
+
+    #[test]
+    fn keys_readable_by_others_are_named() {
+        assert!(key_mode_problem(0o100600).is_none());
+        assert!(key_mode_problem(0o100400).is_none());
+        let p = key_mode_problem(0o100644).expect("a problem");
+        assert!(p.contains("644") && p.contains("0600"), "{p}");
+        assert!(key_mode_problem(0o100640).is_some());
+    }
+
+    #[test]
+    fn sessions_are_never_resumed() {
+        let ca = certs::new_ca("test CA", Duration::from_secs(3600)).expect("ca");
+        let m = node(&ca, "spiffe://t/a");
+        let server = m.server_config().expect("server");
+        assert_eq!(server.send_tls13_tickets, 0);
+        assert!(!server.session_storage.can_cache(), "no session cache");
+        let client = m.client_config("spiffe://t/b").expect("client");
+        // rustls exposes the client's store only through Debug.
+        let resumption = format!("{:?}", client.resumption);
+        assert!(resumption.contains("NoClientSessionStorage"), "{resumption}");
     }
 
     #[test]

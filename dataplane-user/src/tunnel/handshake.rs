@@ -18,6 +18,8 @@ pub(super) const CLOSE_UNKNOWN_PEER: VarInt = VarInt::from_u32(2);
 pub(super) const RESET_NOT_SERVED: VarInt = VarInt::from_u32(3);
 /// Close code for a dialled peer that never confirmed it accepted us.
 const CLOSE_NO_WELCOME: VarInt = VarInt::from_u32(4);
+/// Close code for a connection whose peer's certificate expired.
+pub(super) const CLOSE_CERT_EXPIRED: VarInt = VarInt::from_u32(5);
 /// The acceptor's first message: "your certificate and identity are accepted".
 /// In TLS 1.3 a client finishes its handshake before the server has checked
 /// the client certificate, so without this a dialer would count a connection
@@ -59,6 +61,13 @@ pub(super) async fn await_welcome(
 }
 
 /// The URI SAN of the certificate a connection's peer presented.
+/// When the certificate a connection's peer presented stops being valid.
+pub(super) fn peer_certificate_expiry(conn: &quinn::Connection) -> Option<std::time::SystemTime> {
+    let any = conn.peer_identity()?;
+    let certs = any.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    crate::tls::validity(certs.first()?).map(|(_, not_after)| not_after)
+}
+
 pub(super) fn peer_identity(conn: &quinn::Connection) -> Option<String> {
     let any = conn.peer_identity()?;
     let certs = any.downcast::<Vec<CertificateDer<'static>>>().ok()?;

@@ -301,13 +301,24 @@ impl Tunnel {
         self.metrics.connections_opened.get_or_create(&labels).inc();
         slot.add(&conn);
         let span = info_span!("tunnel", peer = %slot.name, remote = %conn.remote_address());
+        // The peer's certificate was checked once, at the handshake: the
+        // connection must not outlive it.
+        let expires_in = handshake::peer_certificate_expiry(&conn)
+            .map_or(Duration::MAX, |t| t.duration_since(std::time::SystemTime::now()).unwrap_or_default());
         async {
-            info!(identity = %slot.identity, "tunnel connection up");
+            info!(identity = %slot.identity, ?expires_in, "tunnel connection up");
             let mut stop = self.stop.subscribe();
+            let expiry = tokio::time::sleep(expires_in.min(Duration::from_secs(100 * 365 * 86_400)));
+            tokio::pin!(expiry);
             loop {
                 let accepted = tokio::select! {
                     a = conn.accept_bi() => a,
                     _ = stop.changed() => break,
+                    _ = &mut expiry => {
+                        info!("the peer's certificate expired; closing the connection");
+                        conn.close(handshake::CLOSE_CERT_EXPIRED, b"certificate expired");
+                        break;
+                    }
                 };
                 match accepted {
                     Ok((mut send, recv)) => match &self.handler {

@@ -105,8 +105,11 @@ pub fn run(o: &Opts) -> Result<serde_json::Value> {
     // QUIC and the connector. Its server is on the private side's address.
     let relayed: SocketAddr = "10.201.0.3:7300".parse()?;
     env.topo.remote.ip(&["addr", "add", "10.201.0.3/32", "dev", "lo"])?;
+    // The idle section holds 10,000 flows from one pod on purpose: above the
+    // default per-workload cap (4,096), which would refuse them.
     let client_yaml = env.client_config_text(mode, &env.tls("client", CLIENT_ID, None)?)
         + "  - { cidr: '10.201.0.3/32', via: direct }\n"
+        + "limits: { flows_per_workload: 20000 }\n"
         + &workers;
     let client = AgentProcess::start(&env.topo.node, "client", &client_yaml, admin, env.dir())?;
     let fresh = (client.usage()?, connector.usage()?);
