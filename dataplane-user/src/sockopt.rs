@@ -28,6 +28,12 @@ pub fn reset_on_close(sock: &impl std::os::fd::AsFd) -> io::Result<()> {
     socket2::SockRef::from(sock).set_linger(Some(Duration::ZERO))
 }
 
+/// Whether an error on a socket means its peer reset or left (ECONNRESET,
+/// EPIPE), as opposed to a failure of the path or of this side.
+pub fn peer_left(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe)
+}
+
 /// TCP keepalive: probes after a minute of silence, every 10 s, 6 of them, so
 /// a peer that vanished without a FIN or RST is noticed in about two minutes
 /// instead of never (an idle kubectl watch sends nothing for long periods).

@@ -103,13 +103,8 @@ impl RelayError {
     /// The application reset (or abandoned) its own connection: the path
     /// did not fail. iperf3, for one, ends every test with a reset.
     pub fn is_client_reset(&self) -> bool {
-        matches!(self, RelayError::Client(e) if is_reset(e))
+        matches!(self, RelayError::Client(e) if sockopt::peer_left(e))
     }
-}
-
-/// Whether an error on a socket means its peer reset or left.
-pub fn is_reset(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe)
 }
 
 /// Copies both ways with half-close until both directions finished; returns

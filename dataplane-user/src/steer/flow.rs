@@ -52,9 +52,6 @@ pub(super) async fn serve(
     _slot: WorkloadSlot,
 ) {
     let accepted = Instant::now();
-    // A workload that vanishes (its node side dies, a pod is deleted mid
-    // flow) must not leave the flow open forever.
-    let _ = sockopt::keepalive(&client);
     let metrics = &*server.metrics;
     let Some(flow) = server.steering.lookup_flow(peer) else {
         let mut record = FlowRecord::open(metrics, UNKNOWN_ROUTE.to_owned());

@@ -20,6 +20,9 @@ pub fn bind(field: &'static str, addr: SocketAddr) -> Result<TcpListener, BindEr
     let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(err)?;
     socket.set_reuseaddr(true).map_err(err)?;
     socket.set_nodelay(true).map_err(err)?;
+    // Accepted sockets inherit keepalive and its timers from the listener:
+    // set once here, not with four syscalls on every flow.
+    crate::sockopt::keepalive(&socket).map_err(err)?;
     socket.bind(addr).map_err(err)?;
     socket.listen(4096).map_err(err)
 }
@@ -71,6 +74,9 @@ mod tests {
         assert_eq!(drained.len(), 3, "every queued connection is taken");
         for ((mut stream, peer), client) in drained.into_iter().zip(&mut clients) {
             assert_eq!(Some(peer), client.local_addr().ok());
+            let accepted = socket2::SockRef::from(&stream);
+            assert!(accepted.keepalive().expect("keepalive"), "inherited from the listener");
+            assert_eq!(accepted.tcp_keepalive_time().expect("time"), std::time::Duration::from_secs(60));
             stream.write_all(b"x").await.expect("write");
             let mut b = [0u8; 1];
             std::io::Read::read_exact(client, &mut b).expect("read");

@@ -50,11 +50,6 @@ impl Workloads {
         *n += 1;
         Some(WorkloadSlot { workloads: self.clone(), source })
     }
-
-    /// Flows `source` has open now.
-    pub fn open_from(&self, source: IpAddr) -> usize {
-        crate::lock(&self.open).get(&source.to_canonical()).copied().unwrap_or(0)
-    }
 }
 
 impl Drop for WorkloadSlot {
@@ -83,7 +78,7 @@ mod tests {
         assert!(w.open(pod).is_none(), "the third is over the cap");
         assert!(w.open(other).is_some(), "another pod is unaffected");
         drop(a);
-        assert_eq!(w.open_from(pod), 1);
+        assert_eq!(crate::lock(&w.open).get(&pod).copied(), Some(1));
         assert!(w.open(pod).is_some(), "a closed flow frees its slot");
         w.set_cap(0);
         assert!(w.open(other).is_none());

@@ -43,8 +43,7 @@ impl SpliceError {
     /// agent that is the application, whose choice it is; the path did not
     /// fail.
     pub fn is_client_reset(&self) -> bool {
-        matches!(self, SpliceError::Tcp(e)
-            if matches!(e.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe))
+        matches!(self, SpliceError::Tcp(e) if crate::sockopt::peer_left(e))
     }
 }
 
