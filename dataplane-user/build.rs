@@ -12,7 +12,7 @@ fn main() {
         Some(p) => PathBuf::from(p),
         None => {
             let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
-            manifest.join("../target/ebpf/bpfel-unknown-none/release/dataplane")
+            manifest.join("../target/ebpf/bpfel-unknown-none/release/dataplane-ebpf")
         }
     };
     // A missing file counts as changed, so the build that follows

@@ -95,18 +95,26 @@ pub enum Status {
     Timeout = 3,
     /// Policy: the connector does not serve this destination.
     Denied = 4,
-    /// The request could not be decoded.
+    /// The request could not be decoded (or did not arrive in time).
     ProtocolError = 5,
+    /// The connector serves as many streams for this peer as it allows
+    /// (`limits.streams_per_peer`); the flow is refused, nothing was dialled.
+    OverStreamCap = 6,
+    /// The connector has as many dials in flight for this peer as it allows
+    /// (`limits.dials_per_peer`); the flow is refused, nothing was dialled.
+    OverDialCap = 7,
 }
 
 impl Status {
-    pub const ALL: [Status; 6] = [
+    pub const ALL: [Status; 8] = [
         Status::Ok,
         Status::Refused,
         Status::Unreachable,
         Status::Timeout,
         Status::Denied,
         Status::ProtocolError,
+        Status::OverStreamCap,
+        Status::OverDialCap,
     ];
 
     pub fn from_u8(b: u8) -> Result<Status, ProtocolError> {
@@ -122,6 +130,8 @@ impl Status {
             Status::Timeout => "timeout",
             Status::Denied => "denied",
             Status::ProtocolError => "protocol_error",
+            Status::OverStreamCap => "over_stream_cap",
+            Status::OverDialCap => "over_dial_cap",
         }
     }
 }

@@ -116,7 +116,7 @@ proptest! {
     }
 
     #[test]
-    fn responses_round_trip(i in 0usize..6) {
+    fn responses_round_trip(i in 0usize..Status::ALL.len()) {
         let r = Response { status: Status::ALL[i] };
         prop_assert_eq!(decode_response(&r.encode()), Ok(Decoded::Complete(r, RESPONSE_LEN)));
     }
@@ -149,7 +149,7 @@ fn limits_and_bad_input_are_errors() {
     assert_eq!(Metadata::new(&[1, 5, 0]), Err(ProtocolError::BadMetadata));
     assert_eq!(Metadata::new(&[1]), Err(ProtocolError::BadMetadata));
     assert!(matches!(req.encode(&mut [0u8; 10]), Err(ProtocolError::BufferTooSmall { needed: 18 })));
-    assert_eq!(decode_response(&[1, 6]), Err(ProtocolError::BadStatus(6)));
+    assert_eq!(decode_response(&[1, 8]), Err(ProtocolError::BadStatus(8)));
     assert_eq!(decode_response(&[1]), Ok(Decoded::Incomplete(2)));
     let meta =
         Metadata::new(&[META_SOURCE_NODE, 2, b'n', b'1', 99, 0, META_WORKLOAD, 1, b'w']).expect("valid");

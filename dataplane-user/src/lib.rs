@@ -12,7 +12,8 @@
 //! - `tls`: mutual-TLS material, verifiers, identities, certificates;
 //! - `admin`: the HTTP admin API over a narrow read interface;
 //! - `app`: the composition root: start, reload, drain and shutdown order;
-//! - `config`, `ranges`, `routes`, `process`, `sockopt`: what they say.
+//! - `config`, `ranges`, `routes`, `process`, `sockopt`, `traffic`: what
+//!   they say.
 
 pub mod admin;
 pub mod app;
@@ -25,6 +26,7 @@ pub mod routes;
 pub mod sockopt;
 pub mod steer;
 pub mod tls;
+pub mod traffic;
 pub mod tunnel;
 
 /// Locks a mutex, recovering from poisoning: a panic while holding one of the

@@ -128,8 +128,13 @@ fn cert(cmd: CertCommand) -> ExitCode {
                 .map(|()| format!("{}/ca.crt", out.display()))
         }
         CertCommand::Issue { ca, identity, out, dns, ip, days, force } => {
-            let spec =
-                dataplane::tls::certs::NodeSpec { identity, dns, ips: ip, validity: day * days as u32 };
+            let spec = dataplane::tls::certs::NodeSpec {
+                identity,
+                dns,
+                ips: ip,
+                validity: day * days as u32,
+                ..Default::default()
+            };
             dataplane::tls::certs::write_node(&ca, &spec, &out, force)
                 .map(|()| format!("{}/tls.crt", out.display()))
         }

@@ -81,7 +81,7 @@ impl RawQuinnServer {
                     tokio::spawn(async move {
                         let Ok(conn) = incoming.await else { return };
                         // As the tunnel does once a peer is authenticated.
-                        tunnel::open_stream_limits(&conn);
+                        tunnel::open_stream_limits(&conn, 65_536);
                         while let Ok((send, recv)) = conn.accept_bi().await {
                             tokio::spawn(echo_stream(send, recv));
                         }
@@ -139,7 +139,7 @@ impl RawQuinnClient {
         let (endpoint, conn) = rt.block_on(async move {
             let ep = quinn::Endpoint::new(Default::default(), None, socket, Arc::new(quinn::TokioRuntime))?;
             let conn = ep.connect_with(config, addr, "dataplane.peer")?.await?;
-            tunnel::open_stream_limits(&conn);
+            tunnel::open_stream_limits(&conn, 65_536);
             Ok::<_, anyhow::Error>((ep, conn))
         })?;
         Ok(RawQuinnClient { rt, conn, endpoint })

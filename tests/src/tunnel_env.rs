@@ -73,6 +73,7 @@ impl TunnelEnv {
                 dns: vec!["kubernetes.default".into()],
                 ips: vec!["198.51.100.101".parse()?, "2001:db8::101".parse()?],
                 validity: year,
+                ..Default::default()
             },
         )?;
         let admin = certs::issue(
@@ -123,9 +124,24 @@ impl TunnelEnv {
         self.tls_with(name, identity, None, validity)
     }
 
+    /// [`TunnelEnv::tls`] with a certificate valid only from `starts_in` from now.
+    pub fn tls_not_yet_valid(&self, name: &str, identity: &str, starts_in: Duration) -> Result<TlsPaths> {
+        let spec = NodeSpec {
+            identity: identity.into(),
+            validity: Duration::from_secs(3600),
+            starts_in,
+            ..Default::default()
+        };
+        self.write_tls(name, &self.tunnel_ca, &spec)
+    }
+
     fn tls_with(&self, name: &str, identity: &str, ca: Option<&Pem>, validity: Duration) -> Result<TlsPaths> {
         let ca = ca.unwrap_or(&self.tunnel_ca);
-        let pem = certs::issue(ca, &NodeSpec { identity: identity.into(), validity, ..Default::default() })?;
+        self.write_tls(name, ca, &NodeSpec { identity: identity.into(), validity, ..Default::default() })
+    }
+
+    fn write_tls(&self, name: &str, ca: &Pem, spec: &NodeSpec) -> Result<TlsPaths> {
+        let pem = certs::issue(ca, spec)?;
         let d = self.dir.path().join(name);
         std::fs::create_dir_all(&d)?;
         let paths = TlsPaths { ca: d.join("ca.crt"), cert: d.join("tls.crt"), key: d.join("tls.key") };

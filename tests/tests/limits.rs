@@ -169,3 +169,32 @@ fn a_workload_is_capped_at_its_flows() {
     let a = pod.connect(addr(API_V4)).expect("probe");
     assert!(a.ok, "a freed slot serves again: {a:?}");
 }
+
+/// With `limits.flow_idle_timeout`, flows that move nothing either way are
+/// ended (both ends reset) once the timeout passed, not before, and counted
+/// as `idle`; without it (the default, every other test) idle flows stay.
+#[test]
+fn idle_flows_end_after_the_idle_timeout() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::new().expect("topology");
+    let limit = Duration::from_secs(1);
+    let agent = topo
+        .start_agent(topo.config_with(&["198.51.100.101/32"], "limits: { flow_idle_timeout: 1s }\n"))
+        .expect("agent");
+    let pod = topo.pod_probe();
+    let start = Instant::now();
+    let held = pod.hold(addr(API_V4), 3).expect("three flows held");
+    wait_for("three idle flows ended", Duration::from_secs(10 * tests::time_scale()), || {
+        agent.handle.flow_stats().idle == 3
+    });
+    let took = start.elapsed();
+    eprintln!("three idle flows ended {took:?} after they opened (limit {limit:?})");
+    assert!(took >= limit, "ended after {took:?}, before the {limit:?} timeout");
+    assert_eq!(agent.handle.flow_stats().active, 0);
+    assert_eq!(agent.handle.flow_stats().failed, 0, "an idle end is not a failure");
+    held.release();
+    let a = pod.connect(addr(API_V4)).expect("probe");
+    assert!(a.ok, "new flows are served: {a:?}");
+}

@@ -323,3 +323,38 @@ fn a_connection_closes_when_the_peers_certificate_expires() {
     });
     assert_eq!(tunnel.live_connections(PEER), 0, "no connection comes back");
 }
+
+/// A certificate that is not valid yet is refused, and both sides say so:
+/// TLS has one alert for either end of the validity period, so the reason
+/// comes from rustls's error text, which QUIC carries in its close frame.
+#[test]
+fn a_certificate_not_valid_yet_is_refused_and_reported_as_such() {
+    if !require_root() {
+        return;
+    }
+    let env = TunnelEnv::new().expect("environment");
+    let connector = env.start_connector(Mode::ConnectorListens).expect("connector");
+    // A configured identity, from the right CA, an hour early.
+    let early = env.tls_not_yet_valid("early", CLIENT_ID, Duration::from_secs(3600)).expect("tls");
+    let attack = tests::evil::Attack {
+        connect: "10.201.0.2:4433".parse().expect("addr"),
+        expect: CONNECTOR_ID,
+        connections: 1,
+        stalled: 0,
+        streams: 0,
+        dst: None,
+    };
+    let child = tests::evil::spawn(&env.topo.node.path(), &early, &attack).expect("peer");
+    let report = tests::evil::finish(child).expect("report");
+    assert_eq!(report.connections_welcomed, 0, "{report:?}");
+    assert_eq!(
+        report.connections_closed.get("peer_certificate_not_yet_valid"),
+        Some(&1),
+        "the dialer learns its certificate is not valid yet (not that it expired): {report:?}"
+    );
+    let tunnel = connector.handle.tunnel().expect("tunnel");
+    wait_for("the refusal counted as not yet valid", Duration::from_secs(10), || {
+        tunnel.metrics.handshake_failures("certificate_not_yet_valid") == 1
+    });
+    assert_eq!(tunnel.metrics.handshake_failures("certificate_expired"), 0);
+}

@@ -41,7 +41,7 @@ pub fn workspace_root() -> PathBuf {
 /// Where the embedded object lands; dataplane-user's build.rs reads the same path.
 pub fn object_path(root: &Path, debug: bool) -> PathBuf {
     let profile = if debug { "debug" } else { "release" };
-    root.join("target/ebpf/bpfel-unknown-none").join(profile).join("dataplane")
+    root.join("target/ebpf/bpfel-unknown-none").join(profile).join("dataplane-ebpf")
 }
 
 /// Runs the whole task and returns the object's path.

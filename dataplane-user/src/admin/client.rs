@@ -101,15 +101,17 @@ pub fn render(s: &Status) -> String {
     }
     let f = &s.flows;
     out += &format!(
-        "\nflows: accepted {} active {} completed {} client reset {} failed {} | no tunnel {} refused by peer {} dial failed {} unrecovered {} | bytes up {} down {}\n",
+        "\nflows: accepted {} active {} completed {} client reset {} idle {} failed {} | no tunnel {} refused by peer {} dial failed {} over workload cap {} unrecovered {} | bytes up {} down {}\n",
         f.accepted,
         f.active,
         f.completed,
         f.client_reset,
+        f.idle,
         f.failed,
         f.no_tunnel,
         f.refused_by_peer,
         f.dial_failed,
+        f.over_workload_cap,
         f.unrecovered,
         f.bytes_up,
         f.bytes_down

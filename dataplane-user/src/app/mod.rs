@@ -25,7 +25,7 @@ pub use reload::ReloadError;
 use crate::{
     admin::{self, AdminError},
     config::{ConfigError, ValidConfig},
-    connector::{Connector, ServePolicy},
+    connector::{Connector, PeerCaps, ServePolicy},
     kernel::{
         KernelCounters, Steering, SteeringError,
         cgroup::{self, CgroupError},
@@ -125,14 +125,27 @@ impl Agent {
         let flows = Arc::new(FlowMetrics::register(&mut registry));
         let serve = config.valid_serve();
         let connector = (!serve.is_empty()).then(|| {
-            Arc::new(Connector::new(ServePolicy::new(serve.to_vec()), config.timeouts.connect, &mut registry))
+            Arc::new(Connector::new(
+                ServePolicy::new(serve.to_vec()),
+                config.timeouts.connect,
+                config.peers.iter().map(|p| p.name.as_str()),
+                PeerCaps::from(&config.limits),
+                &mut registry,
+            ))
         });
         let tunnel = match &config.tls {
             Some(files) => {
                 let tls = TlsMaterial::load(files)?;
                 info!(identity = %tls.identity, "tunnel identity loaded");
                 let handler = connector.clone().map(|c| c as Arc<dyn StreamHandler>);
-                Some(Tunnel::bind(&config.tunnel, &config.peers, &tls, handler, &mut registry)?)
+                Some(Tunnel::bind(
+                    &config.tunnel,
+                    &config.limits,
+                    &config.peers,
+                    &tls,
+                    handler,
+                    &mut registry,
+                )?)
             }
             None => None,
         };
@@ -153,7 +166,7 @@ impl Agent {
             tunnel: tunnel.clone(),
         }));
         let flow_server = steering.as_ref().map(|s| {
-            Arc::new(FlowServer::new(
+            let f = Arc::new(FlowServer::new(
                 config.node.clone(),
                 s.clone(),
                 tunnel.clone(),
@@ -161,7 +174,9 @@ impl Agent {
                 config.timeouts.connect,
                 config.limits.flows_per_workload,
                 flows.clone(),
-            ))
+            ));
+            f.set_flow_idle_timeout(config.limits.flow_idle_timeout);
+            f
         });
         let shared = Arc::new(Shared {
             node: config.node.clone(),

@@ -6,7 +6,7 @@ use tracing::info;
 use super::AgentHandle;
 use crate::{
     config::{ConfigError, ValidConfig},
-    connector::ServePolicy,
+    connector::{PeerCaps, ServePolicy},
     kernel::SteeringError,
     lock,
     routes::RouteTable,
@@ -48,10 +48,15 @@ impl AgentHandle {
         }
         if let Some(c) = &shared.connector {
             c.set_policy(ServePolicy::new(next.valid_serve().to_vec()));
+            c.set_caps(PeerCaps::from(&next.limits));
+        }
+        if let Some(t) = &shared.tunnel {
+            t.set_limits(&next.limits);
         }
         if let Some(f) = &shared.flow_server {
             f.set_connect_timeout(next.timeouts.connect);
             f.set_flows_per_workload(next.limits.flows_per_workload);
+            f.set_flow_idle_timeout(next.limits.flow_idle_timeout);
         }
         info!(added = diff.upsert.len(), removed = diff.remove.len(), "configuration reloaded");
         *table = new_table;

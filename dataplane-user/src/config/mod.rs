@@ -203,7 +203,8 @@ impl Default for Redirect {
     }
 }
 
-/// Caps on what a workload can make the agent hold. Reloadable.
+/// Caps on what a workload or a peer can make the agent hold. Reloadable
+/// (peer caps apply to connections and streams that start after a reload).
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
@@ -211,23 +212,80 @@ pub struct Limits {
     /// more are reset at once and counted (`result="over_workload_cap"`).
     #[serde(default = "default_flows_per_workload")]
     pub flows_per_workload: usize,
+    /// A steered flow with no byte in either direction for this long is
+    /// closed (`result="idle"`). Off by default: API watches are legitimately
+    /// silent for long stretches, and TCP keepalive already ends flows whose
+    /// far end vanished.
+    #[serde(default, with = "humantime_serde")]
+    pub flow_idle_timeout: Option<Duration>,
+    /// QUIC connections one peer identity may have accepted by this agent at
+    /// once; more are closed at the handshake (`over_connection_cap`).
+    #[serde(default = "default_connections_per_peer")]
+    pub connections_per_peer: usize,
+    /// Streams one peer identity may have a connector serve at once (and each
+    /// of its connections may open, in QUIC's own stream credit); more are
+    /// answered `over_stream_cap` at once.
+    #[serde(default = "default_streams_per_peer")]
+    pub streams_per_peer: usize,
+    /// Connector dials in flight for one peer identity; more are answered
+    /// `over_dial_cap` at once.
+    #[serde(default = "default_dials_per_peer")]
+    pub dials_per_peer: usize,
+    /// How long a peer's new stream has to deliver its request header.
+    #[serde(default = "default_stream_header_timeout", with = "humantime_serde")]
+    pub stream_header_timeout: Duration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { flows_per_workload: default_flows_per_workload() }
+        Limits {
+            flows_per_workload: default_flows_per_workload(),
+            flow_idle_timeout: None,
+            connections_per_peer: default_connections_per_peer(),
+            streams_per_peer: default_streams_per_peer(),
+            dials_per_peer: default_dials_per_peer(),
+            stream_header_timeout: default_stream_header_timeout(),
+        }
     }
 }
 
 /// Most a config may set `limits.flows_per_workload` to: the kernel's flow
 /// table holds 65,536 flows for the whole node.
 pub const MAX_FLOWS_PER_WORKLOAD: usize = 65_536;
+/// Most a config may set `limits.streams_per_peer` to: QUIC stream credit
+/// costs memory per connection up front (quinn sets up state for every
+/// stream the limit allows, about 80 bytes each way).
+pub const MAX_STREAMS_PER_PEER: usize = 65_536;
+/// Most a config may set `limits.connections_per_peer` to.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 256;
 
 /// A kubectl needs a handful of connections and a busy CI runner a few
 /// hundred; 4,096 leaves room for both while one pod cannot take the node's
 /// descriptors (5,000 silent flows from one pod were all held before).
 fn default_flows_per_workload() -> usize {
     4096
+}
+/// A client agent keeps `peers[].connections` (2 by default) to each peer;
+/// 8 leaves room for a restart's overlap and a larger pool.
+fn default_connections_per_peer() -> usize {
+    8
+}
+/// Two workloads' worth of the per-workload cap: about 42 MiB of connector
+/// memory at the measured 5.2 KiB per flow, and 650 KiB of QUIC stream state
+/// per connection.
+fn default_streams_per_peer() -> usize {
+    8192
+}
+/// A dial takes one round trip to the destination: 256 in flight carry
+/// thousands of new flows a second, while a peer cannot make the connector
+/// hold more half-open sockets than that.
+fn default_dials_per_peer() -> usize {
+    256
+}
+/// A header is one write right after the stream opens; 5 s allows for a
+/// congested path.
+fn default_stream_header_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]

@@ -283,3 +283,32 @@ fn workers_default_to_the_cpus_and_are_bounded() {
     d.workers = None;
     assert_eq!(c.restart_only_changes(&d), vec!["workers"]);
 }
+
+#[test]
+fn limits_have_defaults_and_bounds() {
+    let route = "routes: [{ cidr: 10.9.0.0/16, via: direct }]\n";
+    let c = Config::parse(route).expect("valid");
+    assert_eq!(c.limits, Limits::default());
+    assert_eq!(
+        (c.limits.connections_per_peer, c.limits.streams_per_peer, c.limits.dials_per_peer),
+        (8, 8192, 256)
+    );
+    assert_eq!(c.limits.flow_idle_timeout, None, "the idle timeout is off unless asked for");
+    let c =
+        Config::parse(&format!("limits: {{ flow_idle_timeout: 1h, stream_header_timeout: 2s }}\n{route}"))
+            .expect("valid");
+    assert_eq!(c.limits.flow_idle_timeout, Some(Duration::from_secs(3600)));
+    assert_eq!(c.limits.stream_header_timeout, Duration::from_secs(2));
+    for (field, value, says) in [
+        ("flows_per_workload", "0", "must be between 1 and 65536"),
+        ("connections_per_peer", "0", "must be between 1 and 256"),
+        ("connections_per_peer", "257", "must be between 1 and 256"),
+        ("streams_per_peer", "65537", "must be between 1 and 65536"),
+        ("dials_per_peer", "0", "must be between 1 and 65536"),
+        ("stream_header_timeout", "10ms", "must be between 100ms and 5m"),
+        ("flow_idle_timeout", "500ms", "must be at least 1s"),
+    ] {
+        let e = err(&format!("limits: {{ {field}: {value} }}\n{route}"));
+        assert!(e.contains(&format!("limits.{field}")) && e.contains(says), "{field}={value}: {e}");
+    }
+}

@@ -5,11 +5,12 @@
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::Path,
+    time::Duration,
 };
 
 use ipnet::IpNet;
 
-use super::{Config, ConfigError, MAX_WORKERS, Redirect, VIA_DIRECT};
+use super::{Config, ConfigError, Limits, MAX_WORKERS, Redirect, VIA_DIRECT};
 use crate::ranges::{self, NEVER_ROUTED, NEVER_SERVED};
 use dataplane_common::ROUTES_MAX_ENTRIES;
 
@@ -60,6 +61,41 @@ pub struct ValidServe {
     pub ports: Vec<u16>,
 }
 
+impl Limits {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let within = |field: &str, v: usize, max: usize| {
+            if (1..=max).contains(&v) {
+                Ok(())
+            } else {
+                Err(ConfigError::invalid(
+                    format!("limits.{field}"),
+                    format!("{v}: must be between 1 and {max}"),
+                ))
+            }
+        };
+        within("flows_per_workload", self.flows_per_workload, super::MAX_FLOWS_PER_WORKLOAD)?;
+        within("connections_per_peer", self.connections_per_peer, super::MAX_CONNECTIONS_PER_PEER)?;
+        within("streams_per_peer", self.streams_per_peer, super::MAX_STREAMS_PER_PEER)?;
+        within("dials_per_peer", self.dials_per_peer, super::MAX_STREAMS_PER_PEER)?;
+        let header = self.stream_header_timeout;
+        if !(Duration::from_millis(100)..=Duration::from_secs(300)).contains(&header) {
+            return Err(ConfigError::invalid(
+                "limits.stream_header_timeout",
+                format!("{header:?}: must be between 100ms and 5m"),
+            ));
+        }
+        if let Some(idle) = self.flow_idle_timeout
+            && idle < Duration::from_secs(1)
+        {
+            return Err(ConfigError::invalid(
+                "limits.flow_idle_timeout",
+                format!("{idle:?}: must be at least 1s (omit it to turn the timeout off)"),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Config {
     /// Reads and validates a file.
     pub fn load(path: &Path) -> Result<ValidConfig, ConfigError> {
@@ -88,13 +124,7 @@ impl Config {
             return Err(ConfigError::invalid("workers", format!("{w}: must be between 1 and {MAX_WORKERS}")));
         }
         self.steering.redirect.validate()?;
-        let cap = self.limits.flows_per_workload;
-        if !(1..=super::MAX_FLOWS_PER_WORKLOAD).contains(&cap) {
-            return Err(ConfigError::invalid(
-                "limits.flows_per_workload",
-                format!("{cap}: must be between 1 and {}", super::MAX_FLOWS_PER_WORKLOAD),
-            ));
-        }
+        self.limits.validate()?;
         self.validate_peers()?;
         let routes = self.parse_routes()?;
         let serve = self.parse_serve()?;

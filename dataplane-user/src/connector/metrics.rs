@@ -1,14 +1,28 @@
 //! The connector role's metrics: streams answered by status, destinations
-//! refused by reason. Known label values start at zero.
+//! refused by reason, refusals at a peer's caps, and (read at scrape time)
+//! each peer's use of its budget and the caps. Known label values start at
+//! zero; the peer label only takes configured names.
+
+use std::sync::{Arc, atomic::Ordering};
 
 use dataplane_proto::stream::Status;
 use prometheus_client::{
-    encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family},
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet},
+    metrics::{MetricType, counter::Counter, family::Family},
     registry::Registry,
 };
 
-use super::policy::Denial;
+use super::{budget::PeerBudgets, policy::Denial};
+
+/// Statuses a peer's caps answer with.
+pub(super) const CAP_STATUSES: [Status; 2] = [Status::OverStreamCap, Status::OverDialCap];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerReasonLabels {
+    peer: String,
+    reason: &'static str,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StatusLabels {
@@ -25,11 +39,16 @@ pub(super) struct ReasonLabels {
 pub struct ConnectorMetrics {
     statuses: Family<StatusLabels, Counter>,
     pub(super) refusals: Family<ReasonLabels, Counter>,
+    at_cap: Family<PeerReasonLabels, Counter>,
 }
 
 impl ConnectorMetrics {
-    pub fn register(registry: &mut Registry) -> ConnectorMetrics {
-        let m = ConnectorMetrics { statuses: Family::default(), refusals: Family::default() };
+    pub(super) fn register(registry: &mut Registry, budgets: &Arc<PeerBudgets>) -> ConnectorMetrics {
+        let m = ConnectorMetrics {
+            statuses: Family::default(),
+            refusals: Family::default(),
+            at_cap: Family::default(),
+        };
         registry.register(
             "connector_streams",
             "Streams answered by the connector, by status",
@@ -48,7 +67,32 @@ impl ConnectorMetrics {
         for d in [Denial::NeverServed, Denial::NotServed, Denial::PortNotServed] {
             let _ = m.refusals.get_or_create_owned(&ReasonLabels { reason: d.as_str() });
         }
+        registry.register(
+            "connector_peer_refusals",
+            "Streams refused because their peer was at a cap (limits.streams_per_peer, limits.dials_per_peer)",
+            m.at_cap.clone(),
+        );
+        for peer in budgets.peers.keys() {
+            for s in CAP_STATUSES {
+                let _ = m
+                    .at_cap
+                    .get_or_create_owned(&PeerReasonLabels { peer: peer.to_string(), reason: s.as_str() });
+            }
+        }
+        registry.register_collector(Box::new(BudgetCollector(budgets.clone())));
         m
+    }
+
+    /// Counts a stream `peer` had refused at one of its caps.
+    pub(super) fn at_cap(&self, peer: &str, status: Status) {
+        self.at_cap.get_or_create(&PeerReasonLabels { peer: peer.to_owned(), reason: status.as_str() }).inc();
+    }
+
+    /// Streams `peer` had refused with `status` (a cap status).
+    pub fn refused_at_cap(&self, peer: &str, status: Status) -> u64 {
+        self.at_cap
+            .get(&PeerReasonLabels { peer: peer.to_owned(), reason: status.as_str() })
+            .map_or(0, |c| c.get())
     }
 
     pub(super) fn count_status(&self, status: Status) {
@@ -71,5 +115,45 @@ impl ConnectorMetrics {
             .find(|d| d.as_str() == reason)
             .and_then(|d| self.refusals.get(&ReasonLabels { reason: d.as_str() }).map(|c| c.get()))
             .unwrap_or(0)
+    }
+}
+
+/// Each peer's use of its budget and the caps, read when scraped (nothing
+/// on the stream path but the permits' own counters).
+#[derive(Debug)]
+struct BudgetCollector(Arc<PeerBudgets>);
+
+impl Collector for BudgetCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let caps = self.0.caps();
+        let mut m = encoder.encode_descriptor(
+            "connector_peer_limit",
+            "The per-peer caps in force",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (limit, v) in [("streams", caps.streams), ("dials", caps.dials)] {
+            m.encode_family(&[("limit", limit)])?.encode_gauge(&(v as i64))?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "connector_peer_streams",
+            "Streams the connector serves for each peer now",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (peer, u) in &self.0.peers {
+            m.encode_family(&[("peer", &**peer)])?
+                .encode_gauge(&(u.streams.load(Ordering::Acquire) as i64))?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "connector_peer_dials",
+            "Dials in flight for each peer now",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (peer, u) in &self.0.peers {
+            m.encode_family(&[("peer", &**peer)])?.encode_gauge(&(u.dials.load(Ordering::Acquire) as i64))?;
+        }
+        Ok(())
     }
 }

@@ -1,7 +1,9 @@
 //! The connector role: take a flow's stream from the tunnel, check its
 //! destination against the serve policy (`policy`), dial with a timeout,
-//! answer with a status, splice. `metrics` counts what it answered.
+//! answer with a status, splice. Each peer identity has its own budget of
+//! streams and dials (`budget`); `metrics` counts what it answered.
 
+mod budget;
 mod metrics;
 pub mod policy;
 
@@ -19,32 +21,56 @@ use tokio::net::TcpStream;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span};
 
+pub use budget::PeerCaps;
+use budget::{PeerBudgets, Permit};
 pub use metrics::ConnectorMetrics;
 use metrics::ReasonLabels;
 pub use policy::{Denial, ServePolicy};
 
 use crate::tunnel::{StreamHandler, splice};
 
-/// How long a peer has to send a complete request header.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Stop code for the peer's side of a stream refused at a cap: it need not
+/// send anything more.
+const STOP_REFUSED: quinn::VarInt = quinn::VarInt::from_u32(6);
 
 /// The connector: shared by all streams of all connections.
 pub struct Connector {
     policy: Mutex<Arc<ServePolicy>>,
     dial_timeout: Duration,
+    budgets: Arc<PeerBudgets>,
     /// Every stream being served, so the drain waits for them.
     streams: TaskTracker,
     pub metrics: ConnectorMetrics,
 }
 
 impl Connector {
-    pub fn new(policy: ServePolicy, dial_timeout: Duration, registry: &mut Registry) -> Connector {
+    /// A connector for the configured `peers` (by name), each with `caps`.
+    pub fn new<'a>(
+        policy: ServePolicy,
+        dial_timeout: Duration,
+        peers: impl IntoIterator<Item = &'a str>,
+        caps: PeerCaps,
+        registry: &mut Registry,
+    ) -> Connector {
+        let budgets = Arc::new(PeerBudgets::new(peers, caps));
         Connector {
             policy: Mutex::new(Arc::new(policy)),
             dial_timeout,
+            metrics: ConnectorMetrics::register(registry, &budgets),
+            budgets,
             streams: TaskTracker::new(),
-            metrics: ConnectorMetrics::register(registry),
         }
+    }
+
+    /// Streams served for `peer` now, and its dials in flight.
+    pub fn peer_use(&self, peer: &str) -> (usize, usize) {
+        use std::sync::atomic::Ordering::Acquire;
+        self.budgets.peers.get(peer).map_or((0, 0), |u| (u.streams.load(Acquire), u.dials.load(Acquire)))
+    }
+
+    /// Replaces the per-peer caps (config reload); permits already held stay.
+    pub fn set_caps(&self, caps: PeerCaps) {
+        self.budgets.set_caps(caps);
     }
 
     /// Streams being served now.
@@ -69,10 +95,17 @@ impl Connector {
         crate::lock(&self.policy).clone()
     }
 
-    /// Serves one stream opened by `peer`.
-    async fn serve(self: Arc<Self>, peer: Arc<str>, mut send: SendStream, mut recv: RecvStream) {
+    /// Serves one stream opened by `peer`, holding one of its stream permits.
+    async fn serve(
+        self: Arc<Self>,
+        peer: Arc<str>,
+        caps: PeerCaps,
+        _stream: Permit,
+        mut send: SendStream,
+        mut recv: RecvStream,
+    ) {
         let mut buf = Vec::with_capacity(MAX_REQUEST);
-        let header = tokio::time::timeout(HEADER_TIMEOUT, read_request(&mut recv, &mut buf)).await;
+        let header = tokio::time::timeout(caps.header_timeout, read_request(&mut recv, &mut buf)).await;
         let (dst, flow_id, used) = match header {
             Ok(Ok(h)) => h,
             Ok(Err(e)) => {
@@ -94,7 +127,12 @@ impl Connector {
                     return self.answer(&mut send, Status::Denied).await;
                 }
             };
-            let mut tcp = match tokio::time::timeout(self.dial_timeout, TcpStream::connect(target)).await {
+            let Some(dial) = self.budgets.dial(&peer, &caps) else {
+                return self.refuse(&peer, Status::OverDialCap, send, recv).await;
+            };
+            let dialled = tokio::time::timeout(self.dial_timeout, TcpStream::connect(target)).await;
+            drop(dial);
+            let mut tcp = match dialled {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     debug!(error = %e, "dial failed");
@@ -117,6 +155,15 @@ impl Connector {
         }
         .instrument(span)
         .await
+    }
+
+    /// Refuses a stream at one of `peer`'s caps: its status at once, and the
+    /// peer told to stop sending (nothing will read it).
+    async fn refuse(&self, peer: &str, status: Status, mut send: SendStream, mut recv: RecvStream) {
+        self.metrics.at_cap(peer, status);
+        debug!(%peer, status = status.as_str(), "stream refused at the peer's cap");
+        let _ = recv.stop(STOP_REFUSED);
+        self.answer(&mut send, status).await;
     }
 
     async fn answer(&self, send: &mut SendStream, status: Status) {
@@ -154,7 +201,18 @@ fn dial_status(e: &io::Error) -> Status {
 
 impl StreamHandler for Connector {
     fn accept_stream(self: Arc<Self>, peer: &Arc<str>, send: SendStream, recv: RecvStream) {
-        self.streams.clone().spawn(self.serve(peer.clone(), send, recv));
+        let caps = self.budgets.caps();
+        let tracker = self.streams.clone();
+        match self.budgets.stream(peer, &caps) {
+            Some(permit) => tracker.spawn(self.serve(peer.clone(), caps, permit, send, recv)),
+            // The refusal is a two-byte write: its task ends as soon as the
+            // peer's credit allows it, and QUIC's own stream credit bounds
+            // how many can be in flight.
+            None => {
+                let peer = peer.clone();
+                tracker.spawn(async move { self.refuse(&peer, Status::OverStreamCap, send, recv).await })
+            }
+        };
     }
 }
 

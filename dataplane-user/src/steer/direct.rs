@@ -14,6 +14,7 @@ use super::{FlowServer, flow::reset, metrics::FlowResult};
 use crate::{
     kernel::{Steering, SteeringError},
     sockopt,
+    traffic::Traffic,
 };
 
 /// Largest chunk relayed at once in each direction.
@@ -68,7 +69,7 @@ pub(super) async fn serve(
     let _ = sockopt::keepalive(&upstream);
     server.metrics.setup("direct", accepted.elapsed());
     debug!(%dst, "flow open (direct)");
-    let (moved, result) = relay(client, &mut upstream).await;
+    let (moved, result) = relay(client, &mut upstream, server.flow_idle_timeout()).await;
     server.metrics.bytes(route, moved.0, moved.1);
     match result {
         Ok(()) => {
@@ -79,7 +80,10 @@ pub(super) async fn serve(
         Err(e) => {
             reset(client);
             reset(&upstream);
-            if e.is_client_reset() {
+            if let RelayError::Idle(after) = e {
+                info!(%dst, ?after, "flow idle past limits.flow_idle_timeout; reset");
+                FlowResult::idle
+            } else if e.is_client_reset() {
                 debug!(up = moved.0, down = moved.1, "the application reset its connection");
                 FlowResult::client_reset
             } else {
@@ -97,6 +101,9 @@ pub enum RelayError {
     Client(#[source] io::Error),
     #[error("destination side: {0}")]
     Upstream(#[source] io::Error),
+    /// Nothing moved either way for `limits.flow_idle_timeout`.
+    #[error("no bytes either way for {0:?}")]
+    Idle(Duration),
 }
 
 impl RelayError {
@@ -107,17 +114,25 @@ impl RelayError {
     }
 }
 
-/// Copies both ways with half-close until both directions finished; returns
-/// the bytes moved (up: client to upstream, down: back) whatever happened,
-/// and which side failed, if one did.
-pub async fn relay(client: &mut TcpStream, upstream: &mut TcpStream) -> ((u64, u64), Result<(), RelayError>) {
-    let (mut up, mut down) = (0u64, 0u64);
+/// Copies both ways with half-close until both directions finished (or,
+/// with `idle`, until nothing moved for that long); returns the bytes moved
+/// (up: client to upstream, down: back) whatever happened, and which side
+/// failed, if one did.
+pub async fn relay(
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+    idle: Option<Duration>,
+) -> ((u64, u64), Result<(), RelayError>) {
+    let moved = Traffic::default();
     let (mut cr, mut cw) = client.split();
     let (mut ur, mut uw) = upstream.split();
-    let to_upstream = copy_half(&mut cr, &mut uw, &mut up, RelayError::Client, RelayError::Upstream);
-    let to_client = copy_half(&mut ur, &mut cw, &mut down, RelayError::Upstream, RelayError::Client);
-    let result = tokio::try_join!(to_upstream, to_client).map(|_| ());
-    ((up, down), result)
+    let to_upstream = copy_half(&mut cr, &mut uw, |n| moved.up(n), RelayError::Client, RelayError::Upstream);
+    let to_client = copy_half(&mut ur, &mut cw, |n| moved.down(n), RelayError::Upstream, RelayError::Client);
+    let result = tokio::select! {
+        r = async { tokio::try_join!(to_upstream, to_client) } => r.map(|_| ()),
+        () = moved.silent_for(idle) => Err(RelayError::Idle(idle.unwrap_or_default())),
+    };
+    (moved.totals(), result)
 }
 
 /// One direction: read until EOF, pass the FIN on; errors are attributed to
@@ -125,7 +140,7 @@ pub async fn relay(client: &mut TcpStream, upstream: &mut TcpStream) -> ((u64, u
 async fn copy_half(
     from: &mut (impl AsyncReadExt + Unpin),
     to: &mut (impl AsyncWriteExt + Unpin),
-    moved: &mut u64,
+    moved: impl Fn(u64),
     read_side: fn(io::Error) -> RelayError,
     write_side: fn(io::Error) -> RelayError,
 ) -> Result<(), RelayError> {
@@ -136,7 +151,7 @@ async fn copy_half(
             return to.shutdown().await.map_err(write_side);
         }
         to.write_all(&buf[..n]).await.map_err(write_side)?;
-        *moved += n as u64;
+        moved(n as u64);
     }
 }
 
@@ -159,7 +174,7 @@ mod tests {
         for client_resets in [true, false] {
             let (mut app, mut agent_side) = pair().await;
             let (mut agent_up, mut dst) = pair().await;
-            let relayed = tokio::spawn(async move { relay(&mut agent_side, &mut agent_up).await });
+            let relayed = tokio::spawn(async move { relay(&mut agent_side, &mut agent_up, None).await });
             app.write_all(b"ping").await.expect("write");
             let mut b = [0u8; 4];
             dst.read_exact(&mut b).await.expect("relayed up");

@@ -39,6 +39,9 @@ pub enum FlowResult {
     /// The application reset its own connection (iperf3 ends every test so);
     /// the path did not fail. Not an error of the dataplane.
     client_reset,
+    /// Nothing moved either way for `limits.flow_idle_timeout`; both ends
+    /// were reset.
+    idle,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -81,6 +84,8 @@ pub struct FlowSnapshot {
     pub client_reset: u64,
     #[serde(default)]
     pub over_workload_cap: u64,
+    #[serde(default)]
+    pub idle: u64,
     pub completed: u64,
     pub active: u64,
     pub bytes_up: u64,
@@ -95,7 +100,7 @@ pub struct FlowMetrics {
     active: Gauge,
     bytes: Family<BytesLabels, Counter>,
     setup: Family<UpstreamLabels, Histogram>,
-    totals: [AtomicU64; 10],
+    totals: [AtomicU64; 11],
     accepted: AtomicU64,
     up: AtomicU64,
     down: AtomicU64,
@@ -176,6 +181,7 @@ impl FlowMetrics {
             failed: t(FlowResult::failed),
             client_reset: t(FlowResult::client_reset),
             over_workload_cap: t(FlowResult::over_workload_cap),
+            idle: t(FlowResult::idle),
             completed: t(FlowResult::completed),
             active: self.active.get().max(0) as u64,
             bytes_up: self.up.load(Relaxed),

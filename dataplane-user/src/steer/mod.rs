@@ -47,6 +47,7 @@ pub struct FlowServer {
     tunnel: Option<Arc<Tunnel>>,
     routes: Arc<Mutex<RouteTable>>,
     connect_timeout: Mutex<Duration>,
+    idle_timeout: Mutex<Option<Duration>>,
     metrics: Arc<FlowMetrics>,
     workloads: Arc<Workloads>,
     next_flow_id: AtomicU64,
@@ -68,6 +69,7 @@ impl FlowServer {
             tunnel,
             routes,
             connect_timeout: Mutex::new(connect_timeout),
+            idle_timeout: Mutex::new(None),
             metrics,
             workloads: Arc::new(Workloads::new(flows_per_workload)),
             next_flow_id: AtomicU64::new(1),
@@ -86,6 +88,15 @@ impl FlowServer {
 
     fn connect_timeout(&self) -> Duration {
         *lock(&self.connect_timeout)
+    }
+
+    /// Applies `limits.flow_idle_timeout` to flows that start from now on.
+    pub fn set_flow_idle_timeout(&self, timeout: Option<Duration>) {
+        *lock(&self.idle_timeout) = timeout;
+    }
+
+    fn flow_idle_timeout(&self) -> Option<Duration> {
+        *lock(&self.idle_timeout)
     }
 
     /// Serves connects accepted on `listeners` until `drain`, then stops in

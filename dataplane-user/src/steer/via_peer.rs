@@ -61,7 +61,8 @@ pub(super) async fn serve(
         server.metrics.setup("tunnel", accepted.elapsed());
         debug!(%dst, "flow open (tunnel)");
     };
-    let (moved, result) = splice::splice_after_status(client, &mut send, &mut recv, wait, on_ok).await;
+    let idle = server.flow_idle_timeout();
+    let (moved, result) = splice::splice_after_status(client, &mut send, &mut recv, wait, idle, on_ok).await;
     server.metrics.bytes(to.route, moved.0, moved.1);
     match result {
         Ok(()) => {
@@ -71,6 +72,10 @@ pub(super) async fn serve(
         Err(SpliceError::Refused(status)) => {
             info!(%dst, %status, "connector did not connect the flow; reset");
             FlowResult::refused_by_peer
+        }
+        Err(SpliceError::Idle(after)) => {
+            info!(%dst, ?after, "flow idle past limits.flow_idle_timeout; reset");
+            FlowResult::idle
         }
         Err(e) if e.is_client_reset() => {
             debug!(up = moved.0, down = moved.1, "the application reset its connection");

@@ -42,6 +42,9 @@ pub struct NodeSpec {
     /// Extra IP SANs.
     pub ips: Vec<IpAddr>,
     pub validity: Duration,
+    /// How far in the future the certificate starts to be valid; zero (the
+    /// default): from now, with a few minutes' slack for clocks behind.
+    pub starts_in: Duration,
 }
 
 /// A new self-signed CA.
@@ -51,7 +54,7 @@ pub fn new_ca(common_name: &str, validity: Duration) -> Result<Pem, CertError> {
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages =
         vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-    set_validity(&mut params, validity);
+    set_validity(&mut params, Duration::ZERO, validity);
     let key = KeyPair::generate()?;
     let cert = params.self_signed(&key)?;
     Ok(Pem { cert: cert.pem(), key: key.serialize_pem() })
@@ -79,7 +82,7 @@ pub fn issue(ca: &Pem, spec: &NodeSpec) -> Result<Pem, CertError> {
     params.extended_key_usages =
         vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
     params.use_authority_key_identifier_extension = true;
-    set_validity(&mut params, spec.validity);
+    set_validity(&mut params, spec.starts_in, spec.validity);
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &issuer)?;
     Ok(Pem { cert: cert.pem(), key: key.serialize_pem() })
@@ -91,11 +94,13 @@ fn name(cn: &str) -> DistinguishedName {
     dn
 }
 
-fn set_validity(params: &mut CertificateParams, validity: Duration) {
+fn set_validity(params: &mut CertificateParams, starts_in: Duration, validity: Duration) {
     let now = time::OffsetDateTime::now_utc();
-    // A little slack for clocks that are behind.
-    params.not_before = now - time::Duration::minutes(5);
-    params.not_after = now + time::Duration::seconds(validity.as_secs().min(i64::MAX as u64) as i64);
+    let secs = |d: Duration| time::Duration::seconds(d.as_secs().min(i64::MAX as u64 / 2) as i64);
+    let start = now + secs(starts_in);
+    // From now, with a little slack for clocks that are behind.
+    params.not_before = if starts_in.is_zero() { now - time::Duration::minutes(5) } else { start };
+    params.not_after = start + secs(validity);
 }
 
 /// Errors of the file-writing helpers behind `dataplane cert`.

@@ -80,10 +80,19 @@ impl TlsMaterial {
                 reason: e.to_string(),
             })
         };
-        Self::parse(&read("ca", &files.ca)?, &read("cert", &files.cert)?, &read("key", &files.key)?, files)
+        let material = Self::parse(
+            &read("ca", &files.ca)?,
+            &read("cert", &files.cert)?,
+            &read("key", &files.key)?,
+            files,
+        )?;
+        check_own_validity(&material.chain[0], &files.cert, SystemTime::now())?;
+        Ok(material)
     }
 
-    /// Built from PEM text already in memory (tests, the demo).
+    /// Built from PEM text already in memory (tests, the demo). Unlike
+    /// [`TlsMaterial::load`], whatever validity period the certificate has is
+    /// the caller's business (a test presents early or expired ones).
     pub fn from_pem(ca: &str, cert: &str, key: &str) -> Result<TlsMaterial, TlsError> {
         let files = TlsFiles { ca: "<memory>".into(), cert: "<memory>".into(), key: "<memory>".into() };
         Self::parse(ca.as_bytes(), cert.as_bytes(), key.as_bytes(), &files)
@@ -110,7 +119,6 @@ impl TlsMaterial {
         let leaf =
             chain.first().ok_or_else(|| bad("cert", &files.cert, "no certificate in the file".into()))?;
         let identity = uri_san(leaf).ok_or_else(|| TlsError::NoIdentity { path: files.cert.clone() })?;
-        check_own_validity(leaf, &files.cert, SystemTime::now())?;
         let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| bad("key", &files.key, e.to_string()))?;
         let material = TlsMaterial { roots: Arc::new(roots), chain, key: Arc::new(key), identity };
         // Fails here, naming the problem, if the key does not match the cert.

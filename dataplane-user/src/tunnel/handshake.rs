@@ -20,6 +20,8 @@ pub(super) const RESET_NOT_SERVED: VarInt = VarInt::from_u32(3);
 const CLOSE_NO_WELCOME: VarInt = VarInt::from_u32(4);
 /// Close code for a connection whose peer's certificate expired.
 pub(super) const CLOSE_CERT_EXPIRED: VarInt = VarInt::from_u32(5);
+/// Close code for a peer that holds `limits.connections_per_peer` already.
+pub(super) const CLOSE_OVER_CAP: VarInt = VarInt::from_u32(6);
 /// The acceptor's first message: "your certificate and identity are accepted".
 /// In TLS 1.3 a client finishes its handshake before the server has checked
 /// the client certificate, so without this a dialer would count a connection
@@ -101,6 +103,8 @@ pub const HANDSHAKE_REASONS: &[&str] = &[
     "peer_no_application_protocol",
     "peer_tls_other",
     "peer_unknown_identity",
+    "peer_over_connection_cap",
+    "peer_certificate_not_yet_valid",
     "peer_closed",
     "peer_closed_other",
     // Neither side said anything.
@@ -109,19 +113,29 @@ pub const HANDSHAKE_REASONS: &[&str] = &[
     "version_mismatch",
     "locally_closed",
     "cids_exhausted",
+    // TLS: a certificate not valid yet (the alert is the one for expired).
+    "certificate_not_yet_valid",
     // Our own checks after the TLS handshake.
     "unknown_identity",
+    "over_connection_cap",
 ];
 
 /// A short, stable label for why a handshake failed, from
 /// [`HANDSHAKE_REASONS`].
 pub fn failure_reason(e: &ConnectionError) -> &'static str {
     match e {
+        ConnectionError::TransportError(t) if not_yet_valid(u64::from(t.code), t.reason.as_bytes()) => {
+            "certificate_not_yet_valid"
+        }
         ConnectionError::TransportError(t) => code_reason(u64::from(t.code), false),
+        ConnectionError::ConnectionClosed(c) if not_yet_valid(u64::from(c.error_code), &c.reason) => {
+            "peer_certificate_not_yet_valid"
+        }
         ConnectionError::ConnectionClosed(c) => code_reason(u64::from(c.error_code), true),
         ConnectionError::ApplicationClosed(a) if a.error_code == CLOSE_UNKNOWN_PEER => {
             "peer_unknown_identity"
         }
+        ConnectionError::ApplicationClosed(a) if a.error_code == CLOSE_OVER_CAP => "peer_over_connection_cap",
         ConnectionError::ApplicationClosed(_) => "peer_closed",
         ConnectionError::TimedOut => "timeout",
         ConnectionError::Reset => "reset",
@@ -129,6 +143,13 @@ pub fn failure_reason(e: &ConnectionError) -> &'static str {
         ConnectionError::LocallyClosed => "locally_closed",
         ConnectionError::CidsExhausted => "cids_exhausted",
     }
+}
+
+/// TLS has one alert for a certificate outside its validity, expired or not
+/// yet valid (certificate_expired, 45); rustls says which in the error text,
+/// which QUIC carries in the close frame to the peer as well.
+fn not_yet_valid(code: u64, reason: &[u8]) -> bool {
+    code == 0x100 + 45 && reason.windows(b"not valid yet".len()).any(|w| w == b"not valid yet")
 }
 
 /// The label for a QUIC transport error code, raised here or (`by_peer`)
@@ -212,6 +233,22 @@ mod tests {
         assert_eq!(code_reason(0xa, false), "protocol_violation");
         assert_eq!(code_reason(0xdead_beef, true), "peer_closed_other");
         assert_eq!(failure_reason(&ConnectionError::TimedOut), "timeout");
+        let alert = |reason: &str| quinn_proto::TransportError {
+            code: quinn_proto::TransportErrorCode::crypto(45),
+            frame: None,
+            reason: reason.into(),
+        };
+        let early = "invalid peer certificate: certificate not valid yet: verification time 1 (UNIX), ...";
+        assert_eq!(
+            failure_reason(&ConnectionError::TransportError(alert(early))),
+            "certificate_not_yet_valid"
+        );
+        assert_eq!(
+            failure_reason(&ConnectionError::TransportError(alert(
+                "invalid peer certificate: certificate expired"
+            ))),
+            "certificate_expired"
+        );
     }
 
     #[test]

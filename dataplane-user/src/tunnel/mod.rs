@@ -26,7 +26,10 @@ mod transport;
 use std::{
     collections::HashMap,
     net::{Ipv6Addr, SocketAddr},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering::Relaxed},
+    },
     time::Duration,
 };
 
@@ -45,7 +48,7 @@ use pool::PeerSlot;
 pub use transport::{open_stream_limits, transport, udp_socket};
 
 use crate::{
-    config::{Peer, TunnelSettings},
+    config::{Limits, Peer, TunnelSettings},
     tls::{TlsError, TlsMaterial},
 };
 
@@ -88,6 +91,10 @@ pub struct Tunnel {
     welcome_timeout: Duration,
     admission: Arc<Admission>,
     handshake_logs: handshake::LogBudget,
+    /// `limits.connections_per_peer` and `limits.streams_per_peer`, for
+    /// connections that start from now on.
+    connections_per_peer: AtomicUsize,
+    streams_per_peer: AtomicUsize,
     stop: watch::Sender<bool>,
     pub metrics: TunnelMetrics,
 }
@@ -103,6 +110,7 @@ impl Tunnel {
     /// dial) with forced socket buffers. Nothing runs until [`Tunnel::start`].
     pub fn bind(
         settings: &TunnelSettings,
+        limits: &Limits,
         peers: &[Peer],
         tls: &TlsMaterial,
         handler: Option<Arc<dyn StreamHandler>>,
@@ -173,9 +181,18 @@ impl Tunnel {
             welcome_timeout: settings.idle_timeout,
             admission: Arc::default(),
             handshake_logs: handshake::LogBudget::default(),
+            connections_per_peer: AtomicUsize::new(limits.connections_per_peer),
+            streams_per_peer: AtomicUsize::new(limits.streams_per_peer),
             stop: watch::channel(false).0,
             metrics,
         }))
+    }
+
+    /// Takes new per-peer limits (config reload); connections already up
+    /// keep the stream limit they were given.
+    pub fn set_limits(&self, limits: &Limits) {
+        self.connections_per_peer.store(limits.connections_per_peer, Relaxed);
+        self.streams_per_peer.store(limits.streams_per_peer, Relaxed);
     }
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
@@ -253,16 +270,21 @@ impl Tunnel {
                 let welcomed = this.handshake(incoming).await;
                 drop(handshake_slot);
                 this.metrics.handshakes_in_flight.set(this.admission.in_flight() as i64);
-                if let Some((slot, conn)) = welcomed {
+                if let Some((slot, conn, held)) = welcomed {
                     this.run_connection(slot, conn, "accepted").await;
+                    drop(held);
                 }
             });
         }
     }
 
-    /// Runs an admitted attempt's handshake: TLS, then the identity check
-    /// and the welcome. Failures are counted; their log lines are rationed.
-    async fn handshake(&self, incoming: quinn::Incoming) -> Option<(Arc<PeerSlot>, quinn::Connection)> {
+    /// Runs an admitted attempt's handshake: TLS, then the identity check,
+    /// the peer's connection cap and the welcome. Failures are counted;
+    /// their log lines are rationed.
+    async fn handshake(
+        &self,
+        incoming: quinn::Incoming,
+    ) -> Option<(Arc<PeerSlot>, quinn::Connection, pool::Accepted)> {
         let remote = incoming.remote_address();
         let conn = match incoming.await {
             Ok(c) => c,
@@ -284,11 +306,20 @@ impl Tunnel {
             conn.close(handshake::CLOSE_UNKNOWN_PEER, b"identity not configured");
             return None;
         };
+        let cap = self.connections_per_peer.load(Relaxed);
+        let Some(held) = slot.try_accept(cap) else {
+            self.metrics.failed("over_connection_cap");
+            if let Some(suppressed) = self.handshake_logs.allow(std::time::Instant::now()) {
+                warn!(%remote, peer = %slot.name, cap, suppressed, "peer holds limits.connections_per_peer connections; closing");
+            }
+            conn.close(handshake::CLOSE_OVER_CAP, b"limits.connections_per_peer reached");
+            return None;
+        };
         if let Err(e) = handshake::send_welcome(&conn).await {
             debug!(%remote, error = %e, "could not welcome the peer");
             return None;
         }
-        Some((slot, conn))
+        Some((slot, conn, held))
     }
 
     /// Registers a live connection and serves the streams the peer opens on it
@@ -296,7 +327,7 @@ impl Tunnel {
     async fn run_connection(&self, slot: Arc<PeerSlot>, conn: quinn::Connection, direction: &'static str) {
         // Authenticated now (the welcome was sent or received): lift the
         // stream limit the handshake ran under to the working one.
-        transport::open_stream_limits(&conn);
+        transport::open_stream_limits(&conn, self.streams_per_peer.load(Relaxed));
         let labels = PeerDirectionLabels { peer: slot.name.to_string(), direction };
         self.metrics.connections_opened.get_or_create(&labels).inc();
         slot.add(&conn);

@@ -23,7 +23,20 @@ pub(super) struct PeerSlot {
     next: AtomicUsize,
     /// Connections this agent keeps dialled to the peer (0: it dials us).
     pub dialers: u32,
+    /// Connections this agent accepted from the peer and holds now.
+    accepted: AtomicUsize,
     pub retired: Mutex<Retired>,
+}
+
+/// One of a peer's accepted connections, counted against
+/// `limits.connections_per_peer` until dropped.
+#[derive(Debug)]
+pub(super) struct Accepted(Arc<PeerSlot>);
+
+impl Drop for Accepted {
+    fn drop(&mut self) {
+        self.0.accepted.fetch_sub(1, Relaxed);
+    }
 }
 
 impl PeerSlot {
@@ -34,8 +47,15 @@ impl PeerSlot {
             conns: Mutex::new(Vec::new()),
             next: AtomicUsize::new(0),
             dialers,
+            accepted: AtomicUsize::new(0),
             retired: Mutex::default(),
         }
+    }
+
+    /// Counts one more accepted connection, unless the peer holds `cap`.
+    pub fn try_accept(self: &Arc<Self>, cap: usize) -> Option<Accepted> {
+        self.accepted.fetch_update(Relaxed, Relaxed, |n| (n < cap).then_some(n + 1)).ok()?;
+        Some(Accepted(self.clone()))
     }
 
     pub fn add(&self, c: &quinn::Connection) {

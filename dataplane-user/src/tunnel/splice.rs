@@ -9,6 +9,7 @@ use std::{future::Future, time::Duration};
 
 use std::io::IoSlice;
 
+use crate::traffic::Traffic;
 use bytes::{Buf, Bytes, BytesMut};
 use dataplane_proto::stream::{self, Decoded, Status};
 use quinn::{RecvStream, SendStream, VarInt};
@@ -36,6 +37,9 @@ pub enum SpliceError {
     /// The connector did not connect the flow (status, or none in time).
     #[error("connector answered {0}")]
     Refused(String),
+    /// Nothing moved either way for `limits.flow_idle_timeout`.
+    #[error("no bytes either way for {0:?}")]
+    Idle(Duration),
 }
 
 impl SpliceError {
@@ -61,17 +65,17 @@ pub async fn splice(
     recv: &mut RecvStream,
     pending: &[u8],
 ) -> (Moved, Result<(), SpliceError>) {
-    let (mut up, mut down) = (0u64, 0u64);
+    let moved = Traffic::default();
     let (rd, mut wr) = tcp.split();
     let to_tcp = async {
         if !pending.is_empty() {
             wr.write_all(pending).await.map_err(SpliceError::Tcp)?;
-            down += pending.len() as u64;
+            moved.down(pending.len() as u64);
         }
-        quic_to_tcp(recv, &mut wr, &mut down).await
+        quic_to_tcp(recv, &mut wr, &moved).await
     };
-    let result = tokio::try_join!(tcp_to_quic(rd, send, &mut up), to_tcp).map(|_| ());
-    ((up, down), finish(result, tcp, send, recv))
+    let result = tokio::try_join!(tcp_to_quic(rd, send, &moved), to_tcp).map(|_| ());
+    (moved.totals(), finish(result, tcp, send, recv))
 }
 
 /// The client side of a tunnelled flow: the application's bytes go out at
@@ -79,14 +83,18 @@ pub async fn splice(
 /// dial completes), while the way back first waits for the connector's status
 /// within `wait` and calls `on_ok`. Saves the round trip a status-then-data
 /// exchange would cost every new flow (a TLS ClientHello goes first).
+///
+/// With `idle`, a flow that moves nothing either way for that long ends as
+/// [`SpliceError::Idle`] (both ends reset).
 pub async fn splice_after_status(
     tcp: &mut TcpStream,
     send: &mut SendStream,
     recv: &mut RecvStream,
     wait: Duration,
+    idle: Option<Duration>,
     on_ok: impl FnOnce(),
 ) -> (Moved, Result<(), SpliceError>) {
-    let (mut up, mut down) = (0u64, 0u64);
+    let moved = Traffic::default();
     let (rd, mut wr) = tcp.split();
     let to_tcp = async {
         let status = tokio::time::timeout(wait, read_status(recv)).await;
@@ -96,12 +104,16 @@ pub async fn splice_after_status(
             Ok(Err(e)) => return Err(SpliceError::Refused(e)),
             Err(_) => return Err(SpliceError::Refused("no answer in time".to_owned())),
         }
-        quic_to_tcp(recv, &mut wr, &mut down).await
+        quic_to_tcp(recv, &mut wr, &moved).await
     };
     // The status decides: a refusal must win over an upward copy still
     // running, so the way back is polled first.
-    let result = join_down_first(tcp_to_quic(rd, send, &mut up), to_tcp).await;
-    ((up, down), finish(result, tcp, send, recv))
+    let both = join_down_first(tcp_to_quic(rd, send, &moved), to_tcp);
+    let result = tokio::select! {
+        r = both => r,
+        () = moved.silent_for(idle) => Err(SpliceError::Idle(idle.unwrap_or_default())),
+    };
+    (moved.totals(), finish(result, tcp, send, recv))
 }
 
 fn finish(
@@ -151,7 +163,7 @@ async fn read_status(recv: &mut RecvStream) -> Result<Status, String> {
 /// data flows: allocated when the socket turns readable, released when it
 /// drains, so an idle flow (a kept-alive connection, a watch) holds none. A
 /// busy flow keeps reusing its allocation, since readiness returns at once.
-async fn tcp_to_quic(rd: ReadHalf<'_>, send: &mut SendStream, total: &mut u64) -> Result<(), SpliceError> {
+async fn tcp_to_quic(rd: ReadHalf<'_>, send: &mut SendStream, moved: &Traffic) -> Result<(), SpliceError> {
     let mut buf = BytesMut::new();
     let tcp = rd.as_ref();
     loop {
@@ -172,7 +184,7 @@ async fn tcp_to_quic(rd: ReadHalf<'_>, send: &mut SendStream, total: &mut u64) -
             return send.finish().map_err(|e| SpliceError::Quic(e.to_string()));
         }
         send.write_chunk(buf.split().freeze()).await.map_err(|e| SpliceError::Quic(e.to_string()))?;
-        *total += n as u64;
+        moved.up(n as u64);
     }
 }
 
@@ -183,11 +195,11 @@ async fn tcp_to_quic(rd: ReadHalf<'_>, send: &mut SendStream, total: &mut u64) -
 async fn quic_to_tcp(
     recv: &mut RecvStream,
     wr: &mut WriteHalf<'_>,
-    total: &mut u64,
+    moved: &Traffic,
 ) -> Result<(), SpliceError> {
     let mut batch: [Bytes; BATCH] = Default::default();
     while let Some(n) = recv.read_chunks(&mut batch).await.map_err(|e| SpliceError::Quic(e.to_string()))? {
-        *total += write_all_vectored(wr, &mut batch[..n]).await.map_err(SpliceError::Tcp)?;
+        moved.down(write_all_vectored(wr, &mut batch[..n]).await.map_err(SpliceError::Tcp)?);
     }
     wr.shutdown().await.map_err(SpliceError::Tcp)
 }

@@ -7,10 +7,6 @@ use quinn::{IdleTimeout, TransportConfig, VarInt};
 use super::TunnelError;
 use crate::config::TunnelSettings;
 
-/// Streams in flight per connection once the peer is authenticated; quinn's
-/// default of 100 would cap a node's concurrent flows per connection far too
-/// low.
-const MAX_STREAMS: u32 = 65_536;
 /// Streams a peer may open while the handshake runs. quinn sets up state for
 /// every stream the limit allows when it creates a connection (about 80
 /// bytes each way per stream): at 65,536 that was 5 MiB for each Initial a
@@ -42,10 +38,13 @@ pub fn transport(settings: &TunnelSettings) -> Result<TransportConfig, TunnelErr
     Ok(t)
 }
 
-/// Raises an authenticated connection's stream limit to the working one
-/// (the peer learns it in a MAX_STREAMS frame).
-pub fn open_stream_limits(conn: &quinn::Connection) {
-    conn.set_max_concurrent_bi_streams(VarInt::from_u32(MAX_STREAMS));
+/// Raises an authenticated connection's stream limit to the working one,
+/// `limits.streams_per_peer` (the peer learns it in a MAX_STREAMS frame):
+/// no connection of a peer may open more streams than the peer may have
+/// served, and quinn's default of 100 would cap a node's concurrent flows
+/// per connection far too low.
+pub fn open_stream_limits(conn: &quinn::Connection, streams: usize) {
+    conn.set_max_concurrent_bi_streams(VarInt::from_u32(u32::try_from(streams).unwrap_or(u32::MAX)));
 }
 
 /// A UDP socket with the buffers forced to `size` (the agent is privileged:
