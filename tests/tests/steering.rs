@@ -147,6 +147,62 @@ fn removing_a_route_at_runtime_stops_steering_it() {
     assert_eq!(ip_of(pod.connect(addr(API_V4)).expect("probe").server_saw()), NODE_TO_SERVER_V4);
 }
 
+/// A reload that fails half-way through the kernel update leaves the kernel
+/// and the agent exactly as they were (apply, verify, roll back), and is
+/// counted and shown in `/status`. Two faults: a real one (the trie fills up,
+/// since new routes go in before old ones leave) and one injected after a
+/// few writes of a change that adds and removes.
+#[test]
+fn a_reload_that_fails_half_way_changes_nothing() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::new().expect("topology");
+    let many = |second: u8| -> Vec<String> {
+        (0..3000).map(|i| format!("10.{second}.{}.{}/32", i / 256, i % 256)).collect()
+    };
+    let with = |extra: &[String]| {
+        let mut routes: Vec<&str> = ROUTES.to_vec();
+        routes.extend(extra.iter().map(String::as_str));
+        topo.config(&routes)
+    };
+    let agent = topo.start_agent(with(&many(1))).expect("agent starts");
+    let pod = topo.pod_probe();
+    let before = (agent.handle.route_entries(), agent.handle.status().routes);
+    assert_eq!(before.0, (3002, 1));
+
+    // 3,000 other routes: 1,094 of them fit beside the old ones, the next
+    // insert finds the trie full.
+    let e = agent.handle.reload(with(&many(2))).expect_err("the trie cannot hold both");
+    assert!(e.to_string().contains("is full (4096 entries)"), "{e}");
+    assert_eq!(agent.handle.route_entries(), before.0, "the 1,094 inserted were taken out again");
+    assert_eq!(agent.handle.status().routes, before.1, "userspace kept the running routes");
+    assert_eq!(ip_of(pod.connect(addr(API_V4)).expect("probe").server_saw()), NODE_TO_SERVER_V4);
+
+    // A fault after three writes of a change that adds one route and removes
+    // 3,001: the three are undone.
+    let steering = agent.handle.steering().expect("steering").clone();
+    steering.fail_next_apply_after(3);
+    let e = agent.handle.reload(topo.config(&["2001:db8::101/128", "10.9.0.0/16"])).expect_err("injected");
+    assert!(e.to_string().contains("injected fault"), "{e}");
+    assert_eq!(agent.handle.route_entries(), before.0);
+    assert_eq!(agent.handle.status().routes, before.1);
+    assert_eq!(ip_of(pod.connect(addr(API_V4)).expect("probe").server_saw()), NODE_TO_SERVER_V4);
+
+    let status = agent.handle.status().reloads;
+    assert_eq!((status.applied, status.refused), (0, 2));
+    let last = status.last_refusal.expect("the last refusal is kept");
+    assert!(last.error.contains("injected fault"), "{last:?}");
+    let scrape = agent.handle.encode_metrics();
+    assert!(scrape.contains("dataplane_config_reloads_total{result=\"refused\"} 2"), "{scrape}");
+
+    // The same change without the fault applies.
+    agent.handle.reload(topo.config(&["2001:db8::101/128", "10.9.0.0/16"])).expect("reload");
+    assert_eq!(agent.handle.route_entries(), (1, 1));
+    assert_eq!(ip_of(pod.connect(addr(API_V4)).expect("probe").server_saw()), POD_V4);
+    assert_eq!(agent.handle.status().reloads.applied, 1);
+}
+
 /// (e): after the agent stops, steering is gone and the interface removed; and
 /// while it stops, no connect fails (none points at a closed listener).
 #[test]

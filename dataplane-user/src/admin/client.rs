@@ -116,6 +116,11 @@ pub fn render(s: &Status) -> String {
         f.bytes_up,
         f.bytes_down
     );
+    let r = &s.reloads;
+    out += &format!("reloads: applied {} refused {}\n", r.applied, r.refused);
+    if let Some(last) = &r.last_refusal {
+        out += &format!("last refused reload (unix time {}): {}\n", last.at_unix, last.error);
+    }
     out += &format!(
         "process: rss {:.1} MiB, cpu {:.2} s, {} fds\n",
         s.process.rss_bytes as f64 / (1 << 20) as f64,

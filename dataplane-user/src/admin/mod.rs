@@ -25,7 +25,9 @@ use tracing::{debug, warn};
 pub mod client;
 pub mod model;
 
-pub use model::{Missing, PeerStatus, Readiness, RouteStatus, Status, SteeringStatus};
+pub use model::{
+    Missing, PeerStatus, Readiness, ReloadRefusal, ReloadStatus, RouteStatus, Status, SteeringStatus,
+};
 
 /// What the admin server reads: the agent implements it; the server knows
 /// nothing else of the agent.

@@ -32,7 +32,7 @@ pub struct PeerStatus {
     pub streams_opened: u64,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RouteStatus {
     pub cidr: String,
     pub via: String,
@@ -51,6 +51,23 @@ pub struct Status {
     pub serves: Vec<String>,
     pub flows: FlowSnapshot,
     pub process: ProcessStats,
+    #[serde(default)]
+    pub reloads: ReloadStatus,
+}
+
+/// Configuration reloads since start.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReloadStatus {
+    pub applied: u64,
+    pub refused: u64,
+    pub last_refusal: Option<ReloadRefusal>,
+}
+
+/// The last reload refused: when, and why (nothing of it was applied).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReloadRefusal {
+    pub at_unix: u64,
+    pub error: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

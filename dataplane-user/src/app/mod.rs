@@ -77,6 +77,7 @@ struct Shared {
     config: Mutex<ValidConfig>,
     routes: Arc<Mutex<RouteTable>>,
     flows: Arc<FlowMetrics>,
+    reloads: reload::ReloadLog,
     /// The one drain signal: fired when shutdown begins, obeyed by every
     /// role (steering detaches and stops accepting, reloads are refused,
     /// readiness turns false); the grace period that follows is the same for
@@ -160,6 +161,7 @@ impl Agent {
             (Some(steering), Some(parts))
         };
         process::register_common(&mut registry);
+        let reloads = reload::ReloadLog::register(&mut registry);
         let routes = Arc::new(Mutex::new(table));
         registry.register_collector(Box::new(report::RouteReadiness {
             routes: routes.clone(),
@@ -188,6 +190,7 @@ impl Agent {
             config: Mutex::new(config),
             routes,
             flows,
+            reloads,
             drain: CancellationToken::new(),
         });
         let tunnel_tasks = shared.tunnel.as_ref().map(|t| t.start()).unwrap_or_default();

@@ -1,6 +1,17 @@
 //! Reloads: routes, what this agent serves, timeouts and limits change at runtime;
-//! a config that changes anything else is refused whole.
+//! a config that changes anything else is refused whole. Every outcome is
+//! counted, and the last refusal is kept for `/status`.
 
+use std::{
+    sync::Mutex,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family},
+    registry::Registry,
+};
 use tracing::info;
 
 use super::AgentHandle;
@@ -25,9 +36,71 @@ pub enum ReloadError {
     Steering(#[from] SteeringError),
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+/// Reload outcomes: `config_reloads_total{result="applied|refused"}` and
+/// the last refusal.
+#[derive(Debug)]
+pub(super) struct ReloadLog {
+    outcomes: Family<ResultLabels, Counter>,
+    last_refusal: Mutex<Option<crate::admin::ReloadRefusal>>,
+}
+
+impl ReloadLog {
+    pub fn register(registry: &mut Registry) -> ReloadLog {
+        let log = ReloadLog { outcomes: Family::default(), last_refusal: Mutex::new(None) };
+        registry.register(
+            "config_reloads",
+            "Configuration reloads, applied or refused (a refused one changed nothing)",
+            log.outcomes.clone(),
+        );
+        for result in ["applied", "refused"] {
+            let _ = log.outcomes.get_or_create_owned(&ResultLabels { result });
+        }
+        log
+    }
+
+    fn record(&self, refusal: Option<&ReloadError>) {
+        let result = if refusal.is_none() { "applied" } else { "refused" };
+        self.outcomes.get_or_create(&ResultLabels { result }).inc();
+        if let Some(e) = refusal {
+            let at = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            *lock(&self.last_refusal) =
+                Some(crate::admin::ReloadRefusal { at_unix: at, error: e.to_string() });
+        }
+    }
+
+    pub fn status(&self) -> crate::admin::ReloadStatus {
+        let n = |result| self.outcomes.get(&ResultLabels { result }).map_or(0, |c| c.get());
+        crate::admin::ReloadStatus {
+            applied: n("applied"),
+            refused: n("refused"),
+            last_refusal: lock(&self.last_refusal).clone(),
+        }
+    }
+}
+
 impl AgentHandle {
-    /// Applies a new, validated configuration.
+    /// Applies a new, validated configuration, or refuses it whole; either
+    /// way the outcome is counted (and a refusal kept for `/status`).
     pub fn reload(&self, next: ValidConfig) -> Result<(), ReloadError> {
+        let outcome = self.apply(next);
+        self.0.reloads.record(outcome.as_ref().err());
+        outcome
+    }
+
+    /// Counts a reload refused before it reached the agent (the file did
+    /// not read or validate).
+    pub fn reload_refused(&self, error: ConfigError) -> ReloadError {
+        let refused = ReloadError::Config(error);
+        self.0.reloads.record(Some(&refused));
+        refused
+    }
+
+    fn apply(&self, next: ValidConfig) -> Result<(), ReloadError> {
         let shared = &self.0;
         if shared.drain.is_cancelled() {
             return Err(ReloadError::Stopped);

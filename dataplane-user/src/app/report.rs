@@ -42,6 +42,11 @@ impl AgentHandle {
         self.0.tunnel.as_ref()
     }
 
+    /// The loaded programs and maps (tests inject faults through it).
+    pub fn steering(&self) -> Option<&Arc<crate::kernel::Steering>> {
+        self.0.steering.as_ref()
+    }
+
     pub fn connector(&self) -> Option<&Arc<Connector>> {
         self.0.connector.as_ref()
     }
@@ -142,6 +147,7 @@ impl AgentHandle {
             serves: config.serve.iter().map(|v| format!("{} ports {:?}", v.cidr, v.ports)).collect(),
             flows: self.flow_stats(),
             process: process::ProcessStats::read(),
+            reloads: s.reloads.status(),
         }
     }
 

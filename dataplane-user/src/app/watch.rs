@@ -68,7 +68,10 @@ pub async fn watch(path: PathBuf, handle: AgentHandle, interval: Duration) {
                 Ok(()) => info!(path = %file.path().display(), "configuration reloaded"),
                 Err(e) => error!(path = %file.path().display(), "reload refused: {e}"),
             },
-            Err(e) => error!("reload refused, keeping the running configuration: {e}"),
+            Err(e) => {
+                let e = handle.reload_refused(e);
+                error!("reload refused, keeping the running configuration: {e}");
+            }
         }
     }
 }

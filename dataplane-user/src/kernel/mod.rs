@@ -1,13 +1,15 @@
 //! The kernel, as the agent uses it: what the running kernel offers
 //! (`probe`), the cgroup the programs attach to (`cgroup`), the node-local
 //! interface the redirect listeners sit on (`netlink`), and the loaded
-//! programs with their maps (`steering`, read by `metrics`). Pinned state
-//! will live here too.
+//! programs with their maps (`steering`, read by `metrics`; its route tries
+//! are changed as one transaction by `trie`). Pinned state will live here
+//! too.
 
 pub mod cgroup;
 pub mod metrics;
 pub mod netlink;
 pub mod probe;
 pub mod steering;
+mod trie;
 
 pub use steering::{BypassGuard, KernelCounters, Recovered, Steering, SteeringError};

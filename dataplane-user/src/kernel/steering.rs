@@ -10,7 +10,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray},
     programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
 };
 use dataplane_common::{
@@ -20,6 +20,7 @@ use dataplane_common::{
 use ipnet::IpNet;
 use tracing::{debug, warn};
 
+use super::trie;
 use crate::{lock, routes::RouteDiff};
 
 /// The object built by `cargo xtask build-ebpf`, embedded at build time.
@@ -58,6 +59,22 @@ pub enum SteeringError {
     /// A map operation failed.
     #[error("eBPF map {name}: {source}")]
     Map { name: &'static str, source: MapError },
+    /// A route trie has no room for an entry while a change is applied.
+    #[error(
+        "eBPF map {name} is full ({capacity} entries): new routes go in before old ones leave, so no \
+         connect meets a gap, and this change needs more at once; apply it in two smaller steps"
+    )]
+    RoutesFull { name: &'static str, capacity: u32 },
+    /// After a write, a trie did not hold what was written.
+    #[error("eBPF map {name} does not hold what was written: {detail}")]
+    Verify { name: &'static str, detail: String },
+    /// An injected fault (tests).
+    #[error("injected fault after {writes} writes to the route tries")]
+    Injected { writes: usize },
+    /// A change failed and putting the tries back failed too: the kernel
+    /// may now differ from the running configuration.
+    #[error("{apply}; rolling the route tries back also failed: {rollback} (restart the agent)")]
+    RollbackFailed { apply: Box<SteeringError>, rollback: Box<SteeringError> },
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> SteeringError {
@@ -107,6 +124,8 @@ pub struct Steering {
     /// programs reference its ring buffer: dropped, it would close the map
     /// and the programs would fail to load.
     _idle_logger: Option<KernelLogger>,
+    /// Writes the next apply may make before it fails (tests); usize::MAX: none.
+    fault_after: std::sync::atomic::AtomicUsize,
 }
 
 type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
@@ -156,6 +175,7 @@ impl Steering {
             cgroup: cgroup.to_owned(),
             programs: Mutex::new(None),
             _idle_logger: idle_logger,
+            fault_after: std::sync::atomic::AtomicUsize::new(usize::MAX),
         };
 
         let cgroup_file =
@@ -223,37 +243,88 @@ impl Steering {
         }
     }
 
-    /// Applies a route diff: inserts first, then removals, so a CIDR being
-    /// replaced is never briefly unrouted.
+    /// Applies a route diff to the tries as one change: read what they hold,
+    /// write (new and changed entries first, then removals, so no connect
+    /// meets a gap), read back and compare. If a write fails part-way (a
+    /// full trie, for one) or the tries do not hold what was written, they
+    /// are put back exactly as they were and the error is returned: a
+    /// refused reload leaves the kernel as it found it.
     pub fn apply(&self, diff: &RouteDiff) -> Result<(), SteeringError> {
+        let mut v4 = lock(&self.routes_v4);
+        let mut v6 = lock(&self.routes_v6);
+        let (old4, old6) = (trie::read(&v4, common::MAP_ROUTES_V4)?, trie::read(&v6, common::MAP_ROUTES_V6)?);
+        let (mut new4, mut new6) = (old4.clone(), old6.clone());
         for e in &diff.upsert {
             let value = RouteValue { route_id: e.id, action: ACTION_REDIRECT };
             match e.net {
-                IpNet::V4(n) => lock(&self.routes_v4)
-                    .insert(&Key::new(n.prefix_len().into(), common::v4_word(n.network().octets())), value, 0)
-                    .map_err(map_err(common::MAP_ROUTES_V4))?,
-                IpNet::V6(n) => lock(&self.routes_v6)
-                    .insert(
-                        &Key::new(n.prefix_len().into(), common::v6_words(n.network().octets())),
-                        value,
-                        0,
-                    )
-                    .map_err(map_err(common::MAP_ROUTES_V6))?,
-            }
+                IpNet::V4(n) => new4.insert(trie::v4_key(&n), value),
+                IpNet::V6(n) => new6.insert(trie::v6_key(&n), value),
+            };
         }
         for net in &diff.remove {
-            let result = match net {
-                IpNet::V4(n) => lock(&self.routes_v4)
-                    .remove(&Key::new(n.prefix_len().into(), common::v4_word(n.network().octets()))),
-                IpNet::V6(n) => lock(&self.routes_v6)
-                    .remove(&Key::new(n.prefix_len().into(), common::v6_words(n.network().octets()))),
+            match net {
+                IpNet::V4(n) => new4.remove(&trie::v4_key(n)),
+                IpNet::V6(n) => new6.remove(&trie::v6_key(n)),
             };
-            match result {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(source) => return Err(SteeringError::Map { name: "ROUTES", source }),
+        }
+        let fault = self.fault_after.swap(usize::MAX, std::sync::atomic::Ordering::Relaxed);
+        let mut budget = trie::Budget(fault);
+        let applied =
+            trie::write(&mut v4, &old4, &new4, common::MAP_ROUTES_V4, trie::Order::GapFree, &mut budget)
+                .and_then(|()| {
+                    trie::write(
+                        &mut v6,
+                        &old6,
+                        &new6,
+                        common::MAP_ROUTES_V6,
+                        trie::Order::GapFree,
+                        &mut budget,
+                    )
+                })
+                .and_then(|()| trie::verify(&v4, &new4, common::MAP_ROUTES_V4))
+                .and_then(|()| trie::verify(&v6, &new6, common::MAP_ROUTES_V6));
+        let Err(failed) = applied else { return Ok(()) };
+        // Back to what was there: removals first (a full trie takes no
+        // insert), then the old values.
+        let mut unlimited = trie::Budget(usize::MAX);
+        let rolled_back = trie::read(&v4, common::MAP_ROUTES_V4)
+            .and_then(|now| {
+                trie::write(
+                    &mut v4,
+                    &now,
+                    &old4,
+                    common::MAP_ROUTES_V4,
+                    trie::Order::RemoveFirst,
+                    &mut unlimited,
+                )
+            })
+            .and_then(|()| trie::read(&v6, common::MAP_ROUTES_V6))
+            .and_then(|now| {
+                trie::write(
+                    &mut v6,
+                    &now,
+                    &old6,
+                    common::MAP_ROUTES_V6,
+                    trie::Order::RemoveFirst,
+                    &mut unlimited,
+                )
+            })
+            .and_then(|()| trie::verify(&v4, &old4, common::MAP_ROUTES_V4))
+            .and_then(|()| trie::verify(&v6, &old6, common::MAP_ROUTES_V6));
+        match rolled_back {
+            Ok(()) => Err(failed),
+            Err(rollback) => {
+                Err(SteeringError::RollbackFailed { apply: Box::new(failed), rollback: Box::new(rollback) })
             }
         }
-        Ok(())
+    }
+
+    /// Makes the next [`Steering::apply`] fail after `writes` successful
+    /// map writes, as a kernel error half-way through would (tests inject
+    /// it to check the rollback; nothing else calls it).
+    #[doc(hidden)]
+    pub fn fail_next_apply_after(&self, writes: usize) {
+        self.fault_after.store(writes, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Number of entries in the route tries (v4, v6).
