@@ -358,3 +358,59 @@ fn a_certificate_not_valid_yet_is_refused_and_reported_as_such() {
     });
     assert_eq!(tunnel.metrics.handshake_failures("certificate_expired"), 0);
 }
+
+/// A served CIDR that covers the connector's own node does not let a peer
+/// reach the node's own services: its addresses are never dialled, also one
+/// it gains while running.
+#[test]
+fn the_connector_never_dials_its_own_addresses() {
+    if !require_root() {
+        return;
+    }
+    let env = TunnelEnv::new().expect("environment");
+    let tls = env.tls("connector", CONNECTOR_ID, None).expect("tls");
+    let text = env
+        .connector_config_text(Mode::ConnectorListens, &tls)
+        .replace("serve:\n", "serve:\n  - { cidr: '10.201.0.0/24', ports: [7002] }\n");
+    let connector = tests::topology::RunningAgent::start(
+        &env.topo.remote,
+        dataplane::config::Config::parse(&text).expect("connector config"),
+    )
+    .expect("connector");
+    // A service of the connector's node, on every address it has.
+    let service = env
+        .topo
+        .remote
+        .run(|| std::net::TcpListener::bind("0.0.0.0:7002").and_then(|l| l.set_nonblocking(true).map(|()| l)))
+        .expect("in the namespace")
+        .expect("listener");
+    let peer = env.tls("peer", CLIENT_ID, None).expect("tls");
+    let ask = |dst: &str| {
+        let attack = tests::evil::Attack {
+            connect: "10.201.0.2:4433".parse().expect("addr"),
+            expect: CONNECTOR_ID,
+            connections: 1,
+            stalled: 0,
+            streams: 1,
+            dst: Some(dst.parse().expect("addr")),
+        };
+        tests::evil::finish(tests::evil::spawn(&env.topo.node.path(), &peer, &attack).expect("peer"))
+            .expect("report")
+    };
+    let c = connector.handle.connector().expect("connector").clone();
+
+    let r = ask("10.201.0.2:7002");
+    assert_eq!(r.streams.count("denied"), 1, "the connector's own tunnel address: {r:?}");
+    // An address the node gains at runtime is known within moments (netlink).
+    env.topo.remote.ip(&["addr", "add", "10.201.0.9/32", "dev", "lo"]).expect("ip addr add");
+    wait_for("the new address known", Duration::from_secs(2), || {
+        c.is_own_address("10.201.0.9".parse().expect("ip"))
+    });
+    let r = ask("10.201.0.9:7002");
+    assert_eq!(r.streams.count("denied"), 1, "an address added at runtime: {r:?}");
+    assert_eq!(c.metrics.denials("own_address"), 2);
+    assert!(
+        matches!(service.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "nothing ever connected to the node's own service"
+    );
+}

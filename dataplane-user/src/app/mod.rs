@@ -228,6 +228,8 @@ impl Agent {
         };
         let steered =
             shared.flow_server.clone().map(|f| tokio::spawn(f.run(listeners, shared.drain.clone())));
+        let own_addresses =
+            shared.connector.clone().map(|c| tokio::spawn(c.watch_own_addresses(shared.drain.clone())));
 
         shutdown.await;
         shared.drain.cancel();
@@ -266,6 +268,9 @@ impl Agent {
             iface.remove().await;
         }
         if let Some(t) = admin_task {
+            t.abort();
+        }
+        if let Some(t) = own_addresses {
             t.abort();
         }
         let summary = AgentHandle(shared).summary();

@@ -64,7 +64,7 @@ impl ConnectorMetrics {
         for status in Status::ALL {
             let _ = m.statuses.get_or_create_owned(&StatusLabels { status: status.as_str() });
         }
-        for d in [Denial::NeverServed, Denial::NotServed, Denial::PortNotServed] {
+        for d in Denial::ALL {
             let _ = m.refusals.get_or_create_owned(&ReasonLabels { reason: d.as_str() });
         }
         registry.register(
@@ -110,7 +110,7 @@ impl ConnectorMetrics {
 
     /// Refusals for `reason` (e.g. "not_served").
     pub fn denials(&self, reason: &str) -> u64 {
-        [Denial::NeverServed, Denial::NotServed, Denial::PortNotServed]
+        Denial::ALL
             .iter()
             .find(|d| d.as_str() == reason)
             .and_then(|d| self.refusals.get(&ReasonLabels { reason: d.as_str() }).map(|c| c.get()))

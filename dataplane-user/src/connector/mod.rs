@@ -5,6 +5,7 @@
 
 mod budget;
 mod metrics;
+mod own;
 pub mod policy;
 
 use std::{
@@ -25,6 +26,7 @@ pub use budget::PeerCaps;
 use budget::{PeerBudgets, Permit};
 pub use metrics::ConnectorMetrics;
 use metrics::ReasonLabels;
+use own::OwnAddrs;
 pub use policy::{Denial, ServePolicy};
 
 use crate::tunnel::{StreamHandler, splice};
@@ -38,6 +40,7 @@ pub struct Connector {
     policy: Mutex<Arc<ServePolicy>>,
     dial_timeout: Duration,
     budgets: Arc<PeerBudgets>,
+    own: Arc<OwnAddrs>,
     /// Every stream being served, so the drain waits for them.
     streams: TaskTracker,
     pub metrics: ConnectorMetrics,
@@ -58,8 +61,21 @@ impl Connector {
             dial_timeout,
             metrics: ConnectorMetrics::register(registry, &budgets),
             budgets,
+            own: OwnAddrs::load(),
             streams: TaskTracker::new(),
         }
+    }
+
+    /// Keeps the connector's own addresses (never dialled) current until
+    /// `stop`.
+    pub async fn watch_own_addresses(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        self.own.clone().keep_current(stop).await;
+    }
+
+    /// Whether `ip` is one of this node's addresses, as the connector knows
+    /// them now.
+    pub fn is_own_address(&self, ip: std::net::IpAddr) -> bool {
+        self.own.contains(ip)
     }
 
     /// Streams served for `peer` now, and its dials in flight.
@@ -119,13 +135,9 @@ impl Connector {
         };
         let span = info_span!("flow", id = flow_id, %peer, %dst);
         async move {
-            let target = match self.policy().check(dst) {
+            let target = match self.policy().check(dst, |ip| self.own.contains(ip)) {
                 Ok(t) => t,
-                Err(why) => {
-                    self.metrics.refusals.get_or_create(&ReasonLabels { reason: why.as_str() }).inc();
-                    info!(reason = why.as_str(), "destination refused");
-                    return self.answer(&mut send, Status::Denied).await;
-                }
+                Err(why) => return self.deny(&mut send, why).await,
             };
             let Some(dial) = self.budgets.dial(&peer, &caps) else {
                 return self.refuse(&peer, Status::OverDialCap, send, recv).await;
@@ -140,6 +152,13 @@ impl Connector {
                 }
                 Err(_) => return self.answer(&mut send, Status::Timeout).await,
             };
+            // An address the node gained since the last refresh: the kernel
+            // answered from the node itself, source and destination alike.
+            if tcp.local_addr().ok().map(|a| a.ip()) == tcp.peer_addr().ok().map(|a| a.ip()) {
+                let _ = crate::sockopt::reset_on_close(&tcp);
+                self.own.refresh();
+                return self.deny(&mut send, Denial::OwnAddress).await;
+            }
             let _ = tcp.set_nodelay(true);
             // A destination that vanishes mid-flow is noticed, not held forever.
             let _ = crate::sockopt::keepalive(&tcp);
@@ -155,6 +174,12 @@ impl Connector {
         }
         .instrument(span)
         .await
+    }
+
+    async fn deny(&self, send: &mut SendStream, why: Denial) {
+        self.metrics.refusals.get_or_create(&ReasonLabels { reason: why.as_str() }).inc();
+        info!(reason = why.as_str(), "destination refused");
+        self.answer(send, Status::Denied).await
     }
 
     /// Refuses a stream at one of `peer`'s caps: its status at once, and the

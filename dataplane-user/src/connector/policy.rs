@@ -19,14 +19,20 @@ pub enum Denial {
     NotServed,
     /// In a served CIDR, but not on a served port.
     PortNotServed,
+    /// One of the connector's own addresses (it never dials itself).
+    OwnAddress,
 }
 
 impl Denial {
+    pub const ALL: [Denial; 4] =
+        [Denial::NeverServed, Denial::NotServed, Denial::PortNotServed, Denial::OwnAddress];
+
     pub const fn as_str(self) -> &'static str {
         match self {
             Denial::NeverServed => "never_served",
             Denial::NotServed => "not_served",
             Denial::PortNotServed => "port_not_served",
+            Denial::OwnAddress => "own_address",
         }
     }
 }
@@ -45,9 +51,10 @@ impl ServePolicy {
     }
 
     /// Default deny: allowed only inside a served CIDR on a served port, and
-    /// never in the ranges no connector dials, however the address is spelled
-    /// (`::ffff:127.0.0.1` is loopback).
-    pub fn check(&self, dst: SocketAddr) -> Result<SocketAddr, Denial> {
+    /// never in the ranges no connector dials nor at one of its own
+    /// addresses (`own`), however the address is spelled (`::ffff:127.0.0.1`
+    /// is loopback).
+    pub fn check(&self, dst: SocketAddr, own: impl Fn(IpAddr) -> bool) -> Result<SocketAddr, Denial> {
         let ip: IpAddr = dst.ip().to_canonical();
         // Every spelling: 64:ff9b::a9fe:a9fe is the metadata address through
         // a NAT64 gateway, 2002:7f00:1:: loopback through 6to4.
@@ -57,6 +64,9 @@ impl ServePolicy {
                 || spelling.is_unspecified()
             {
                 return Err(Denial::NeverServed);
+            }
+            if own(spelling) {
+                return Err(Denial::OwnAddress);
             }
         }
         let mut in_cidr = false;
@@ -82,7 +92,17 @@ mod tests {
     }
 
     fn check(s: &str) -> Result<SocketAddr, Denial> {
-        policy().check(s.parse().expect("addr"))
+        policy().check(s.parse().expect("addr"), |_| false)
+    }
+
+    #[test]
+    fn never_dials_its_own_addresses_however_spelled() {
+        let own: IpAddr = "198.51.100.101".parse().expect("ip");
+        let p = policy();
+        for dst in ["198.51.100.101:6443", "[::ffff:198.51.100.101]:6443", "[64:ff9b::c633:6465]:6443"] {
+            assert_eq!(p.check(dst.parse().expect("addr"), |ip| ip == own), Err(Denial::OwnAddress), "{dst}");
+        }
+        assert!(p.check("198.51.100.101:6443".parse().expect("addr"), |_| false).is_ok());
     }
 
     #[test]
