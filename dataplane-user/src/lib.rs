@@ -12,14 +12,15 @@
 //! - `tls`: mutual-TLS material, verifiers, identities, certificates;
 //! - `admin`: the HTTP admin API over a narrow read interface;
 //! - `app`: the composition root: start, reload, drain and shutdown order;
-//! - `config`, `ranges`, `routes`, `process`, `sockopt`, `traffic`: what
-//!   they say.
+//! - `config`, `ranges`, `routes`, `process`, `memory`, `sockopt`,
+//!   `traffic`: what they say.
 
 pub mod admin;
 pub mod app;
 pub mod config;
 pub mod connector;
 pub mod kernel;
+pub mod memory;
 pub mod process;
 pub mod ranges;
 pub mod routes;

@@ -42,6 +42,19 @@ impl AgentProcess {
         admin: SocketAddr,
         dir: &Path,
     ) -> Result<AgentProcess> {
+        Self::start_with_env(ns, name, config, admin, dir, &[])
+    }
+
+    /// [`AgentProcess::start`] with more environment (an allocator to
+    /// preload, its settings).
+    pub fn start_with_env(
+        ns: &Netns,
+        name: &str,
+        config: &str,
+        admin: SocketAddr,
+        dir: &Path,
+        env: &[(&str, &str)],
+    ) -> Result<AgentProcess> {
         let path = dir.join(format!("{name}.yaml"));
         std::fs::write(&path, format!("{config}admin: '{admin}'\n"))?;
         // DATAPLANE_BENCH_LOGS keeps the agents' logs (at DATAPLANE_LOG's
@@ -54,6 +67,7 @@ impl AgentProcess {
         cmd.args(["agent", "--config"])
             .arg(&path)
             .env("DATAPLANE_LOG", std::env::var("DATAPLANE_LOG").unwrap_or_else(|_| "warn".into()))
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log)?)
             .stderr(std::fs::File::create(&log)?.try_clone()?);

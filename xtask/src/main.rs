@@ -1,7 +1,9 @@
 //! `cargo xtask`: developer tasks that need more than cargo: building the eBPF
-//! object (and the toolchain it needs), the demo, and benchmarks.
+//! object (and the toolchain it needs), the demo, the kernel matrix, the
+//! supply-chain check, and benchmarks.
 
 mod build_ebpf;
+mod deny;
 mod vm_test;
 
 use std::process::Command as Process;
@@ -32,6 +34,8 @@ enum Command {
     Demo,
     /// Run the privileged eBPF tests on Debian's 6.1 and 6.12 kernels under qemu (needs root).
     VmTest(vm_test::Options),
+    /// cargo deny (advisories against the RustSec snapshot in supply-chain/, licences, duplicates, sources).
+    Deny(deny::Options),
     /// Measure steering and the tunnel against baselines (release build, needs root); writes target/bench/bench.json.
     Bench {
         /// Extra arguments for dataplane-bench (--rounds, --connects, --exchanges, --only).
@@ -66,6 +70,7 @@ fn run(command: Command) -> Result<()> {
             cargo(&["build", "--quiet", "-p", "tests", "-p", "dataplane-user", "--bins"], &[])?;
             cargo(&["run", "--quiet", "-p", "tests", "--bin", "dataplane-demo"], &[])
         }
+        Command::Deny(opts) => deny::run(&opts),
         Command::VmTest(opts) => {
             build_ebpf::run(&build_ebpf::Options::default())?;
             vm_test::run(&opts)

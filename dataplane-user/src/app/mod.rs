@@ -33,7 +33,7 @@ use crate::{
         netlink::{NetlinkError, RedirectInterface},
         probe::{self, KernelError},
     },
-    lock, process,
+    lock, memory, process,
     routes::RouteTable,
     steer::{
         FlowServer,
@@ -230,6 +230,13 @@ impl Agent {
             shared.flow_server.clone().map(|f| tokio::spawn(f.run(listeners, shared.drain.clone())));
         let own_addresses =
             shared.connector.clone().map(|c| tokio::spawn(c.watch_own_addresses(shared.drain.clone())));
+        let trimmer = memory::enabled().then(|| {
+            let s = shared.clone();
+            let load = move || {
+                s.flows.snapshot().active + s.connector.as_ref().map_or(0, |c| c.streams_open() as u64)
+            };
+            tokio::spawn(memory::trim_after_bursts(load, shared.drain.clone()))
+        });
 
         shutdown.await;
         shared.drain.cancel();
@@ -270,7 +277,7 @@ impl Agent {
         if let Some(t) = admin_task {
             t.abort();
         }
-        if let Some(t) = own_addresses {
+        for t in [own_addresses, trimmer].into_iter().flatten() {
             t.abort();
         }
         let summary = AgentHandle(shared).summary();

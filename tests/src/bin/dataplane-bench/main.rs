@@ -10,9 +10,13 @@
 //! - the full tunnel path (pod -> eBPF -> client agent -> QUIC -> connector ->
 //!   server), with both agents run as `dataplane` processes (see `tunnel.rs`).
 //!
+//! - memory after a burst, per allocator (`burst`, see `memory.rs`).
+//!
 //! Usage: dataplane-bench [--rounds N] [--connects N] [--exchanges N] [--json PATH]
-//!                        [--only steering,latency,throughput,parallel,concurrent,idle] [--workers N]
+//!                        [--only steering,latency,throughput,parallel,concurrent,idle,burst]
+//!                        [--workers N] [--burst-wait SECS]
 
+mod memory;
 mod tunnel;
 
 use std::{
@@ -39,10 +43,15 @@ struct Opts {
     only: Vec<String>,
     /// `workers:` for both agents (their default when unset).
     workers: Option<usize>,
+    /// How long the burst section watches RSS after the flows closed.
+    burst_wait: Duration,
 }
 
 /// The sections `--only` can pick.
-const SECTIONS: [&str; 6] = ["steering", "latency", "throughput", "parallel", "concurrent", "idle"];
+const SECTIONS: [&str; 7] = ["steering", "latency", "throughput", "parallel", "concurrent", "idle", "burst"];
+
+/// The sections of the tunnel run (`tunnel.rs`), which share one setup.
+const TUNNEL_SECTIONS: [&str; 5] = ["latency", "throughput", "parallel", "concurrent", "idle"];
 
 impl Opts {
     fn runs(&self, section: &str) -> bool {
@@ -51,8 +60,15 @@ impl Opts {
 }
 
 fn opts() -> Result<Opts> {
-    let mut o =
-        Opts { rounds: 3, connects: 5000, exchanges: 500, json: None, only: Vec::new(), workers: None };
+    let mut o = Opts {
+        rounds: 3,
+        connects: 5000,
+        exchanges: 500,
+        json: None,
+        only: Vec::new(),
+        workers: None,
+        burst_wait: Duration::from_secs(60),
+    };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().with_context(|| format!("{a} needs a value"));
@@ -63,6 +79,7 @@ fn opts() -> Result<Opts> {
             "--exchanges" => o.exchanges = number(value()?)?,
             "--json" => o.json = Some(value()?.into()),
             "--workers" => o.workers = Some(number(value()?)?),
+            "--burst-wait" => o.burst_wait = Duration::from_secs(number(value()?)? as u64),
             "--only" => {
                 for s in value()?.split(',') {
                     ensure!(
@@ -160,8 +177,11 @@ fn run() -> Result<()> {
     if o.runs("steering") {
         json.insert("steering".into(), steering_section(&o)?);
     }
-    if SECTIONS[1..].iter().any(|s| o.runs(s)) {
+    if TUNNEL_SECTIONS.iter().any(|s| o.runs(s)) {
         json.insert("tunnel".into(), tunnel::run(&o)?);
+    }
+    if o.runs("burst") {
+        json.insert("burst".into(), memory::run(&o)?);
     }
     if let Some(path) = &o.json {
         std::fs::write(path, serde_json::to_string_pretty(&json)?)?;
