@@ -7,6 +7,7 @@ pub mod agent_process;
 pub mod apiserver;
 pub mod baselines;
 pub mod evil;
+pub mod flood;
 pub mod probe;
 pub mod topology;
 pub mod tunnel_env;

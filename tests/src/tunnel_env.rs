@@ -209,9 +209,13 @@ impl TunnelEnv {
              peers:\n  - {{ name: worker-1, {dial}identity: '{CLIENT_ID}' }}\nserve:\n{}",
             Self::tls_yaml(tls),
             Self::tunnel_timers(),
+            // The servers share the connector's namespace, as an API server
+            // shares its node with a connector on a control-plane node: the
+            // entries say so (`own_node`), or the connector would refuse
+            // them as its own addresses.
             ["198.51.100.101/32", "2001:db8::101/128", "198.51.100.102/32", "2001:db8::102/128"]
                 .iter()
-                .map(|c| format!("  - {{ cidr: '{c}', ports: [6443, 7000] }}\n"))
+                .map(|c| format!("  - {{ cidr: '{c}', ports: [6443, 7000], own_node: true }}\n"))
                 .collect::<String>()
         )
     }

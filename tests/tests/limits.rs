@@ -4,13 +4,13 @@
 //! still connects at once.
 
 use std::{
-    net::{SocketAddr, UdpSocket},
-    sync::Arc,
+    net::SocketAddr,
     time::{Duration, Instant},
 };
 
 use dataplane::{process::ProcessStats, tls::TlsMaterial, tunnel::HANDSHAKE_REASONS};
 use tests::{
+    flood::{flood, initials},
     require_root,
     topology::{API_V4, Topology, addr},
     tunnel_env::{CLIENT_ID, CONNECTOR_ID, Mode, TunnelEnv, ensure_tunnel},
@@ -19,68 +19,6 @@ use tests::{
 
 /// The connector's tunnel listener in the private namespace.
 const CONNECTOR: &str = "10.201.0.2:4433";
-
-/// `n` distinct Initial packets (new connection ids each), as a client that
-/// will never answer would send them.
-fn initials(n: usize, tls: &TlsMaterial) -> Vec<Vec<u8>> {
-    let crypto =
-        quinn::crypto::rustls::QuicClientConfig::try_from(tls.client_config(CONNECTOR_ID).expect("tls"))
-            .expect("quic tls");
-    let config = quinn::ClientConfig::new(Arc::new(crypto));
-    let mut endpoint =
-        quinn_proto::Endpoint::new(Arc::new(quinn::EndpointConfig::default()), None, false, None);
-    let to: SocketAddr = CONNECTOR.parse().expect("addr");
-    (0..n)
-        .map(|_| {
-            let now = Instant::now();
-            let (_, mut conn) = endpoint.connect(now, config.clone(), to, "dataplane.peer").expect("connect");
-            let mut buf = Vec::new();
-            let t = conn.poll_transmit(now, 1, &mut buf).expect("an Initial to send");
-            buf.truncate(t.size);
-            buf
-        })
-        .collect()
-}
-
-/// Whether a datagram is a QUIC Retry (long header, type 3).
-fn is_retry(d: &[u8]) -> bool {
-    d.first().is_some_and(|b| b & 0x80 != 0 && (b >> 4) & 0x3 == 3)
-}
-
-/// Sends `initials` round-robin from `sockets` sockets (distinct source
-/// ports); returns the Retry packets they got back.
-fn flood(initials: Vec<Vec<u8>>, sockets: usize) -> usize {
-    let socks: Vec<UdpSocket> = (0..sockets)
-        .map(|_| {
-            let s = UdpSocket::bind("10.201.0.1:0").expect("bind");
-            s.set_nonblocking(true).expect("nonblocking");
-            s
-        })
-        .collect();
-    let to: SocketAddr = CONNECTOR.parse().expect("addr");
-    let mut retries = 0;
-    let mut buf = [0u8; 2048];
-    let mut drain = |socks: &[UdpSocket], retries: &mut usize| {
-        for s in socks {
-            while let Ok(n) = s.recv(&mut buf) {
-                *retries += usize::from(is_retry(&buf[..n]));
-            }
-        }
-    };
-    for (i, d) in initials.iter().enumerate() {
-        let _ = socks[i % sockets].send_to(d, to);
-        if i % 50 == 49 {
-            drain(&socks, &mut retries);
-        }
-    }
-    // Answers still on their way.
-    let until = Instant::now() + Duration::from_millis(500);
-    while Instant::now() < until {
-        drain(&socks, &mut retries);
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    retries
-}
 
 #[test]
 fn a_flood_of_initials_is_bounded_and_a_real_peer_still_connects() {
@@ -100,10 +38,11 @@ fn a_flood_of_initials_is_bounded_and_a_real_peer_still_connects() {
     // emulated CPU (decryption, then a Retry or a handshake): 2,000 would
     // take about a minute to drain, so the flood there is smaller.
     let attempts: usize = if tests::time_scale() > 1 { 200 } else { 2000 };
-    let packets = initials(attempts, &tls);
+    let to: SocketAddr = CONNECTOR.parse().expect("addr");
+    let packets = initials(attempts, &tls, CONNECTOR_ID, to);
 
     let before = ProcessStats::read().rss_bytes;
-    let retries = env.topo.node.run(move || flood(packets, 100)).expect("flood");
+    let retries = env.topo.node.run(move || flood(&packets, 100, "10.201.0.1", to)).expect("flood");
     let after = ProcessStats::read().rss_bytes;
     let tunnel = connector.handle.tunnel().expect("tunnel").clone();
     let refused = tunnel.metrics.handshakes_refused("retry");

@@ -45,7 +45,7 @@ fn start_connector(env: &TunnelEnv) -> RunningAgent {
                  peers:\n  - {{ name: {EVIL}, identity: '{EVIL_ID}' }}\n"
             ),
         )
-        .replace("ports: [6443, 7000]", "ports: [6443, 7000, 7001]");
+        .replace("ports: [6443, 7000],", "ports: [6443, 7000, 7001],");
     let cfg = dataplane::config::Config::parse(&text).expect("connector config");
     RunningAgent::start(&env.topo.remote, cfg).expect("connector")
 }

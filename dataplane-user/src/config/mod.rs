@@ -169,6 +169,11 @@ pub struct Serve {
     pub cidr: String,
     /// Destination ports allowed; at least one.
     pub ports: Vec<u16>,
+    /// The destination may be one of this node's own addresses (a connector
+    /// on the API server's node). Without it the connector never dials its
+    /// own node, so a CIDR that happens to cover it exposes nothing there.
+    #[serde(default)]
+    pub own_node: bool,
 }
 
 /// Kernel-side steering settings. Changing them needs a restart.

@@ -59,6 +59,7 @@ pub struct ValidRoute {
 pub struct ValidServe {
     pub net: IpNet,
     pub ports: Vec<u16>,
+    pub own_node: bool,
 }
 
 impl Limits {
@@ -232,7 +233,7 @@ impl Config {
                     "list at least one port, none of them 0",
                 ));
             }
-            out.push(ValidServe { net, ports: s.ports.clone() });
+            out.push(ValidServe { net, ports: s.ports.clone(), own_node: s.own_node });
         }
         Ok(out)
     }

@@ -139,10 +139,10 @@ impl Connector {
                 Ok(t) => t,
                 Err(why) => return self.deny(&mut send, why).await,
             };
-            let Some(dial) = self.budgets.dial(&peer, &caps) else {
+            let Some(dial) = self.budgets.dial(&peer, &caps, budget::DIAL_QUEUE).await else {
                 return self.refuse(&peer, Status::OverDialCap, send, recv).await;
             };
-            let dialled = tokio::time::timeout(self.dial_timeout, TcpStream::connect(target)).await;
+            let dialled = tokio::time::timeout(self.dial_timeout, TcpStream::connect(target.addr)).await;
             drop(dial);
             let mut tcp = match dialled {
                 Ok(Ok(s)) => s,
@@ -154,7 +154,9 @@ impl Connector {
             };
             // An address the node gained since the last refresh: the kernel
             // answered from the node itself, source and destination alike.
-            if tcp.local_addr().ok().map(|a| a.ip()) == tcp.peer_addr().ok().map(|a| a.ip()) {
+            if !target.own_node
+                && tcp.local_addr().ok().map(|a| a.ip()) == tcp.peer_addr().ok().map(|a| a.ip())
+            {
                 let _ = crate::sockopt::reset_on_close(&tcp);
                 self.own.refresh();
                 return self.deny(&mut send, Denial::OwnAddress).await;

@@ -51,33 +51,42 @@ impl ServePolicy {
     }
 
     /// Default deny: allowed only inside a served CIDR on a served port, and
-    /// never in the ranges no connector dials nor at one of its own
-    /// addresses (`own`), however the address is spelled (`::ffff:127.0.0.1`
-    /// is loopback).
-    pub fn check(&self, dst: SocketAddr, own: impl Fn(IpAddr) -> bool) -> Result<SocketAddr, Denial> {
+    /// never in the ranges no connector dials, nor at one of its own
+    /// addresses (`own`) unless the serve entry says `own_node`, however the
+    /// address is spelled (`::ffff:127.0.0.1` is loopback).
+    pub fn check(&self, dst: SocketAddr, own: impl Fn(IpAddr) -> bool) -> Result<Target, Denial> {
         let ip: IpAddr = dst.ip().to_canonical();
         // Every spelling: 64:ff9b::a9fe:a9fe is the metadata address through
         // a NAT64 gateway, 2002:7f00:1:: loopback through 6to4.
-        for spelling in ranges::address_spellings(ip) {
-            if self.never.iter().any(|n| n.contains(&spelling))
+        let spellings = ranges::address_spellings(ip);
+        for spelling in &spellings {
+            if self.never.iter().any(|n| n.contains(spelling))
                 || spelling.is_multicast()
                 || spelling.is_unspecified()
             {
                 return Err(Denial::NeverServed);
-            }
-            if own(spelling) {
-                return Err(Denial::OwnAddress);
             }
         }
         let mut in_cidr = false;
         for s in self.serve.iter().filter(|s| s.net.contains(&ip)) {
             in_cidr = true;
             if s.ports.contains(&dst.port()) {
-                return Ok(SocketAddr::new(ip, dst.port()));
+                if !s.own_node && spellings.iter().any(|&a| own(a)) {
+                    return Err(Denial::OwnAddress);
+                }
+                return Ok(Target { addr: SocketAddr::new(ip, dst.port()), own_node: s.own_node });
             }
         }
         Err(if in_cidr { Denial::PortNotServed } else { Denial::NotServed })
     }
+}
+
+/// Where a checked stream may be dialled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub addr: SocketAddr,
+    /// Its serve entry allows this node's own addresses.
+    pub own_node: bool,
 }
 
 #[cfg(test)]
@@ -86,23 +95,42 @@ mod tests {
 
     fn policy() -> ServePolicy {
         ServePolicy::new(vec![
-            ValidServe { net: "198.51.100.101/32".parse().expect("net"), ports: vec![6443] },
-            ValidServe { net: "2001:db8::/64".parse().expect("net"), ports: vec![443, 6443] },
+            ValidServe { net: "198.51.100.101/32".parse().expect("net"), ports: vec![6443], own_node: false },
+            ValidServe {
+                net: "2001:db8::/64".parse().expect("net"),
+                ports: vec![443, 6443],
+                own_node: false,
+            },
+            ValidServe { net: "192.0.2.10/32".parse().expect("net"), ports: vec![6443], own_node: true },
         ])
     }
 
     fn check(s: &str) -> Result<SocketAddr, Denial> {
-        policy().check(s.parse().expect("addr"), |_| false)
+        policy().check(s.parse().expect("addr"), |_| false).map(|t| t.addr)
     }
 
     #[test]
     fn never_dials_its_own_addresses_however_spelled() {
         let own: IpAddr = "198.51.100.101".parse().expect("ip");
         let p = policy();
-        for dst in ["198.51.100.101:6443", "[::ffff:198.51.100.101]:6443", "[64:ff9b::c633:6465]:6443"] {
+        for dst in ["198.51.100.101:6443", "[::ffff:198.51.100.101]:6443"] {
             assert_eq!(p.check(dst.parse().expect("addr"), |ip| ip == own), Err(Denial::OwnAddress), "{dst}");
         }
+        // Through a served NAT64 prefix, the IPv4 it embeds is seen.
+        let nat64 = ServePolicy::new(vec![ValidServe {
+            net: "64:ff9b::/96".parse().expect("net"),
+            ports: vec![6443],
+            own_node: false,
+        }]);
+        let dst = "[64:ff9b::c633:6465]:6443".parse().expect("addr");
+        assert_eq!(nat64.check(dst, |ip| ip == own), Err(Denial::OwnAddress));
         assert!(p.check("198.51.100.101:6443".parse().expect("addr"), |_| false).is_ok());
+        // Unless its serve entry says own_node (a connector on the API
+        // server's node).
+        let on_node = p.check("192.0.2.10:6443".parse().expect("addr"), |_| true).expect("own_node");
+        assert!(on_node.own_node);
+        // Loopback never, own_node or not.
+        assert_eq!(p.check("127.0.0.1:6443".parse().expect("addr"), |_| true), Err(Denial::NeverServed));
     }
 
     #[test]

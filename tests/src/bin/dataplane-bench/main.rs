@@ -10,10 +10,11 @@
 //! - the full tunnel path (pod -> eBPF -> client agent -> QUIC -> connector ->
 //!   server), with both agents run as `dataplane` processes (see `tunnel.rs`).
 //!
-//! - memory after a burst, per allocator (`burst`, see `memory.rs`).
+//! - memory after a burst, per allocator (`burst`), and what 10,000
+//!   strangers' QUIC Initials cost a connector (`initials`; see `memory.rs`).
 //!
 //! Usage: dataplane-bench [--rounds N] [--connects N] [--exchanges N] [--json PATH]
-//!                        [--only steering,latency,throughput,parallel,concurrent,idle,burst]
+//!                        [--only steering,latency,throughput,parallel,concurrent,idle,burst,initials]
 //!                        [--workers N] [--burst-wait SECS]
 
 mod memory;
@@ -48,7 +49,8 @@ struct Opts {
 }
 
 /// The sections `--only` can pick.
-const SECTIONS: [&str; 7] = ["steering", "latency", "throughput", "parallel", "concurrent", "idle", "burst"];
+const SECTIONS: [&str; 8] =
+    ["steering", "latency", "throughput", "parallel", "concurrent", "idle", "burst", "initials"];
 
 /// The sections of the tunnel run (`tunnel.rs`), which share one setup.
 const TUNNEL_SECTIONS: [&str; 5] = ["latency", "throughput", "parallel", "concurrent", "idle"];
@@ -182,6 +184,9 @@ fn run() -> Result<()> {
     }
     if o.runs("burst") {
         json.insert("burst".into(), memory::run(&o)?);
+    }
+    if o.runs("initials") {
+        json.insert("initials".into(), memory::initials(&o)?);
     }
     if let Some(path) = &o.json {
         std::fs::write(path, serde_json::to_string_pretty(&json)?)?;

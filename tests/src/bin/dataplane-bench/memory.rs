@@ -166,3 +166,66 @@ fn burst(a: &Allocator, wait: Duration) -> Result<(Trace, Trace)> {
         std::thread::sleep(Duration::from_secs(1));
     }
 }
+
+/// What strangers cost (`--only initials`): a connector agent (its own
+/// process) before and after 10,000 QUIC Initials from 100 source ports,
+/// none of which ever answers; then how long a real peer takes to connect.
+pub fn initials(_o: &Opts) -> Result<serde_json::Value> {
+    const INITIALS: usize = 10_000;
+    let env = TunnelEnv::new()?;
+    let admin: SocketAddr = "127.0.0.1:9464".parse()?;
+    let mode = Mode::ConnectorListens;
+    let connector_yaml = env.connector_config_text(mode, &env.tls("connector", CONNECTOR_ID, None)?);
+    let connector = AgentProcess::start(&env.topo.remote, "connector", &connector_yaml, admin, env.dir())?;
+    let paths = env.tls("stranger", CLIENT_ID, None)?;
+    let tls = dataplane::tls::TlsMaterial::load(&dataplane::config::TlsFiles {
+        ca: paths.ca,
+        cert: paths.cert,
+        key: paths.key,
+    })?;
+    let to: SocketAddr = "10.201.0.2:4433".parse()?;
+    let packets = tests::flood::initials(INITIALS, &tls, CONNECTOR_ID, to);
+    let before = connector.usage()?;
+    let sent = Instant::now();
+    let retries = env.topo.node.run(move || tests::flood::flood(&packets, 100, "10.201.0.1", to))?;
+    let flooded = connector.usage()?;
+    let settle = Instant::now();
+    while connector.metric("dataplane_tunnel_handshakes_in_flight")? > 0.0 {
+        ensure!(settle.elapsed() < Duration::from_secs(120), "handshakes did not drain");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let drained = connector.usage()?;
+    let drained_after = sent.elapsed();
+    let client_yaml = env.client_config_text(mode, &env.tls("client", CLIENT_ID, None)?);
+    let started = Instant::now();
+    let client = AgentProcess::start(&env.topo.node, "client", &client_yaml, admin, env.dir())?;
+    let connected = started.elapsed();
+    drop(client);
+    let mib = |p: ProcessStats| p.rss_bytes as f64 / 1048576.0;
+    println!(
+        "\nstrangers: {INITIALS} QUIC Initials from 100 source ports at a connector agent process ({retries} Retry \
+         packets back)"
+    );
+    println!(
+        "  RSS {:.1} MiB before, {:.1} right after, {:.1} once its handshakes drained ({:.1} s after the flood began); \
+         CPU {:.2} s for the flood",
+        mib(before),
+        mib(flooded),
+        mib(drained),
+        drained_after.as_secs_f64(),
+        drained.cpu_seconds - before.cpu_seconds
+    );
+    println!(
+        "  a real peer's agent started and was ready (tunnel up) {:.0} ms later",
+        connected.as_secs_f64() * 1e3
+    );
+    Ok(json!({
+        "initials": INITIALS,
+        "retries_seen": retries,
+        "rss_before": before.rss_bytes,
+        "rss_after": flooded.rss_bytes,
+        "rss_drained": drained.rss_bytes,
+        "cpu_seconds": drained.cpu_seconds - before.cpu_seconds,
+        "peer_ready_ms": connected.as_secs_f64() * 1e3,
+    }))
+}

@@ -97,8 +97,11 @@ pub fn run(o: &Opts) -> Result<serde_json::Value> {
     let admin: SocketAddr = "127.0.0.1:9464".parse()?;
     let mode = Mode::ConnectorListens;
     let workers = o.workers.map(|w| format!("workers: {w}\n")).unwrap_or_default();
-    let connector_yaml =
-        env.connector_config_text(mode, &env.tls("connector", CONNECTOR_ID, None)?) + &workers;
+    // The idle section holds 10,000 flows through one peer: above the
+    // default per-peer stream cap (8,192).
+    let connector_yaml = env.connector_config_text(mode, &env.tls("connector", CONNECTOR_ID, None)?)
+        + "limits: { streams_per_peer: 20000 }\n"
+        + &workers;
     let connector = AgentProcess::start(&env.topo.remote, "connector", &connector_yaml, admin, env.dir())?;
     // One more route, served by the client agent itself (`via: direct`): the
     // same two TCP connections and userspace hop as a tunnelled flow, without
