@@ -24,9 +24,10 @@ pub struct Trimmer {
 }
 
 impl Trimmer {
-    /// Whether to trim now, given the load now.
-    pub fn due(&mut self, load: u64) -> bool {
-        self.peak = self.peak.max(load);
+    /// Whether to trim now, given the load now and the most it was since
+    /// the last tick (a burst shorter than a tick is still seen).
+    pub fn due(&mut self, load: u64, peak_since_tick: u64) -> bool {
+        self.peak = self.peak.max(load).max(peak_since_tick);
         if self.peak >= MIN_BURST && load <= self.peak / 2 {
             self.peak = load;
             return true;
@@ -49,15 +50,17 @@ pub fn enabled() -> bool {
     std::env::var_os("DATAPLANE_MALLOC_TRIM").is_none_or(|v| v != "0")
 }
 
-/// Trims after bursts until `stop`; `load` is read once per [`TICK`].
-pub async fn trim_after_bursts(load: impl Fn() -> u64, stop: CancellationToken) {
+/// Trims after bursts until `stop`; `load` (now, and the peak since it was
+/// last read) is read once per [`TICK`].
+pub async fn trim_after_bursts(load: impl Fn() -> (u64, u64), stop: CancellationToken) {
     let mut trimmer = Trimmer::default();
     loop {
         tokio::select! {
             () = tokio::time::sleep(TICK) => {}
             () = stop.cancelled() => return,
         }
-        if trimmer.due(load()) {
+        let (now, peak) = load();
+        if trimmer.due(now, peak) {
             // A trim walks the free lists and takes milliseconds on a
             // large heap: off the runtime's workers.
             let _ = tokio::task::spawn_blocking(trim).await;
@@ -72,13 +75,16 @@ mod tests {
     #[test]
     fn a_trim_follows_a_burst_once_the_load_halved() {
         let mut t = Trimmer::default();
-        assert!(!t.due(100), "small loads never trim");
-        assert!(!t.due(10));
-        assert!(!t.due(10_000), "at the peak: not yet");
-        assert!(!t.due(6_000), "more than half the peak still held");
-        assert!(t.due(4_000), "half gone: trim");
-        assert!(!t.due(3_000), "the peak is now 4,000; 3,000 is more than half of it");
-        assert!(t.due(0), "and trims again when the rest goes");
-        assert!(!t.due(0), "nothing more to give back");
+        assert!(!t.due(100, 100), "small loads never trim");
+        assert!(!t.due(10, 10));
+        assert!(!t.due(10_000, 10_000), "at the peak: not yet");
+        assert!(!t.due(6_000, 10_000), "more than half the peak still held");
+        assert!(t.due(4_000, 6_000), "half gone: trim");
+        assert!(!t.due(3_000, 4_000), "the peak is now 4,000; 3,000 is more than half of it");
+        assert!(t.due(0, 3_000), "and trims again when the rest goes");
+        assert!(!t.due(0, 0), "nothing more to give back");
+        // A burst between two ticks: never seen as the load, seen as a peak.
+        let mut t = Trimmer::default();
+        assert!(t.due(0, 10_000), "a burst that came and went within a tick");
     }
 }

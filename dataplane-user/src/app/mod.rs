@@ -233,7 +233,9 @@ impl Agent {
         let trimmer = memory::enabled().then(|| {
             let s = shared.clone();
             let load = move || {
-                s.flows.snapshot().active + s.connector.as_ref().map_or(0, |c| c.streams_open() as u64)
+                let streams = s.connector.as_ref().map_or((0, 0), |c| (c.streams_open(), c.take_peak()));
+                let now = s.flows.snapshot().active + streams.0 as u64;
+                (now, s.flows.take_peak() + streams.1 as u64)
             };
             tokio::spawn(memory::trim_after_bursts(load, shared.drain.clone()))
         });

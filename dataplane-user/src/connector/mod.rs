@@ -43,6 +43,8 @@ pub struct Connector {
     own: Arc<OwnAddrs>,
     /// Every stream being served, so the drain waits for them.
     streams: TaskTracker,
+    /// The most streams served at once since [`Connector::take_peak`].
+    peak: std::sync::atomic::AtomicUsize,
     pub metrics: ConnectorMetrics,
 }
 
@@ -63,6 +65,7 @@ impl Connector {
             budgets,
             own: OwnAddrs::load(),
             streams: TaskTracker::new(),
+            peak: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -92,6 +95,11 @@ impl Connector {
     /// Streams being served now.
     pub fn streams_open(&self) -> usize {
         self.streams.len()
+    }
+
+    /// The most streams served at once since the last call.
+    pub fn take_peak(&self) -> usize {
+        self.peak.swap(0, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Waits until every stream being served has finished (new ones are
@@ -230,6 +238,7 @@ impl StreamHandler for Connector {
     fn accept_stream(self: Arc<Self>, peer: &Arc<str>, send: SendStream, recv: RecvStream) {
         let caps = self.budgets.caps();
         let tracker = self.streams.clone();
+        self.peak.fetch_max(tracker.len() + 1, std::sync::atomic::Ordering::Relaxed);
         match self.budgets.stream(peer, &caps) {
             Some(permit) => tracker.spawn(self.serve(peer.clone(), caps, permit, send, recv)),
             // The refusal is a two-byte write: its task ends as soon as the

@@ -102,6 +102,8 @@ pub struct FlowMetrics {
     setup: Family<UpstreamLabels, Histogram>,
     totals: [AtomicU64; 11],
     accepted: AtomicU64,
+    /// The most flows active at once since [`FlowMetrics::take_peak`].
+    peak: AtomicU64,
     up: AtomicU64,
     down: AtomicU64,
 }
@@ -122,6 +124,7 @@ impl FlowMetrics {
             }),
             totals: Default::default(),
             accepted: AtomicU64::new(0),
+            peak: AtomicU64::new(0),
             up: AtomicU64::new(0),
             down: AtomicU64::new(0),
         };
@@ -147,7 +150,13 @@ impl FlowMetrics {
     pub fn opened(&self, route: &str) {
         self.accepted.fetch_add(1, Relaxed);
         self.opened.get_or_create(&RouteLabels { route: route.to_owned() }).inc();
-        self.active.inc();
+        let active = self.active.inc() + 1;
+        self.peak.fetch_max(active.max(0) as u64, Relaxed);
+    }
+
+    /// The most flows that were active at once since the last call.
+    pub fn take_peak(&self) -> u64 {
+        self.peak.swap(0, Relaxed)
     }
 
     pub fn closed(&self, route: &str, result: FlowResult) {

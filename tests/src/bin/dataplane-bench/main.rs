@@ -15,7 +15,7 @@
 //!
 //! Usage: dataplane-bench [--rounds N] [--connects N] [--exchanges N] [--json PATH]
 //!                        [--only steering,latency,throughput,parallel,concurrent,idle,burst,initials]
-//!                        [--workers N] [--burst-wait SECS]
+//!                        [--workers N] [--burst-wait SECS] [--allocators glibc,jemalloc,mimalloc]
 
 mod memory;
 mod tunnel;
@@ -46,6 +46,8 @@ struct Opts {
     workers: Option<usize>,
     /// How long the burst section watches RSS after the flows closed.
     burst_wait: Duration,
+    /// The burst section's allocators whose names contain one of these (all when unset).
+    allocators: Option<Vec<String>>,
 }
 
 /// The sections `--only` can pick.
@@ -70,6 +72,7 @@ fn opts() -> Result<Opts> {
         only: Vec::new(),
         workers: None,
         burst_wait: Duration::from_secs(60),
+        allocators: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -82,6 +85,7 @@ fn opts() -> Result<Opts> {
             "--json" => o.json = Some(value()?.into()),
             "--workers" => o.workers = Some(number(value()?)?),
             "--burst-wait" => o.burst_wait = Duration::from_secs(number(value()?)? as u64),
+            "--allocators" => o.allocators = Some(value()?.split(',').map(str::to_owned).collect()),
             "--only" => {
                 for s in value()?.split(',') {
                     ensure!(

@@ -34,9 +34,14 @@ struct Allocator {
     env: &'static [(&'static str, &'static str)],
 }
 
-const ALLOCATORS: [Allocator; 5] = [
+const ALLOCATORS: [Allocator; 6] = [
     Allocator { name: "glibc, no trim", preload: None, env: &[("DATAPLANE_MALLOC_TRIM", "0")] },
     Allocator { name: "glibc + trim (default)", preload: None, env: &[] },
+    Allocator {
+        name: "glibc + trim, 2 arenas",
+        preload: None,
+        env: &[("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")],
+    },
     Allocator { name: "jemalloc, 10 s decay", preload: Some(JEMALLOC), env: &[] },
     Allocator {
         name: "jemalloc, 1 s decay + bg",
@@ -77,7 +82,10 @@ pub fn run(o: &Opts) -> Result<serde_json::Value> {
         o.burst_wait.as_secs()
     );
     let mut rows = Vec::new();
-    for a in &ALLOCATORS {
+    for a in ALLOCATORS
+        .iter()
+        .filter(|a| o.allocators.as_ref().is_none_or(|f| f.iter().any(|f| a.name.contains(f.as_str()))))
+    {
         if let Some(lib) = a.preload
             && !Path::new(lib).exists()
         {
