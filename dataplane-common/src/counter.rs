@@ -13,12 +13,12 @@ pub enum Counter {
     ConnectNotTcp = 2,
     /// connect4/6: the agent's own socket (in BYPASS).
     ConnectAgentSocket = 3,
-    /// connect4/6: routed, but the family has no redirect listener.
+    /// connect4/6: routed, but the family has no redirect listener: refused.
     ConnectNoListener = 4,
-    /// connect4/6: routed, but recording the original destination failed;
-    /// the connect is left untouched rather than redirected blind.
+    /// connect4/6: routed, but recording the original destination failed:
+    /// refused (neither redirected blind nor let out by the default route).
     ConnectMapError = 5,
-    /// connect4/6: the REDIRECT config entry could not be read.
+    /// connect4/6: the REDIRECT config entry could not be read: refused.
     ConnectConfigError = 6,
     /// sock_ops: a redirected socket was established and its flow recorded.
     SockOpsFlowRecorded = 7,
@@ -30,11 +30,14 @@ pub enum Counter {
     GetpeernameRestored = 10,
     /// connect6: an IPv4-mapped destination was routed via the IPv4 table.
     Connect6V4Mapped = 11,
+    /// connect4/6: routed, but the route's peer has no live connection:
+    /// refused in the kernel.
+    ConnectNoPeer = 12,
 }
 
 impl Counter {
     /// Number of slots in the COUNTERS map.
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 13;
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
@@ -50,6 +53,7 @@ impl Counter {
         Counter::SockOpsClosed,
         Counter::GetpeernameRestored,
         Counter::Connect6V4Mapped,
+        Counter::ConnectNoPeer,
     ];
 
     /// The hook family the counter belongs to (metric label `hook`).
@@ -62,7 +66,8 @@ impl Counter {
             | Counter::ConnectNoListener
             | Counter::ConnectMapError
             | Counter::ConnectConfigError
-            | Counter::Connect6V4Mapped => "connect",
+            | Counter::Connect6V4Mapped
+            | Counter::ConnectNoPeer => "connect",
             Counter::SockOpsFlowRecorded | Counter::SockOpsMapError | Counter::SockOpsClosed => "sock_ops",
             Counter::GetpeernameRestored => "getpeername",
         }
@@ -83,6 +88,7 @@ impl Counter {
             Counter::SockOpsClosed => "closed",
             Counter::GetpeernameRestored => "restored",
             Counter::Connect6V4Mapped => "v4_mapped",
+            Counter::ConnectNoPeer => "no_peer",
         }
     }
 }

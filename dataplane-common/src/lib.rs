@@ -55,6 +55,11 @@ pub const IPPROTO_TCP: u32 = 6;
 
 /// Route action: redirect the connect to the agent's listener.
 pub const ACTION_REDIRECT: u32 = 1;
+/// Route action: refuse the connect at once, in the kernel (ECONNREFUSED
+/// where `bpf_set_retval` exists for these hooks; EPERM before): the route's
+/// peer has no live tunnel connection, and nothing may leave the node by
+/// the default route instead.
+pub const ACTION_REJECT: u32 = 2;
 
 /// Value of the route tries.
 #[repr(C)]
@@ -197,10 +202,21 @@ pub enum ConnectVerdict {
     NotRouted,
     /// The agent's own socket: untouched.
     AgentSocket,
-    /// The family has no redirect listener configured: untouched.
+    /// The family has no redirect listener configured: refused.
     NoListener,
+    /// The route's peer has no live connection: refused.
+    NoPeer,
     /// Rewrite to the redirect listener.
     Redirect,
+}
+
+impl ConnectVerdict {
+    /// Whether the connect is refused (fail closed) rather than passed on:
+    /// a routed connect that cannot be steered must not leave the node by
+    /// its default route.
+    pub const fn refuses(self) -> bool {
+        matches!(self, ConnectVerdict::NoListener | ConnectVerdict::NoPeer)
+    }
 }
 
 /// Decides a TCP connect from the route lookup result, whether the agent
@@ -212,9 +228,11 @@ pub const fn connect_verdict(
     listener: bool,
 ) -> ConnectVerdict {
     match route {
-        Some(r) if r.action == ACTION_REDIRECT => {
+        Some(r) if r.action == ACTION_REDIRECT || r.action == ACTION_REJECT => {
             if agent_socket {
                 ConnectVerdict::AgentSocket
+            } else if r.action == ACTION_REJECT {
+                ConnectVerdict::NoPeer
             } else if listener {
                 ConnectVerdict::Redirect
             } else {

@@ -66,4 +66,10 @@ fn connect_verdicts_cover_every_exit() {
     assert_eq!(connect_verdict(route, false, false), NoListener);
     let other = Some(RouteValue { route_id: 1, action: 0 });
     assert_eq!(connect_verdict(other, false, true), NotRouted);
+    let no_peer = Some(RouteValue { route_id: 2, action: ACTION_REJECT });
+    assert_eq!(connect_verdict(no_peer, false, true), NoPeer);
+    assert_eq!(connect_verdict(no_peer, true, true), AgentSocket, "the agent's own dials always pass");
+    // Fail closed: what is routed but cannot be steered is refused.
+    assert!(NoPeer.refuses() && NoListener.refuses());
+    assert!(!Redirect.refuses() && !NotRouted.refuses() && !AgentSocket.refuses());
 }

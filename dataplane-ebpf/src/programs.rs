@@ -25,6 +25,18 @@ use dataplane_common::{
 
 /// Return value of cgroup sock_addr programs that lets the syscall proceed.
 const ALLOW: i32 = 1;
+/// Return value that fails the syscall (EPERM, or what `bpf_set_retval` set).
+const DENY: i32 = 0;
+/// ECONNREFUSED from include/uapi/asm-generic/errno.h.
+const ECONNREFUSED: i32 = 111;
+
+/// Set by the loader (a read-only global) where the kernel lets connect
+/// hooks call `bpf_set_retval` (the agent probes it): a refused connect then
+/// fails with ECONNREFUSED, as a closed port would, instead of EPERM. The
+/// verifier skips the call where this is 0, so older kernels load the same
+/// object.
+#[unsafe(no_mangle)]
+static SET_RETVAL: u32 = 0;
 /// TCP_CLOSE from include/net/tcp_states.h.
 const TCP_CLOSE: u32 = 7;
 
@@ -72,16 +84,39 @@ unsafe fn write_ip6(p: *mut [u32; 4], w: [u32; 4]) {
     }
 }
 
-/// Counts the verdict and says whether to redirect.
+/// What a connect hook does with a routed connect.
+enum Routed {
+    /// Rewrite to the listener.
+    Redirect(RedirectTarget),
+    /// Leave it alone (the agent's own socket, or a route set to pass).
+    Pass,
+    /// Fail it at once: it cannot be steered and must not leave by the
+    /// default route.
+    Refuse,
+}
+
+/// Counts the verdict; `None` when it goes on to redirect.
 #[inline(always)]
-fn settle(verdict: ConnectVerdict) -> bool {
+fn settle(verdict: ConnectVerdict) -> Option<Routed> {
     match verdict {
         ConnectVerdict::NotRouted => count(Counter::ConnectNotRouted),
         ConnectVerdict::AgentSocket => count(Counter::ConnectAgentSocket),
         ConnectVerdict::NoListener => count(Counter::ConnectNoListener),
-        ConnectVerdict::Redirect => return true,
+        ConnectVerdict::NoPeer => count(Counter::ConnectNoPeer),
+        ConnectVerdict::Redirect => return None,
     }
-    false
+    Some(if verdict.refuses() { Routed::Refuse } else { Routed::Pass })
+}
+
+/// The hook's return value for a refused connect.
+#[inline(always)]
+fn refuse() -> i32 {
+    // SAFETY: a read of a loader-set read-only global.
+    if unsafe { read_volatile(addr_of!(SET_RETVAL)) } != 0 {
+        // SAFETY: helper call with a plain integer.
+        unsafe { aya_ebpf::helpers::bpf_set_retval(-ECONNREFUSED) };
+    }
+    DENY
 }
 
 /// Reads type and protocol; counts and returns false for anything but TCP.
@@ -97,9 +132,11 @@ fn tcp_only(sa: *const bpf_sock_addr) -> bool {
 }
 
 /// The tail both connect hooks share once a route matched: the agent's own
-/// sockets and families without a listener pass; otherwise the original
-/// destination is recorded and the redirect target returned. The cookie and
-/// target are read only here, so unrouted connects pay one LPM lookup.
+/// sockets pass; a route without a live peer, a family without a listener,
+/// or a destination that cannot be recorded is refused; otherwise the
+/// original destination is recorded and the redirect target returned. The
+/// cookie and target are read only here, so unrouted connects pay one LPM
+/// lookup.
 #[inline(always)]
 fn redirect_routed(
     ctx: &SockAddrContext,
@@ -107,69 +144,72 @@ fn redirect_routed(
     listener_flag: u32,
     addr: [u32; 4],
     family: u32,
-) -> Option<RedirectTarget> {
+) -> Routed {
     let Some(target) = REDIRECT.get(0).copied() else {
         count(Counter::ConnectConfigError);
-        return None;
+        return Routed::Refuse;
     };
     // SAFETY: cookie helper on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the value is only tested for presence, never read.
     let agent = unsafe { BYPASS.get(cookie).is_some() };
-    if !settle(connect_verdict(Some(route), agent, target.flags & listener_flag != 0)) {
-        return None;
+    if let Some(settled) = settle(connect_verdict(Some(route), agent, target.flags & listener_flag != 0)) {
+        return settled;
     }
     // SAFETY: read of user_port, allowed for connect4/6.
     let port = unsafe { read_volatile(addr_of!((*ctx.sock_addr).user_port)) };
     let orig = OrigDst { addr, port, family, route_id: route.route_id, _pad: 0 };
-    // On failure the connect stays untouched: an unrecoverable redirect would
-    // only produce a flow the agent must reset.
+    // Without a record the agent could not serve the flow, and untouched it
+    // would leave by the default route: refused.
     if ORIG_DST.insert(cookie, orig, 0).is_err() {
         count(Counter::ConnectMapError);
-        return None;
+        return Routed::Refuse;
     }
     count(Counter::ConnectRedirected);
     debug!(ctx, "connect redirected, route {}", route.route_id);
-    Some(target)
+    Routed::Redirect(target)
 }
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
-    try_connect4(&ctx);
-    ALLOW
+    if try_connect4(&ctx) { ALLOW } else { refuse() }
 }
 
-fn try_connect4(ctx: &SockAddrContext) {
+/// False when the connect is refused.
+fn try_connect4(ctx: &SockAddrContext) -> bool {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
     if !tcp_only(sa) {
-        return;
+        return true;
     }
     // SAFETY: plain load of user_ip4, allowed for connect4.
     let dst = unsafe { read_volatile(addr_of!((*sa).user_ip4)) };
     let Some(route) = ROUTES_V4.get(Key::new(32, dst)).copied() else {
         count(Counter::ConnectNotRouted);
-        return;
+        return true;
     };
-    let Some(target) = redirect_routed(ctx, route, REDIRECT_V4_ENABLED, [dst, 0, 0, 0], AF_INET) else {
-        return;
+    let target = match redirect_routed(ctx, route, REDIRECT_V4_ENABLED, [dst, 0, 0, 0], AF_INET) {
+        Routed::Redirect(t) => t,
+        Routed::Pass => return true,
+        Routed::Refuse => return false,
     };
     // SAFETY: user_ip4 and user_port are writable in connect4.
     unsafe {
         write_volatile(addr_of_mut!((*sa).user_ip4), target.v4_addr);
         write_volatile(addr_of_mut!((*sa).user_port), target.v4_port);
     }
+    true
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
-    try_connect6(&ctx);
-    ALLOW
+    if try_connect6(&ctx) { ALLOW } else { refuse() }
 }
 
-fn try_connect6(ctx: &SockAddrContext) {
+/// False when the connect is refused.
+fn try_connect6(ctx: &SockAddrContext) -> bool {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
     if !tcp_only(sa) {
-        return;
+        return true;
     }
     // SAFETY: loads of user_ip6, one word at a time.
     let dst = unsafe { read_ip6(addr_of!((*sa).user_ip6)) };
@@ -183,11 +223,13 @@ fn try_connect6(ctx: &SockAddrContext) {
     };
     let Some(route) = route else {
         count(Counter::ConnectNotRouted);
-        return;
+        return true;
     };
     let flag = if mapped { REDIRECT_V4_ENABLED } else { REDIRECT_V6_ENABLED };
-    let Some(target) = redirect_routed(ctx, route, flag, dst, AF_INET6) else {
-        return;
+    let target = match redirect_routed(ctx, route, flag, dst, AF_INET6) {
+        Routed::Redirect(t) => t,
+        Routed::Pass => return true,
+        Routed::Refuse => return false,
     };
     let (addr, port) = if mapped {
         count(Counter::Connect6V4Mapped);
@@ -200,6 +242,7 @@ fn try_connect6(ctx: &SockAddrContext) {
         write_ip6(addr_of_mut!((*sa).user_ip6), addr);
         write_volatile(addr_of_mut!((*sa).user_port), port);
     }
+    true
 }
 
 /// Returns the original destination of a redirected socket to getpeername().

@@ -29,6 +29,9 @@ pub struct RouteEntry {
     pub id: u32,
     pub net: IpNet,
     pub upstream: Upstream,
+    /// While the peer has no live connection, let connects pass untouched
+    /// (`on_no_peer: pass`) instead of refusing them.
+    pub pass_without_peer: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -63,7 +66,12 @@ impl RouteTable {
                     next_id += 1;
                     next_id - 1
                 });
-                RouteEntry { id, net: r.net, upstream: Upstream::of(&r.via) }
+                RouteEntry {
+                    id,
+                    net: r.net,
+                    upstream: Upstream::of(&r.via),
+                    pass_without_peer: r.on_no_peer == crate::config::OnNoPeer::Pass,
+                }
             })
             .collect();
         RouteTable { entries, next_id }
@@ -97,7 +105,14 @@ mod tests {
     use super::*;
 
     fn routes(cidrs: &[&str]) -> Vec<ValidRoute> {
-        cidrs.iter().map(|c| ValidRoute { net: c.parse().expect("cidr"), via: "direct".into() }).collect()
+        cidrs
+            .iter()
+            .map(|c| ValidRoute {
+                net: c.parse().expect("cidr"),
+                via: "direct".into(),
+                on_no_peer: Default::default(),
+            })
+            .collect()
     }
 
     #[test]

@@ -30,6 +30,10 @@ pub struct Report {
     pub connections_closed: BTreeMap<String, usize>,
     pub stalled: Phase,
     pub streams: Phase,
+    /// When the certificate the first welcomed connection's acceptor
+    /// presented stops being valid (Unix seconds).
+    #[serde(default)]
+    pub acceptor_not_after: Option<u64>,
 }
 
 /// What to make the evil peer do.

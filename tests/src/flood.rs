@@ -36,9 +36,10 @@ pub fn is_retry(d: &[u8]) -> bool {
 }
 
 /// Sends `initials` to `to` round-robin from `sockets` sockets bound at
-/// `from` (distinct source ports); returns the Retry packets they got back.
-/// Run it in the namespace `from` belongs to.
-pub fn flood(initials: &[Vec<u8>], sockets: usize, from: &str, to: SocketAddr) -> usize {
+/// `from` (distinct source ports); returns the Retry packets they got back
+/// while sending and for `listen` after. Run it in the namespace `from`
+/// belongs to.
+pub fn flood(initials: &[Vec<u8>], sockets: usize, from: &str, to: SocketAddr, listen: Duration) -> usize {
     let socks: Vec<UdpSocket> = (0..sockets)
         .map(|_| {
             let s = UdpSocket::bind(format!("{from}:0")).expect("bind");
@@ -62,7 +63,7 @@ pub fn flood(initials: &[Vec<u8>], sockets: usize, from: &str, to: SocketAddr) -
         }
     }
     // Answers still on their way.
-    let until = Instant::now() + Duration::from_millis(500);
+    let until = Instant::now() + listen;
     while Instant::now() < until {
         drain(&socks, &mut retries);
         std::thread::sleep(Duration::from_millis(20));

@@ -78,6 +78,15 @@ pub struct Latencies {
     pub secs: f64,
 }
 
+/// A `--refusals` run: how long each refused connect() took to fail, and
+/// the attempts that did something else.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Refusals {
+    pub refused_us: Vec<f64>,
+    pub other: u64,
+    pub first_other: Option<String>,
+}
+
 /// Totals of a `--repeat` run.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Summary {
@@ -128,6 +137,11 @@ impl Probe {
         }
         serde_json::from_slice(&out.stdout)
             .with_context(|| format!("probe output: {}", String::from_utf8_lossy(&out.stdout)))
+    }
+
+    /// `n` connects expected to be refused (ECONNREFUSED), timed.
+    pub fn refusals(&self, addr: SocketAddr, n: usize) -> Result<Refusals> {
+        self.run(&["--refusals", &n.to_string()], addr)
     }
 
     /// One TCP connect + exchange.

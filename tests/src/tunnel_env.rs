@@ -285,7 +285,9 @@ pub fn ensure_connections(handle: &AgentHandle, n: usize, within: Duration) -> R
     let start = Instant::now();
     let tunnel = handle.tunnel().context("agent has no tunnel")?;
     while start.elapsed() < within {
-        if tunnel.live_connections(PEER) >= n {
+        // Up, and the kernel's route actions follow (routes through a peer
+        // refuse connects until its first connection is up).
+        if tunnel.live_connections(PEER) >= n && handle.routes_follow_peers() {
             return Ok(start.elapsed());
         }
         std::thread::sleep(Duration::from_millis(20));

@@ -42,7 +42,11 @@ fn a_flood_of_initials_is_bounded_and_a_real_peer_still_connects() {
     let packets = initials(attempts, &tls, CONNECTOR_ID, to);
 
     let before = ProcessStats::read().rss_bytes;
-    let retries = env.topo.node.run(move || flood(&packets, 100, "10.201.0.1", to)).expect("flood");
+    // Under emulation the agent takes seconds to work through the flood
+    // (tens of ms of emulated CPU per Initial): listen for its answers
+    // that long.
+    let listen = Duration::from_millis(500 * tests::time_scale() * tests::time_scale());
+    let retries = env.topo.node.run(move || flood(&packets, 100, "10.201.0.1", to, listen)).expect("flood");
     let after = ProcessStats::read().rss_bytes;
     let tunnel = connector.handle.tunnel().expect("tunnel").clone();
     let refused = tunnel.metrics.handshakes_refused("retry");

@@ -239,6 +239,8 @@ fn the_dashboard_and_alerts_use_only_exported_metrics() {
         "DataplaneHandshakeFailures",
         "DataplaneFlowErrorRate",
         "DataplaneEbpfMapErrors",
+        "DataplaneCertificateExpiresSoon",
+        "DataplaneReloadRefused",
     ] {
         assert!(names.contains(&want), "alert {want} missing: {names:?}");
     }

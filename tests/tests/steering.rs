@@ -341,7 +341,7 @@ fn stop_redirecting_keeps_redirected_flows_recorded() {
     let steering = Steering::load(&topo.cgroup.path, Some(target), None).expect("steering loads");
     let config = topo.config(&ROUTES);
     let table = RouteTable::build(config.valid_routes(), &RouteTable::default());
-    steering.apply(&RouteTable::default().diff(&table)).expect("routes applied");
+    steering.sync(&table, |_| dataplane_common::ACTION_REDIRECT).expect("routes applied");
 
     let pod = topo.pod_probe();
     let held = pod.hold(addr(API_V4), 1).expect("a redirected connection");

@@ -6,6 +6,8 @@
 
 use std::time::{Duration, Instant};
 
+use dataplane_common::Counter;
+
 use tests::{
     apiserver::{POD_NAME, SERVER_VERSION},
     require_root,
@@ -215,7 +217,8 @@ fn a_peer_with_a_certificate_from_another_ca_is_refused_at_the_handshake() {
     assert_eq!(client_side.metrics.connections_opened(PEER), 0, "a refused connection never counts as up");
     let a = env.topo.pod_probe().connect(addr(OTHER_V4)).expect("probe");
     assert!(a.was_reset() && a.elapsed_us < tests::fast_us(500_000), "fails at once without a tunnel: {a:?}");
-    assert!(client.handle.flow_stats().no_tunnel >= 1);
+    // Refused in the kernel: the route has no live peer.
+    assert!(client.handle.kernel_counters().expect("counters").get(Counter::ConnectNoPeer) >= 1);
     drop(client);
     drop(connector);
 
@@ -413,4 +416,155 @@ fn the_connector_never_dials_its_own_addresses() {
         matches!(service.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
         "nothing ever connected to the node's own service"
     );
+}
+
+/// Certificates rotate without a restart (a cert-manager Secret update):
+/// new handshakes present the new certificate, connections up and the flows
+/// on them continue, not one new flow fails meanwhile, and a bad file is
+/// refused with the old material kept. Both sides: the connector's new
+/// certificate is what a new dialer sees, the client's is what a restarted
+/// connector sees on the client's redial.
+#[test]
+fn certificates_rotate_without_a_restart_or_a_failed_flow() {
+    if !require_root() {
+        return;
+    }
+    use dataplane::tls::certs::{self, NodeSpec};
+    let env = TunnelEnv::new().expect("environment");
+    let (client, connector) = env.start(Mode::ConnectorListens).expect("agents");
+    // As a Secret update lands: each file replaced whole (rename).
+    let rotate = |name: &str, identity: &str, validity: Duration| {
+        let pem = certs::issue(
+            &env.tunnel_ca,
+            &NodeSpec { identity: identity.into(), validity, ..Default::default() },
+        )
+        .expect("issue");
+        let dir = env.dir().join(name);
+        for (file, text) in [("tls.key", &pem.key), ("tls.crt", &pem.cert)] {
+            let tmp = dir.join(format!(".{file}.new"));
+            std::fs::write(&tmp, text).expect("write");
+            std::fs::rename(&tmp, dir.join(file)).expect("rename");
+        }
+    };
+    let unix =
+        |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).expect("after 1970").as_secs();
+    let tunnel = client.handle.tunnel().expect("tunnel").clone();
+    let old_expiry = tunnel.peer_certificate_expiries(PEER);
+    assert_eq!(old_expiry.len(), 2, "two connections up");
+
+    // New flows in a loop the whole time.
+    let load = env.topo.pod_probe().spawn_repeat(addr(OTHER_V4), 300).expect("flows");
+
+    // The connector's certificate: two hours instead of one.
+    rotate("connector", CONNECTOR_ID, Duration::from_secs(7200));
+    connector.handle.reload_tls().expect("the rotated certificate loads");
+    // A bad file: refused, the rotated material stays in force.
+    let dir = env.dir().join("connector");
+    let good_key = std::fs::read(dir.join("tls.key")).expect("key");
+    std::fs::write(dir.join("tls.key"), "not a key").expect("write");
+    let e = connector.handle.reload_tls().expect_err("a bad key is refused");
+    assert!(e.to_string().contains("old stays in force"), "{e}");
+    std::fs::write(dir.join("tls.key"), good_key).expect("restore");
+    let scrape = connector.handle.encode_metrics();
+    assert!(scrape.contains("dataplane_tls_reloads_total{result=\"applied\"} 1"), "{scrape}");
+    assert!(scrape.contains("dataplane_tls_reloads_total{result=\"refused\"} 1"), "{scrape}");
+
+    // A new dialer sees the new certificate; the connections up keep the old.
+    let peer = env.tls("peer", CLIENT_ID, None).expect("tls");
+    let attack = tests::evil::Attack {
+        connect: "10.201.0.2:4433".parse().expect("addr"),
+        expect: CONNECTOR_ID,
+        connections: 1,
+        stalled: 0,
+        streams: 0,
+        dst: None,
+    };
+    let report =
+        tests::evil::finish(tests::evil::spawn(&env.topo.node.path(), &peer, &attack).expect("dial"))
+            .expect("report");
+    let new_not_after = report.acceptor_not_after.expect("welcomed");
+    let old = unix(old_expiry[0]);
+    assert!(
+        new_not_after >= old + 3000,
+        "new handshakes present the rotated certificate ({new_not_after} vs {old})"
+    );
+    assert_eq!(tunnel.peer_certificate_expiries(PEER), old_expiry, "connections up were not touched");
+    let expiry_metric = tests::metric_sample(
+        &connector.handle.encode_metrics(),
+        "dataplane_tls_certificate_expiry_timestamp_seconds",
+    )
+    .expect("expiry metric");
+    assert_eq!(expiry_metric as u64, new_not_after, "the expiry metric follows the certificate in force");
+
+    let summary = tests::probe::wait_summary(load).expect("flows");
+    assert_eq!(summary.failed, 0, "no flow failed across the rotation: {:?}", summary.first_error);
+
+    // The client's certificate: rotated, then the connector restarts and
+    // the client redials with the new one.
+    rotate("client", CLIENT_ID, Duration::from_secs(7200));
+    client.handle.reload_tls().expect("the client's rotated certificate loads");
+    drop(connector);
+    let connector = env.start_connector(Mode::ConnectorListens).expect("connector again");
+    tests::tunnel_env::ensure_tunnel(&client.handle, Duration::from_secs(10 * tests::time_scale()))
+        .expect("redialled");
+    let seen = connector.handle.tunnel().expect("tunnel").peer_certificate_expiries("worker-1");
+    assert!(
+        seen.iter().all(|t| unix(*t) >= old + 3000) && !seen.is_empty(),
+        "the redial presented the client's rotated certificate: {seen:?}"
+    );
+}
+
+/// Fail closed: while a route's peer has no live connection, a routed
+/// connect is refused at once in the kernel (ECONNREFUSED): nothing reaches
+/// the agent to be reset, nothing leaves the node by its default route.
+/// Routes redirect again as soon as the tunnel is up, and refuse again as
+/// soon as it goes; `on_no_peer: pass` lets connects go on untouched.
+#[test]
+fn a_route_without_a_live_peer_is_refused_in_the_kernel() {
+    if !require_root() {
+        return;
+    }
+    let env = TunnelEnv::new().expect("environment");
+    let tls = env.tls("client", CLIENT_ID, None).expect("tls");
+    let client = env.topo.start_agent(env.client_config(Mode::ConnectorListens, &tls)).expect("client");
+    let pod = env.topo.pod_probe();
+    let refused = |n: usize| {
+        let r = pod.refusals(addr(OTHER_V4), n).expect("probe");
+        assert_eq!(r.other, 0, "every connect refused: {r:?}");
+        let mut t = r.refused_us.clone();
+        t.sort_by(f64::total_cmp);
+        (t[t.len() / 2], t[t.len() * 99 / 100])
+    };
+    let (p50, p99) = refused(1000);
+    eprintln!("no live peer: 1,000 routed connects refused, p50 {p50:.0} us, p99 {p99:.0} us");
+    assert!(p50 < tests::fast_us(10_000) as f64, "refused at once: p50 {p50:.0} us");
+    let counters = client.handle.kernel_counters().expect("counters");
+    assert!(counters.get(Counter::ConnectNoPeer) >= 1000);
+    assert_eq!(client.handle.flow_stats().accepted, 0, "nothing reached the agent");
+
+    // The tunnel comes up: the route redirects again.
+    let connector = env.start_connector(Mode::ConnectorListens).expect("connector");
+    ensure_tunnel(&client.handle, Duration::from_secs(10 * tests::time_scale())).expect("tunnel");
+    wait_for("the route redirects", Duration::from_secs(5 * tests::time_scale()), || {
+        pod.connect(addr(OTHER_V4)).is_ok_and(|a| a.ok)
+    });
+
+    // The connector goes (with a close frame): refused again at once.
+    drop(connector);
+    let tunnel = client.handle.tunnel().expect("tunnel").clone();
+    wait_for("the tunnel gone", Duration::from_secs(10), || tunnel.live_connections(PEER) == 0);
+    let (p50, p99) = refused(1000);
+    eprintln!("peer gone: 1,000 routed connects refused, p50 {p50:.0} us, p99 {p99:.0} us");
+    drop(client);
+
+    // on_no_peer: pass: the connect goes on untouched; the node has no route
+    // to the private network, so it fails there, not at our hook.
+    let text = env
+        .client_config_text(Mode::ConnectorListens, &tls)
+        .replace("via: private-cluster }", "via: private-cluster, on_no_peer: pass }");
+    let client =
+        env.topo.start_agent(dataplane::config::Config::parse(&text).expect("config")).expect("client");
+    let a = pod.connect(addr(OTHER_V4)).expect("probe");
+    assert!(!a.ok && !a.error.as_deref().unwrap_or_default().contains("refused"), "passed on: {a:?}");
+    assert_eq!(client.handle.kernel_counters().expect("counters").get(Counter::ConnectNoPeer), 0);
 }

@@ -7,6 +7,7 @@
 
 mod reload;
 mod report;
+mod route_state;
 pub mod watch;
 
 use std::{
@@ -78,6 +79,8 @@ struct Shared {
     routes: Arc<Mutex<RouteTable>>,
     flows: Arc<FlowMetrics>,
     reloads: reload::ReloadLog,
+    /// The tunnel liveness generation the route actions were last synced to.
+    routes_synced: std::sync::atomic::AtomicU64,
     /// The one drain signal: fired when shutdown begins, obeyed by every
     /// role (steering detaches and stops accepting, reloads are refused,
     /// readiness turns false); the grace period that follows is the same for
@@ -134,16 +137,16 @@ impl Agent {
                 &mut registry,
             ))
         });
-        let tunnel = match &config.tls {
-            Some(files) => {
-                let tls = TlsMaterial::load(files)?;
+        let tls = config.tls.as_ref().map(TlsMaterial::load).transpose()?;
+        let tunnel = match &tls {
+            Some(tls) => {
                 info!(identity = %tls.identity, "tunnel identity loaded");
                 let handler = connector.clone().map(|c| c as Arc<dyn StreamHandler>);
                 Some(Tunnel::bind(
                     &config.tunnel,
                     &config.limits,
                     &config.peers,
-                    &tls,
+                    tls,
                     handler,
                     &mut registry,
                 )?)
@@ -162,6 +165,9 @@ impl Agent {
         };
         process::register_common(&mut registry);
         let reloads = reload::ReloadLog::register(&mut registry);
+        if let Some(tls) = &tls {
+            reloads.tls_in_force(tls);
+        }
         let routes = Arc::new(Mutex::new(table));
         registry.register_collector(Box::new(report::RouteReadiness {
             routes: routes.clone(),
@@ -191,6 +197,7 @@ impl Agent {
             routes,
             flows,
             reloads,
+            routes_synced: std::sync::atomic::AtomicU64::new(0),
             drain: CancellationToken::new(),
         });
         let tunnel_tasks = shared.tunnel.as_ref().map(|t| t.start()).unwrap_or_default();
@@ -230,6 +237,7 @@ impl Agent {
             shared.flow_server.clone().map(|f| tokio::spawn(f.run(listeners, shared.drain.clone())));
         let own_addresses =
             shared.connector.clone().map(|c| tokio::spawn(c.watch_own_addresses(shared.drain.clone())));
+        let route_states = tokio::spawn(route_state::follow_peers(shared.clone(), shared.drain.clone()));
         let trimmer = memory::enabled().then(|| {
             let s = shared.clone();
             let load = move || {
@@ -279,7 +287,7 @@ impl Agent {
         if let Some(t) = admin_task {
             t.abort();
         }
-        for t in [own_addresses, trimmer].into_iter().flatten() {
+        for t in [own_addresses, trimmer, Some(route_states)].into_iter().flatten() {
             t.abort();
         }
         let summary = AgentHandle(shared).summary();
@@ -310,7 +318,8 @@ async fn start_steering(
             }
         }
         let steering = Steering::load(&cgroup, redirect.v4, redirect.v6)?;
-        steering.apply(&RouteTable::default().diff(table))?;
+        // No tunnel connection is up yet: routes through a peer start refused.
+        steering.sync(table, |e| route_state::action(e, None))?;
         Ok::<_, AgentError>((listeners, steering))
     };
     match setup.await {

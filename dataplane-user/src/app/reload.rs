@@ -9,8 +9,8 @@ use std::{
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family},
-    registry::Registry,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::{Registry, Unit},
 };
 use tracing::info;
 
@@ -26,6 +26,10 @@ use crate::{
 /// Why a reload was not applied. Nothing of a refused reload takes effect.
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
+    #[error("new TLS material refused, the old stays in force: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("new TLS material refused, the old stays in force: {0}")]
+    Tunnel(#[from] crate::tunnel::TunnelError),
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("reload changes {0:?}, which only take effect on restart; nothing was applied")]
@@ -42,25 +46,56 @@ struct ResultLabels {
 }
 
 /// Reload outcomes: `config_reloads_total{result="applied|refused"}` and
-/// the last refusal.
+/// the last refusal; the same for TLS material (`tls_reloads_total`), and
+/// when the certificate in force expires.
 #[derive(Debug)]
 pub(super) struct ReloadLog {
     outcomes: Family<ResultLabels, Counter>,
     last_refusal: Mutex<Option<crate::admin::ReloadRefusal>>,
+    tls_outcomes: Family<ResultLabels, Counter>,
+    tls_expiry: Gauge,
 }
 
 impl ReloadLog {
     pub fn register(registry: &mut Registry) -> ReloadLog {
-        let log = ReloadLog { outcomes: Family::default(), last_refusal: Mutex::new(None) };
+        let log = ReloadLog {
+            outcomes: Family::default(),
+            last_refusal: Mutex::new(None),
+            tls_outcomes: Family::default(),
+            tls_expiry: Gauge::default(),
+        };
         registry.register(
             "config_reloads",
             "Configuration reloads, applied or refused (a refused one changed nothing)",
             log.outcomes.clone(),
         );
+        registry.register(
+            "tls_reloads",
+            "Certificate, key and CA bundle reloads, applied or refused (a refused one changed nothing)",
+            log.tls_outcomes.clone(),
+        );
+        registry.register_with_unit(
+            "tls_certificate_expiry_timestamp",
+            "When this agent's certificate in force stops being valid (Unix time)",
+            Unit::Seconds,
+            log.tls_expiry.clone(),
+        );
         for result in ["applied", "refused"] {
             let _ = log.outcomes.get_or_create_owned(&ResultLabels { result });
+            let _ = log.tls_outcomes.get_or_create_owned(&ResultLabels { result });
         }
         log
+    }
+
+    /// Records the certificate now in force.
+    pub fn tls_in_force(&self, tls: &crate::tls::TlsMaterial) {
+        let at = tls.not_after().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs());
+        self.tls_expiry.set(i64::try_from(at).unwrap_or(i64::MAX));
+    }
+
+    fn record_tls(&self, refused: bool) {
+        let result = if refused { "refused" } else { "applied" };
+        self.tls_outcomes.get_or_create(&ResultLabels { result }).inc();
     }
 
     fn record(&self, refusal: Option<&ReloadError>) {
@@ -100,6 +135,29 @@ impl AgentHandle {
         refused
     }
 
+    /// Loads the TLS files again (a rotated Secret) and hands the material
+    /// to the tunnel: new handshakes use it, connections up keep theirs. A
+    /// file that does not load (unreadable, a key that does not match, a
+    /// certificate outside its validity) is refused and counted; the old
+    /// material stays in force.
+    pub fn reload_tls(&self) -> Result<(), ReloadError> {
+        let shared = &self.0;
+        let files = lock(&shared.config).tls.clone();
+        let (Some(files), Some(tunnel)) = (files, &shared.tunnel) else { return Ok(()) };
+        let outcome = crate::tls::TlsMaterial::load(&files)
+            .map_err(ReloadError::from)
+            .and_then(|tls| tunnel.set_tls(&tls).map(|()| tls).map_err(ReloadError::from));
+        shared.reloads.record_tls(outcome.is_err());
+        match outcome {
+            Ok(tls) => {
+                shared.reloads.tls_in_force(&tls);
+                info!(identity = %tls.identity, cert = %files.cert.display(), "TLS material reloaded");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     fn apply(&self, next: ValidConfig) -> Result<(), ReloadError> {
         let shared = &self.0;
         if shared.drain.is_cancelled() {
@@ -117,7 +175,8 @@ impl AgentHandle {
         let new_table = RouteTable::build(next.valid_routes(), &table);
         let diff = table.diff(&new_table);
         if let Some(s) = &shared.steering {
-            s.apply(&diff)?;
+            let tunnel = shared.tunnel.as_deref();
+            s.sync(&new_table, |e| super::route_state::action(e, tunnel))?;
         }
         if let Some(c) = &shared.connector {
             c.set_policy(ServePolicy::new(next.valid_serve().to_vec()));

@@ -42,6 +42,23 @@ impl AgentHandle {
         self.0.tunnel.as_ref()
     }
 
+    /// Whether the kernel's route actions reflect the tunnel connections up
+    /// now (a connection that just came up is followed within moments).
+    pub fn routes_follow_peers(&self) -> bool {
+        let s = &self.0;
+        match (&s.tunnel, &s.steering) {
+            (Some(t), Some(_)) => {
+                s.routes_synced.load(std::sync::atomic::Ordering::Relaxed) == *t.liveness().borrow()
+            }
+            _ => true,
+        }
+    }
+
+    /// The TLS files of the running configuration.
+    pub fn tls_files(&self) -> Option<crate::config::TlsFiles> {
+        lock(&self.0.config).tls.clone()
+    }
+
     /// The loaded programs and maps (tests inject faults through it).
     pub fn steering(&self) -> Option<&Arc<crate::kernel::Steering>> {
         self.0.steering.as_ref()
@@ -72,6 +89,13 @@ impl AgentHandle {
                 what: "steering".into(),
                 peer: None,
                 reason: "programs detached".into(),
+            });
+        }
+        if !self.routes_follow_peers() {
+            missing.push(admin::Missing {
+                what: "steering".into(),
+                peer: None,
+                reason: "route actions not yet following a tunnel change".into(),
             });
         }
         let live = |peer: &str| s.tunnel.as_ref().map_or(0, |t| t.live_connections(peer));

@@ -1,7 +1,9 @@
 //! Runtime reloads: the config file is re-read on SIGHUP and when its content
 //! changes (ConfigMap updates swap a symlink, so content is compared, not
 //! mtimes). A file that does not validate is logged and ignored: the running
-//! configuration stays in force, whole.
+//! configuration stays in force, whole. The TLS files (certificate, key, CA
+//! bundle: a cert-manager Secret) are watched the same way and reloaded
+//! without a restart.
 
 use std::{
     path::{Path, PathBuf},
@@ -44,10 +46,36 @@ impl ConfigFile {
     }
 }
 
+/// The TLS files' contents last seen: a change to any of them (a rotated
+/// Secret swaps all three at once) is one reload.
+#[derive(Debug, Default)]
+pub struct TlsFilesSeen {
+    last: Option<Vec<Vec<u8>>>,
+}
+
+impl TlsFilesSeen {
+    /// Whether the files at `files` differ from the last call's (the first
+    /// call only records them). Unreadable files count as a change, so the
+    /// reload that follows reports them.
+    pub fn changed(&mut self, files: &crate::config::TlsFiles) -> bool {
+        let now: Vec<Vec<u8>> = [&files.ca, &files.cert, &files.key]
+            .iter()
+            .map(|p| std::fs::read(p).unwrap_or_default())
+            .collect();
+        let changed = self.last.as_ref().is_some_and(|l| *l != now);
+        self.last = Some(now);
+        changed
+    }
+}
+
 /// Applies file changes to the agent until the task is dropped.
 pub async fn watch(path: PathBuf, handle: AgentHandle, interval: Duration) {
     let current = std::fs::read_to_string(&path).ok();
     let mut file = ConfigFile::new(path, current);
+    let mut tls_seen = TlsFilesSeen::default();
+    if let Some(files) = handle.tls_files() {
+        tls_seen.changed(&files);
+    }
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(s) => Some(s),
         Err(e) => {
@@ -73,12 +101,39 @@ pub async fn watch(path: PathBuf, handle: AgentHandle, interval: Duration) {
                 error!("reload refused, keeping the running configuration: {e}");
             }
         }
+        if let Some(files) = handle.tls_files()
+            && tls_seen.changed(&files)
+            && let Err(e) = handle.reload_tls()
+        {
+            error!("{e}");
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_change_to_any_tls_file_is_seen_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files = crate::config::TlsFiles {
+            ca: dir.path().join("ca.crt"),
+            cert: dir.path().join("tls.crt"),
+            key: dir.path().join("tls.key"),
+        };
+        for (p, text) in [(&files.ca, "ca"), (&files.cert, "cert"), (&files.key, "key")] {
+            std::fs::write(p, text).expect("write");
+        }
+        let mut seen = TlsFilesSeen::default();
+        assert!(!seen.changed(&files), "the first look only records");
+        assert!(!seen.changed(&files));
+        std::fs::write(&files.key, "rotated").expect("write");
+        assert!(seen.changed(&files), "a rotated key is a change");
+        assert!(!seen.changed(&files), "seen once");
+        std::fs::remove_file(&files.ca).expect("rm");
+        assert!(seen.changed(&files), "a file gone is a change (the reload reports it)");
+    }
 
     #[test]
     fn poll_reports_changes_once_and_errors_for_bad_files() {

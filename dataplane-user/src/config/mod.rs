@@ -318,6 +318,21 @@ pub struct Route {
     pub cidr: String,
     /// Where flows go: `direct` (dial the original destination from the agent).
     pub via: String,
+    /// While the route's peer has no live connection: `reject` (default:
+    /// the connect fails at once, in the kernel, and nothing leaves the
+    /// node) or `pass` (the connect goes to its destination untouched, by
+    /// whatever route the node has).
+    #[serde(default)]
+    pub on_no_peer: OnNoPeer,
+}
+
+/// What a routed connect does while its peer has no live connection.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OnNoPeer {
+    #[default]
+    Reject,
+    Pass,
 }
 
 fn default_node() -> String {

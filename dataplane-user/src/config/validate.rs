@@ -52,6 +52,7 @@ impl std::ops::Deref for ValidConfig {
 pub struct ValidRoute {
     pub net: IpNet,
     pub via: String,
+    pub on_no_peer: super::OnNoPeer,
 }
 
 /// A validated serve entry.
@@ -290,7 +291,7 @@ impl Config {
                     ),
                 ));
             }
-            out.push(ValidRoute { net, via: r.via.clone() });
+            out.push(ValidRoute { net, via: r.via.clone(), on_no_peer: r.on_no_peer });
         }
         for (family, v4) in [("IPv4", true), ("IPv6", false)] {
             let n = out.iter().filter(|r| r.net.addr().is_ipv4() == v4).count();

@@ -14,14 +14,17 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
 };
 use dataplane_common::{
-    self as common, ACTION_REDIRECT, AF_INET, AF_INET6, Counter, FlowKey, OrigDst, REDIRECT_V4_ENABLED,
-    REDIRECT_V6_ENABLED, RedirectTarget, RouteValue,
+    self as common, AF_INET, AF_INET6, Counter, FlowKey, OrigDst, REDIRECT_V4_ENABLED, REDIRECT_V6_ENABLED,
+    RedirectTarget, RouteValue,
 };
 use ipnet::IpNet;
 use tracing::{debug, warn};
 
 use super::trie;
-use crate::{lock, routes::RouteDiff};
+use crate::{
+    lock,
+    routes::{RouteEntry, RouteTable},
+};
 
 /// The object built by `cargo xtask build-ebpf`, embedded at build time.
 #[cfg(not(dataplane_no_ebpf))]
@@ -126,6 +129,8 @@ pub struct Steering {
     _idle_logger: Option<KernelLogger>,
     /// Writes the next apply may make before it fails (tests); usize::MAX: none.
     fault_after: std::sync::atomic::AtomicUsize,
+    /// Refused connects read ECONNREFUSED (the kernel took bpf_set_retval).
+    econnrefused: bool,
 }
 
 type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
@@ -142,6 +147,9 @@ const SOCK_ADDR_PROGRAMS: [&str; 4] =
 impl Steering {
     /// Loads the programs, writes the redirect target, and attaches everything
     /// to `cgroup`. Routes start empty: call [`Steering::apply`] next.
+    /// Refused connects fail with ECONNREFUSED where the kernel lets connect
+    /// hooks call `bpf_set_retval`; where the verifier refuses that, the
+    /// object is loaded again without it (refusals then read EPERM).
     pub fn load(
         cgroup: &Path,
         v4: Option<SocketAddr>,
@@ -150,11 +158,41 @@ impl Steering {
         if OBJECT.is_empty() {
             return Err(SteeringError::NotBuilt);
         }
+        match Self::load_with(cgroup, v4, v6, true) {
+            Err(SteeringError::Program { name, source })
+                if name == common::PROG_CONNECT4 || name == common::PROG_CONNECT6 =>
+            {
+                warn!(
+                    program = name,
+                    error = %source,
+                    "the kernel refused bpf_set_retval in connect hooks; refused connects will fail with EPERM, not ECONNREFUSED"
+                );
+                Self::load_with(cgroup, v4, v6, false)
+            }
+            other => other,
+        }
+    }
+
+    fn load_with(
+        cgroup: &Path,
+        v4: Option<SocketAddr>,
+        v6: Option<SocketAddr>,
+        set_retval: bool,
+    ) -> Result<Steering, SteeringError> {
         let level = kernel_log_level();
         let mut ebpf = EbpfLoader::new()
             .override_global(aya_log::LEVEL, &level, true)
+            .override_global("SET_RETVAL", &u32::from(set_retval), true)
             .load(OBJECT)
             .map_err(SteeringError::Load)?;
+        // Every program is loaded (verified) before any is attached: a
+        // refusal leaves nothing attached behind.
+        let sock_ops: &mut SockOps = program(&mut ebpf, common::PROG_SOCK_OPS)?;
+        sock_ops.load().map_err(|source| SteeringError::Program { name: common::PROG_SOCK_OPS, source })?;
+        for name in SOCK_ADDR_PROGRAMS {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            prog.load().map_err(|source| SteeringError::Program { name, source })?;
+        }
         let idle_logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => spawn_kernel_logger(logger),
             Err(e) => {
@@ -176,6 +214,7 @@ impl Steering {
             programs: Mutex::new(None),
             _idle_logger: idle_logger,
             fault_after: std::sync::atomic::AtomicUsize::new(usize::MAX),
+            econnrefused: set_retval,
         };
 
         let cgroup_file =
@@ -183,7 +222,6 @@ impl Steering {
         // sock_ops first: a connect redirected before it is attached would be
         // established without its flow recorded.
         let prog: &mut SockOps = program(&mut ebpf, common::PROG_SOCK_OPS)?;
-        prog.load().map_err(|source| SteeringError::Program { name: common::PROG_SOCK_OPS, source })?;
         prog.attach(&cgroup_file, ATTACH_MODE).map_err(|source| SteeringError::Attach {
             name: common::PROG_SOCK_OPS,
             cgroup: cgroup.to_owned(),
@@ -192,16 +230,20 @@ impl Steering {
         // getpeername before connect, for the same reason.
         for name in SOCK_ADDR_PROGRAMS.into_iter().rev() {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-            prog.load().map_err(|source| SteeringError::Program { name, source })?;
             prog.attach(&cgroup_file, ATTACH_MODE).map_err(|source| SteeringError::Attach {
                 name,
                 cgroup: cgroup.to_owned(),
                 source,
             })?;
         }
-        debug!(cgroup = %cgroup.display(), "eBPF programs attached");
+        debug!(cgroup = %cgroup.display(), econnrefused = set_retval, "eBPF programs attached");
         *lock(&steering.programs) = Some(ebpf);
         Ok(steering)
+    }
+
+    /// Whether a refused connect fails with ECONNREFUSED (else EPERM).
+    pub fn refuses_with_econnrefused(&self) -> bool {
+        self.econnrefused
     }
 
     /// The cgroup the programs are attached to.
@@ -243,29 +285,27 @@ impl Steering {
         }
     }
 
-    /// Applies a route diff to the tries as one change: read what they hold,
-    /// write (new and changed entries first, then removals, so no connect
-    /// meets a gap), read back and compare. If a write fails part-way (a
-    /// full trie, for one) or the tries do not hold what was written, they
-    /// are put back exactly as they were and the error is returned: a
-    /// refused reload leaves the kernel as it found it.
-    pub fn apply(&self, diff: &RouteDiff) -> Result<(), SteeringError> {
+    /// Makes the tries hold `table`, each entry with the action `action`
+    /// gives it (redirect, or refuse while its peer is down), as one change:
+    /// read what they hold, write (new and changed entries first, then
+    /// removals, so no connect meets a gap), read back and compare. If a
+    /// write fails part-way (a full trie, for one) or the tries do not hold
+    /// what was written, they are put back exactly as they were and the
+    /// error is returned: a refused reload leaves the kernel as it found it.
+    pub fn sync(&self, table: &RouteTable, action: impl Fn(&RouteEntry) -> u32) -> Result<(), SteeringError> {
         let mut v4 = lock(&self.routes_v4);
         let mut v6 = lock(&self.routes_v6);
         let (old4, old6) = (trie::read(&v4, common::MAP_ROUTES_V4)?, trie::read(&v6, common::MAP_ROUTES_V6)?);
-        let (mut new4, mut new6) = (old4.clone(), old6.clone());
-        for e in &diff.upsert {
-            let value = RouteValue { route_id: e.id, action: ACTION_REDIRECT };
+        let (mut new4, mut new6) = (trie::Entries::new(), trie::Entries::new());
+        for e in table.entries() {
+            let value = RouteValue { route_id: e.id, action: action(e) };
             match e.net {
                 IpNet::V4(n) => new4.insert(trie::v4_key(&n), value),
                 IpNet::V6(n) => new6.insert(trie::v6_key(&n), value),
             };
         }
-        for net in &diff.remove {
-            match net {
-                IpNet::V4(n) => new4.remove(&trie::v4_key(n)),
-                IpNet::V6(n) => new6.remove(&trie::v6_key(n)),
-            };
+        if (&old4, &old6) == (&new4, &new6) {
+            return Ok(());
         }
         let fault = self.fault_after.swap(usize::MAX, std::sync::atomic::Ordering::Relaxed);
         let mut budget = trie::Budget(fault);
@@ -319,7 +359,7 @@ impl Steering {
         }
     }
 
-    /// Makes the next [`Steering::apply`] fail after `writes` successful
+    /// Makes the next [`Steering::sync`] that writes fail after `writes` successful
     /// map writes, as a kernel error half-way through would (tests inject
     /// it to check the rollback; nothing else calls it).
     #[doc(hidden)]

@@ -110,7 +110,11 @@ mod tests {
 
     #[test]
     fn a_flow_must_lie_inside_the_route_that_steered_it() {
-        let routes = [ValidRoute { net: "198.51.100.101/32".parse().expect("net"), via: "direct".into() }];
+        let routes = [ValidRoute {
+            net: "198.51.100.101/32".parse().expect("net"),
+            via: "direct".into(),
+            on_no_peer: Default::default(),
+        }];
         let table = RouteTable::build(&routes, &RouteTable::default());
         let id = table.entries()[0].id;
         let inside: SocketAddr = "198.51.100.101:6443".parse().expect("addr");

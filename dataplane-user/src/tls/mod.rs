@@ -126,6 +126,11 @@ impl TlsMaterial {
         Ok(material)
     }
 
+    /// When this agent's own certificate stops being valid.
+    pub fn not_after(&self) -> Option<SystemTime> {
+        validity(self.chain.first()?).map(|(_, not_after)| not_after)
+    }
+
     /// Accepting side: a client certificate from the CA is required.
     pub fn server_config(&self) -> Result<rustls::ServerConfig, TlsError> {
         let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())

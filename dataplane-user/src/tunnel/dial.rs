@@ -31,15 +31,17 @@ impl Tunnel {
         let mut stop = self.stop.subscribe();
         let mut backoff = BACKOFF_MIN;
         let mut attempt = index;
-        let config = self.client_configs[&slot.name].clone();
         loop {
             if *stop.borrow() {
                 return;
             }
+            // Read at every attempt: a rotated certificate is used by the
+            // next dial.
+            let Some(config) = self.client_config(&slot.name) else { return };
             let addr = addrs[attempt % addrs.len()];
             attempt += 1;
             // The SNI name is unused: the verifier goes by the URI SAN.
-            let connecting = self.endpoint.connect_with(config.clone(), addr, "dataplane.peer");
+            let connecting = self.endpoint.connect_with(config, addr, "dataplane.peer");
             let result = match connecting {
                 Ok(c) => c.await,
                 Err(e) => {

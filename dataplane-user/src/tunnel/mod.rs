@@ -52,6 +52,34 @@ use crate::{
     tls::{TlsError, TlsMaterial},
 };
 
+/// The server side's and every peer's client side's QUIC crypto from `tls`,
+/// with the tunnel's transport settings.
+fn crypto_configs(
+    tls: &TlsMaterial,
+    peers: &[Peer],
+    transport: &Arc<quinn::TransportConfig>,
+) -> Result<(ServerConfig, HashMap<Arc<str>, ClientConfig>), TunnelError> {
+    let quic = |e: &dyn std::fmt::Display| TunnelError::Quic(e.to_string());
+    let server_crypto = QuicServerConfig::try_from(tls.server_config()?).map_err(|e| quic(&e))?;
+    let mut server = ServerConfig::with_crypto(Arc::new(server_crypto));
+    server.transport_config(transport.clone());
+    // Attempts waiting for the accept loop, and the packets buffered for
+    // them: quinn's defaults (65,536 attempts, 100 MiB) are sized for a web
+    // server, not for a tunnel endpoint any stranger can reach.
+    server
+        .max_incoming(admission::MAX_HANDSHAKES * 4)
+        .incoming_buffer_size(64 << 10)
+        .incoming_buffer_size_total(8 << 20);
+    let mut clients = HashMap::new();
+    for p in peers {
+        let crypto = QuicClientConfig::try_from(tls.client_config(&p.identity)?).map_err(|e| quic(&e))?;
+        let mut client = ClientConfig::new(Arc::new(crypto));
+        client.transport_config(transport.clone());
+        clients.insert(Arc::from(p.name.as_str()), client);
+    }
+    Ok((server, clients))
+}
+
 /// Takes the streams peers open. Implemented by the roles that serve them
 /// (the connector; a relay next); the tunnel holds one and never learns
 /// which.
@@ -84,7 +112,12 @@ pub struct Tunnel {
     peers: HashMap<Arc<str>, Arc<PeerSlot>>,
     by_identity: HashMap<String, Arc<PeerSlot>>,
     dial: Vec<(Arc<PeerSlot>, Vec<SocketAddr>, u32)>,
-    client_configs: HashMap<Arc<str>, ClientConfig>,
+    /// Per peer, the client side's TLS (replaced whole by [`Tunnel::set_tls`]).
+    client_configs: std::sync::Mutex<HashMap<Arc<str>, ClientConfig>>,
+    /// What a TLS change rebuilds the configurations from.
+    peer_list: Vec<Peer>,
+    transport: Arc<quinn::TransportConfig>,
+    accepting: bool,
     handler: Option<Arc<dyn StreamHandler>>,
     /// How long a dialer waits for the acceptor's welcome: the idle timeout,
     /// which is how long any silent connection is given anyway.
@@ -96,6 +129,8 @@ pub struct Tunnel {
     connections_per_peer: AtomicUsize,
     streams_per_peer: AtomicUsize,
     stop: watch::Sender<bool>,
+    /// Bumped whenever a connection comes up or goes: routes follow it.
+    liveness: watch::Sender<u64>,
     pub metrics: TunnelMetrics,
 }
 
@@ -117,17 +152,7 @@ impl Tunnel {
         registry: &mut Registry,
     ) -> Result<Arc<Tunnel>, TunnelError> {
         let transport = Arc::new(transport(settings)?);
-        let quic = |e: &dyn std::fmt::Display| TunnelError::Quic(e.to_string());
-        let server_crypto = QuicServerConfig::try_from(tls.server_config()?).map_err(|e| quic(&e))?;
-        let mut server = ServerConfig::with_crypto(Arc::new(server_crypto));
-        server.transport_config(transport.clone());
-        // Attempts waiting for the accept loop, and the packets buffered for
-        // them: quinn's defaults (65,536 attempts, 100 MiB) are sized for a
-        // web server, not for a tunnel endpoint any stranger can reach.
-        server
-            .max_incoming(admission::MAX_HANDSHAKES * 4)
-            .incoming_buffer_size(64 << 10)
-            .incoming_buffer_size_total(8 << 20);
+        let (server, client_configs) = crypto_configs(tls, peers, &transport)?;
 
         let (addr, accept) = match settings.listen {
             Some(a) => (a, true),
@@ -146,14 +171,9 @@ impl Tunnel {
         let mut slots = HashMap::new();
         let mut by_identity = HashMap::new();
         let mut dial = Vec::new();
-        let mut client_configs = HashMap::new();
         for p in peers {
             let dialers = if p.dial.is_empty() { 0 } else { p.connections };
             let slot = Arc::new(PeerSlot::new(&p.name, &p.identity, dialers));
-            let crypto = QuicClientConfig::try_from(tls.client_config(&p.identity)?).map_err(|e| quic(&e))?;
-            let mut client = ClientConfig::new(Arc::new(crypto));
-            client.transport_config(transport.clone());
-            client_configs.insert(slot.name.clone(), client);
             if !p.dial.is_empty() {
                 dial.push((slot.clone(), p.dial.clone(), p.connections));
             }
@@ -176,7 +196,10 @@ impl Tunnel {
             peers: slots,
             by_identity,
             dial,
-            client_configs,
+            client_configs: std::sync::Mutex::new(client_configs),
+            peer_list: peers.to_vec(),
+            transport,
+            accepting: accept,
             handler,
             welcome_timeout: settings.idle_timeout,
             admission: Arc::default(),
@@ -184,8 +207,34 @@ impl Tunnel {
             connections_per_peer: AtomicUsize::new(limits.connections_per_peer),
             streams_per_peer: AtomicUsize::new(limits.streams_per_peer),
             stop: watch::channel(false).0,
+            liveness: watch::channel(0).0,
             metrics,
         }))
+    }
+
+    /// Takes new TLS material (a rotated certificate, key or CA bundle):
+    /// new handshakes use it, both accepted and dialled; connections up
+    /// keep theirs. Both sides' configurations are built before either is
+    /// swapped, so a failure changes nothing.
+    pub fn set_tls(&self, tls: &TlsMaterial) -> Result<(), TunnelError> {
+        let (server, clients) = crypto_configs(tls, &self.peer_list, &self.transport)?;
+        if self.accepting {
+            self.endpoint.set_server_config(Some(server));
+        }
+        *crate::lock(&self.client_configs) = clients;
+        Ok(())
+    }
+
+    /// The client configuration dials to `peer` use now.
+    pub(super) fn client_config(&self, peer: &str) -> Option<ClientConfig> {
+        crate::lock(&self.client_configs).get(peer).cloned()
+    }
+
+    /// When the certificates the live connections to `peer` were opened
+    /// with (the peer's) stop being valid.
+    pub fn peer_certificate_expiries(&self, peer: &str) -> Vec<std::time::SystemTime> {
+        let live = self.peers.get(peer).map(|s| s.live()).unwrap_or_default();
+        live.iter().filter_map(handshake::peer_certificate_expiry).collect()
     }
 
     /// Takes new per-peer limits (config reload); connections already up
@@ -209,6 +258,11 @@ impl Tunnel {
             }
         }
         tasks
+    }
+
+    /// Changes whenever a connection to any peer comes up or goes.
+    pub fn liveness(&self) -> watch::Receiver<u64> {
+        self.liveness.subscribe()
     }
 
     /// Live connections to `peer`.
@@ -331,6 +385,7 @@ impl Tunnel {
         let labels = PeerDirectionLabels { peer: slot.name.to_string(), direction };
         self.metrics.connections_opened.get_or_create(&labels).inc();
         slot.add(&conn);
+        self.liveness.send_modify(|n| *n += 1);
         let span = info_span!("tunnel", peer = %slot.name, remote = %conn.remote_address());
         // The peer's certificate was checked once, at the handshake: the
         // connection must not outlive it.
@@ -369,5 +424,6 @@ impl Tunnel {
         .instrument(span)
         .await;
         slot.remove(&conn);
+        self.liveness.send_modify(|n| *n += 1);
     }
 }

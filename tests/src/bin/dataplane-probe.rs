@@ -27,6 +27,8 @@ struct Args {
     reset: bool,
     bulk: Option<u64>,
     latencies: Option<usize>,
+    /// Connects expected to be refused: how long until connect() failed.
+    refusals: Option<usize>,
     concurrency: usize,
     hold: Option<usize>,
     /// With --hold: each connection sends the payload first (no FIN).
@@ -42,6 +44,7 @@ fn parse() -> Result<Args> {
         (None, None, false, 1, "hello through the dataplane".to_owned(), None);
     let (mut bind_port, mut reset, mut bulk, mut exec) = (None, false, None, Vec::new());
     let (mut latencies, mut fill, mut concurrency, mut hold) = (None, None, 1usize, None);
+    let mut refusals = None;
     let mut send_first = false;
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -54,6 +57,7 @@ fn parse() -> Result<Args> {
             "--reset" => reset = true,
             "--bulk" => bulk = Some(args.next().context("--bulk needs a value")?.parse()?),
             "--latencies" => latencies = Some(args.next().context("--latencies needs a value")?.parse()?),
+            "--refusals" => refusals = Some(args.next().context("--refusals needs a value")?.parse()?),
             "--fill" => fill = Some(args.next().context("--fill needs a value")?.parse()?),
             "--concurrency" => concurrency = args.next().context("--concurrency needs a value")?.parse()?,
             "--hold" => hold = Some(args.next().context("--hold needs a value")?.parse()?),
@@ -79,6 +83,7 @@ fn parse() -> Result<Args> {
         reset,
         bulk,
         latencies,
+        refusals,
         concurrency,
         hold,
         send_first,
@@ -144,6 +149,27 @@ fn main() -> Result<()> {
         for s in &held {
             socket2::SockRef::from(s).set_linger(Some(Duration::ZERO))?;
         }
+        return Ok(());
+    }
+    if let Some(n) = args.refusals {
+        let mut out = tests::probe::Refusals::default();
+        for _ in 0..n {
+            let t = Instant::now();
+            match TcpStream::connect(addr) {
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    out.refused_us.push(t.elapsed().as_secs_f64() * 1e6)
+                }
+                Err(e) => {
+                    out.other += 1;
+                    out.first_other.get_or_insert_with(|| e.to_string());
+                }
+                Ok(_) => {
+                    out.other += 1;
+                    out.first_other.get_or_insert_with(|| "connected".to_owned());
+                }
+            }
+        }
+        println!("{}", serde_json::to_string(&out)?);
         return Ok(());
     }
     if let Some(n) = args.latencies {

@@ -125,6 +125,7 @@ async fn run(args: Args) -> Result<Report> {
         }
     }
     report.connections_welcomed = live.len();
+    report.acceptor_not_after = live.first().and_then(acceptor_not_after);
     if live.is_empty() {
         return Ok(report);
     }
@@ -161,6 +162,13 @@ async fn run(args: Args) -> Result<Report> {
     }
     endpoint.wait_idle().await;
     Ok(report)
+}
+
+/// When the acceptor's certificate on `conn` stops being valid.
+fn acceptor_not_after(conn: &quinn::Connection) -> Option<u64> {
+    let certs = conn.peer_identity()?.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok()?;
+    let (_, not_after) = dataplane::tls::validity(certs.first()?)?;
+    not_after.duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_secs())
 }
 
 /// Connects and waits for the acceptor's welcome (or its refusal).

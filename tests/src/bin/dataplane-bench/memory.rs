@@ -195,7 +195,10 @@ pub fn initials(_o: &Opts) -> Result<serde_json::Value> {
     let packets = tests::flood::initials(INITIALS, &tls, CONNECTOR_ID, to);
     let before = connector.usage()?;
     let sent = Instant::now();
-    let retries = env.topo.node.run(move || tests::flood::flood(&packets, 100, "10.201.0.1", to))?;
+    let retries = env
+        .topo
+        .node
+        .run(move || tests::flood::flood(&packets, 100, "10.201.0.1", to, Duration::from_millis(500)))?;
     let flooded = connector.usage()?;
     let settle = Instant::now();
     while connector.metric("dataplane_tunnel_handshakes_in_flight")? > 0.0 {
