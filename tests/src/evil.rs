@@ -46,6 +46,19 @@ pub struct Attack<'a> {
     pub dst: Option<SocketAddr>,
 }
 
+impl Attack<'_> {
+    /// A peer that dials once: one connection, and one stream to `dst` if
+    /// given (tests of a single handshake or a single dial).
+    pub fn dial_once<'a>(connect: SocketAddr, expect: &'a str, dst: Option<SocketAddr>) -> Attack<'a> {
+        Attack { connect, expect, connections: 1, stalled: 0, streams: usize::from(dst.is_some()), dst }
+    }
+}
+
+/// Runs the evil peer in `netns` to the end and returns its report.
+pub fn run(netns: &Path, tls: &TlsPaths, attack: &Attack<'_>) -> Result<Report> {
+    finish(spawn(netns, tls, attack)?)
+}
+
 /// The binary, next to the test executables (this crate's [[bin]]).
 fn bin() -> std::path::PathBuf {
     crate::probe::probe_bin().with_file_name("evil-peer")

@@ -182,7 +182,7 @@ fn a_reload_that_fails_half_way_changes_nothing() {
     // A fault after three writes of a change that adds one route and removes
     // 3,001: the three are undone.
     let steering = agent.handle.steering().expect("steering").clone();
-    steering.fail_next_apply_after(3);
+    steering.fail_next_sync_after(3);
     let e = agent.handle.reload(topo.config(&["2001:db8::101/128", "10.9.0.0/16"])).expect_err("injected");
     assert!(e.to_string().contains("injected fault"), "{e}");
     assert_eq!(agent.handle.route_entries(), before.0);

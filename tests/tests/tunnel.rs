@@ -16,6 +16,9 @@ use tests::{
     wait_for,
 };
 
+/// The connector's tunnel listener in the private namespace.
+const CONNECTOR: &str = "10.201.0.2:4433";
+
 fn text(o: &std::process::Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
@@ -339,16 +342,8 @@ fn a_certificate_not_valid_yet_is_refused_and_reported_as_such() {
     let connector = env.start_connector(Mode::ConnectorListens).expect("connector");
     // A configured identity, from the right CA, an hour early.
     let early = env.tls_not_yet_valid("early", CLIENT_ID, Duration::from_secs(3600)).expect("tls");
-    let attack = tests::evil::Attack {
-        connect: "10.201.0.2:4433".parse().expect("addr"),
-        expect: CONNECTOR_ID,
-        connections: 1,
-        stalled: 0,
-        streams: 0,
-        dst: None,
-    };
-    let child = tests::evil::spawn(&env.topo.node.path(), &early, &attack).expect("peer");
-    let report = tests::evil::finish(child).expect("report");
+    let attack = tests::evil::Attack::dial_once(CONNECTOR.parse().expect("addr"), CONNECTOR_ID, None);
+    let report = tests::evil::run(&env.topo.node.path(), &early, &attack).expect("report");
     assert_eq!(report.connections_welcomed, 0, "{report:?}");
     assert_eq!(
         report.connections_closed.get("peer_certificate_not_yet_valid"),
@@ -389,16 +384,9 @@ fn the_connector_never_dials_its_own_addresses() {
         .expect("listener");
     let peer = env.tls("peer", CLIENT_ID, None).expect("tls");
     let ask = |dst: &str| {
-        let attack = tests::evil::Attack {
-            connect: "10.201.0.2:4433".parse().expect("addr"),
-            expect: CONNECTOR_ID,
-            connections: 1,
-            stalled: 0,
-            streams: 1,
-            dst: Some(dst.parse().expect("addr")),
-        };
-        tests::evil::finish(tests::evil::spawn(&env.topo.node.path(), &peer, &attack).expect("peer"))
-            .expect("report")
+        let attack =
+            tests::evil::Attack::dial_once(CONNECTOR.parse().expect("addr"), CONNECTOR_ID, Some(addr(dst)));
+        tests::evil::run(&env.topo.node.path(), &peer, &attack).expect("report")
     };
     let c = connector.handle.connector().expect("connector").clone();
 
@@ -471,17 +459,8 @@ fn certificates_rotate_without_a_restart_or_a_failed_flow() {
 
     // A new dialer sees the new certificate; the connections up keep the old.
     let peer = env.tls("peer", CLIENT_ID, None).expect("tls");
-    let attack = tests::evil::Attack {
-        connect: "10.201.0.2:4433".parse().expect("addr"),
-        expect: CONNECTOR_ID,
-        connections: 1,
-        stalled: 0,
-        streams: 0,
-        dst: None,
-    };
-    let report =
-        tests::evil::finish(tests::evil::spawn(&env.topo.node.path(), &peer, &attack).expect("dial"))
-            .expect("report");
+    let attack = tests::evil::Attack::dial_once(CONNECTOR.parse().expect("addr"), CONNECTOR_ID, None);
+    let report = tests::evil::run(&env.topo.node.path(), &peer, &attack).expect("report");
     let new_not_after = report.acceptor_not_after.expect("welcomed");
     let old = unix(old_expiry[0]);
     assert!(

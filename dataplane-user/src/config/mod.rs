@@ -321,9 +321,9 @@ pub struct Route {
     /// While the route's peer has no live connection: `reject` (default:
     /// the connect fails at once, in the kernel, and nothing leaves the
     /// node) or `pass` (the connect goes to its destination untouched, by
-    /// whatever route the node has).
+    /// whatever route the node has). Only for routes via a peer.
     #[serde(default)]
-    pub on_no_peer: OnNoPeer,
+    pub on_no_peer: Option<OnNoPeer>,
 }
 
 /// What a routed connect does while its peer has no live connection.

@@ -312,3 +312,11 @@ fn limits_have_defaults_and_bounds() {
         assert!(e.contains(&format!("limits.{field}")) && e.contains(says), "{field}={value}: {e}");
     }
 }
+
+#[test]
+fn on_no_peer_is_for_routes_via_a_peer() {
+    let e = err("routes: [{ cidr: 10.9.0.0/16, via: direct, on_no_peer: pass }]");
+    assert!(e.contains("routes[0].on_no_peer") && e.contains("via: direct"), "{e}");
+    let e = err("routes: [{ cidr: 10.9.0.0/16, via: direct, on_no_peer: sometimes }]");
+    assert!(e.contains("unknown variant `sometimes`"), "{e}");
+}

@@ -291,7 +291,13 @@ impl Config {
                     ),
                 ));
             }
-            out.push(ValidRoute { net, via: r.via.clone(), on_no_peer: r.on_no_peer });
+            if r.via == VIA_DIRECT && r.on_no_peer.is_some() {
+                return Err(ConfigError::invalid(
+                    format!("routes[{i}].on_no_peer"),
+                    "applies to routes via a peer; a `via: direct` route has no peer to wait for",
+                ));
+            }
+            out.push(ValidRoute { net, via: r.via.clone(), on_no_peer: r.on_no_peer.unwrap_or_default() });
         }
         for (family, v4) in [("IPv4", true), ("IPv6", false)] {
             let n = out.iter().filter(|r| r.net.addr().is_ipv4() == v4).count();

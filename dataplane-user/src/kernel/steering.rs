@@ -129,8 +129,6 @@ pub struct Steering {
     _idle_logger: Option<KernelLogger>,
     /// Writes the next apply may make before it fails (tests); usize::MAX: none.
     fault_after: std::sync::atomic::AtomicUsize,
-    /// Refused connects read ECONNREFUSED (the kernel took bpf_set_retval).
-    econnrefused: bool,
 }
 
 type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
@@ -214,7 +212,6 @@ impl Steering {
             programs: Mutex::new(None),
             _idle_logger: idle_logger,
             fault_after: std::sync::atomic::AtomicUsize::new(usize::MAX),
-            econnrefused: set_retval,
         };
 
         let cgroup_file =
@@ -239,11 +236,6 @@ impl Steering {
         debug!(cgroup = %cgroup.display(), econnrefused = set_retval, "eBPF programs attached");
         *lock(&steering.programs) = Some(ebpf);
         Ok(steering)
-    }
-
-    /// Whether a refused connect fails with ECONNREFUSED (else EPERM).
-    pub fn refuses_with_econnrefused(&self) -> bool {
-        self.econnrefused
     }
 
     /// The cgroup the programs are attached to.
@@ -363,7 +355,7 @@ impl Steering {
     /// map writes, as a kernel error half-way through would (tests inject
     /// it to check the rollback; nothing else calls it).
     #[doc(hidden)]
-    pub fn fail_next_apply_after(&self, writes: usize) {
+    pub fn fail_next_sync_after(&self, writes: usize) {
         self.fault_after.store(writes, std::sync::atomic::Ordering::Relaxed);
     }
 

@@ -54,9 +54,9 @@ use crate::{
 
 /// The server side's and every peer's client side's QUIC crypto from `tls`,
 /// with the tunnel's transport settings.
-fn crypto_configs(
+fn crypto_configs<'a>(
     tls: &TlsMaterial,
-    peers: &[Peer],
+    peers: impl IntoIterator<Item = (&'a str, &'a str)>,
     transport: &Arc<quinn::TransportConfig>,
 ) -> Result<(ServerConfig, HashMap<Arc<str>, ClientConfig>), TunnelError> {
     let quic = |e: &dyn std::fmt::Display| TunnelError::Quic(e.to_string());
@@ -71,11 +71,11 @@ fn crypto_configs(
         .incoming_buffer_size(64 << 10)
         .incoming_buffer_size_total(8 << 20);
     let mut clients = HashMap::new();
-    for p in peers {
-        let crypto = QuicClientConfig::try_from(tls.client_config(&p.identity)?).map_err(|e| quic(&e))?;
+    for (name, identity) in peers {
+        let crypto = QuicClientConfig::try_from(tls.client_config(identity)?).map_err(|e| quic(&e))?;
         let mut client = ClientConfig::new(Arc::new(crypto));
         client.transport_config(transport.clone());
-        clients.insert(Arc::from(p.name.as_str()), client);
+        clients.insert(Arc::from(name), client);
     }
     Ok((server, clients))
 }
@@ -114,8 +114,7 @@ pub struct Tunnel {
     dial: Vec<(Arc<PeerSlot>, Vec<SocketAddr>, u32)>,
     /// Per peer, the client side's TLS (replaced whole by [`Tunnel::set_tls`]).
     client_configs: std::sync::Mutex<HashMap<Arc<str>, ClientConfig>>,
-    /// What a TLS change rebuilds the configurations from.
-    peer_list: Vec<Peer>,
+    /// What a TLS change rebuilds the configurations with.
     transport: Arc<quinn::TransportConfig>,
     accepting: bool,
     handler: Option<Arc<dyn StreamHandler>>,
@@ -152,7 +151,8 @@ impl Tunnel {
         registry: &mut Registry,
     ) -> Result<Arc<Tunnel>, TunnelError> {
         let transport = Arc::new(transport(settings)?);
-        let (server, client_configs) = crypto_configs(tls, peers, &transport)?;
+        let (server, client_configs) =
+            crypto_configs(tls, peers.iter().map(|p| (p.name.as_str(), p.identity.as_str())), &transport)?;
 
         let (addr, accept) = match settings.listen {
             Some(a) => (a, true),
@@ -197,7 +197,6 @@ impl Tunnel {
             by_identity,
             dial,
             client_configs: std::sync::Mutex::new(client_configs),
-            peer_list: peers.to_vec(),
             transport,
             accepting: accept,
             handler,
@@ -217,7 +216,8 @@ impl Tunnel {
     /// keep theirs. Both sides' configurations are built before either is
     /// swapped, so a failure changes nothing.
     pub fn set_tls(&self, tls: &TlsMaterial) -> Result<(), TunnelError> {
-        let (server, clients) = crypto_configs(tls, &self.peer_list, &self.transport)?;
+        let peers = self.peers.values().map(|s| (&*s.name, s.identity.as_str()));
+        let (server, clients) = crypto_configs(tls, peers, &self.transport)?;
         if self.accepting {
             self.endpoint.set_server_config(Some(server));
         }
