@@ -160,9 +160,11 @@ impl FlowMetrics {
     }
 
     pub fn closed(&self, route: &str, result: FlowResult) {
+        // Leave the active count first: whoever sees the result counted
+        // (a test's poll, a scrape) then never sees the flow still active.
+        self.active.dec();
         self.totals[result as usize].fetch_add(1, Relaxed);
         self.closed.get_or_create(&ClosedLabels { route: route.to_owned(), result }).inc();
-        self.active.dec();
     }
 
     pub fn bytes(&self, route: &str, up: u64, down: u64) {
