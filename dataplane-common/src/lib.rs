@@ -27,8 +27,10 @@ pub const MAP_ORIG_DST: &str = "ORIG_DST";
 /// when the client socket closes: the agent never deletes, because a client
 /// reset before accept and a reused port would make it delete a newer flow's.
 pub const MAP_FLOWS: &str = "FLOWS";
-/// LRU hash: socket cookie (u64) -> u32 marker. Sockets the agent itself opens
-/// are registered here before `connect()` so they are never redirected.
+/// Hash (not LRU: an evicted entry would send the agent's own dial back into
+/// itself): socket cookie (u64) -> u32 marker. Sockets the agent itself opens
+/// are registered here before `connect()` so they are never redirected; a
+/// full map fails that dial, counted, rather than evicting another's entry.
 pub const MAP_BYPASS: &str = "BYPASS";
 /// Per-CPU array of u64 counters indexed by [`Counter`].
 pub const MAP_COUNTERS: &str = "COUNTERS";
@@ -39,6 +41,12 @@ pub const PROG_CONNECT6: &str = "connect6";
 pub const PROG_GETPEERNAME4: &str = "getpeername4";
 pub const PROG_GETPEERNAME6: &str = "getpeername6";
 pub const PROG_SOCK_OPS: &str = "sock_ops";
+
+/// Version of the maps' layout (types, key and value sizes, capacities,
+/// counter slots). Pinned maps live under a directory named after it: an
+/// agent adopts only maps of its own layout. Bump it with any change to a
+/// map definition or to a type above.
+pub const LAYOUT_VERSION: u32 = 1;
 
 /// Capacity of the LPM route tries (per family).
 pub const ROUTES_MAX_ENTRIES: u32 = 4096;
@@ -89,6 +97,28 @@ pub struct RedirectTarget {
     pub flags: u32,
 }
 const _: () = assert!(core::mem::size_of::<RedirectTarget>() == 32, "REDIRECT value");
+
+impl RedirectTarget {
+    /// The IPv4 listener, if enabled.
+    pub fn v4(&self) -> Option<core::net::SocketAddr> {
+        (self.flags & REDIRECT_V4_ENABLED != 0).then(|| {
+            core::net::SocketAddr::new(
+                core::net::Ipv4Addr::from(v4_octets(self.v4_addr)).into(),
+                port_from_user(self.v4_port),
+            )
+        })
+    }
+
+    /// The IPv6 listener, if enabled.
+    pub fn v6(&self) -> Option<core::net::SocketAddr> {
+        (self.flags & REDIRECT_V6_ENABLED != 0).then(|| {
+            core::net::SocketAddr::new(
+                core::net::Ipv6Addr::from(v6_octets(self.v6_addr)).into(),
+                port_from_user(self.v6_port),
+            )
+        })
+    }
+}
 
 pub const REDIRECT_V4_ENABLED: u32 = 1;
 pub const REDIRECT_V6_ENABLED: u32 = 2;

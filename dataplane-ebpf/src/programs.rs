@@ -11,7 +11,7 @@ use aya_ebpf::{
     helpers::bpf_get_socket_cookie,
     macros::{cgroup_sock_addr, map, sock_ops},
     maps::{
-        Array, LruHashMap, PerCpuArray,
+        Array, HashMap, LruHashMap, PerCpuArray,
         lpm_trie::{Key, LpmTrie},
     },
     programs::{SockAddrContext, SockOpsContext},
@@ -51,7 +51,7 @@ static ORIG_DST: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(FLOWS_M
 #[map(name = "FLOWS")]
 static FLOWS: LruHashMap<FlowKey, OrigDst> = LruHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
 #[map(name = "BYPASS")]
-static BYPASS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(BYPASS_MAX_ENTRIES, 0);
+static BYPASS: HashMap<u64, u32> = HashMap::with_max_entries(BYPASS_MAX_ENTRIES, 0);
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 

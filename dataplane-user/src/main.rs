@@ -32,6 +32,14 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Remove what a pinned agent leaves on the node: its pinned programs and
+    /// maps (routed connects are then neither steered nor refused) and the
+    /// redirect interface. Stop the agent first.
+    Uninstall {
+        /// The agent's configuration file (its cgroup, pin_dir and interface).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Create the tunnel's private CA and node certificates.
     #[command(subcommand)]
     Cert(CertCommand),
@@ -99,6 +107,7 @@ fn main() -> ExitCode {
         },
         Command::Agent { config, reload_interval } => run_agent(config, reload_interval),
         Command::Cert(cmd) => cert(cmd),
+        Command::Uninstall { config } => uninstall(&config),
         Command::Status { admin, json } => match dataplane::admin::client::fetch(admin) {
             Ok((status, raw)) => {
                 print!("{}", if json { raw } else { dataplane::admin::client::render(&status) });
@@ -109,6 +118,32 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+fn uninstall(path: &std::path::Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_BAD_CONFIG as u8);
+        }
+    };
+    match dataplane::app::uninstall(&config) {
+        Ok(removed) if removed.is_empty() => {
+            println!("nothing to remove");
+            ExitCode::SUCCESS
+        }
+        Ok(removed) => {
+            for r in removed {
+                println!("removed {r}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("dataplane uninstall: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -90,7 +90,7 @@ impl AgentProcess {
                 return Ok(agent);
             }
             ensure!(
-                start.elapsed() < Duration::from_secs(20),
+                start.elapsed() < Duration::from_secs(20 * crate::time_scale()),
                 "agent {name} not ready: {}",
                 agent.log_tail()
             );
@@ -100,6 +100,37 @@ impl AgentProcess {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Sends SIGTERM and returns at once (the agent drains on its own).
+    pub fn terminate(&self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    }
+
+    /// SIGKILL, as the OOM killer or a node's crash would end it; reaped.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits (at most `within`) for the agent to exit; its status.
+    pub fn wait_exit(mut self, within: Duration) -> Result<std::process::ExitStatus> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            ensure!(start.elapsed() < within, "agent still running after {within:?}: {}", self.log_tail());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `/status`, as JSON.
+    pub fn status(&self) -> Result<serde_json::Value> {
+        let (code, body) = self.get("/status")?;
+        ensure!(code == 200, "/status answered {code}");
+        Ok(serde_json::from_str(&body)?)
     }
 
     /// CPU time so far and RSS now.
@@ -120,7 +151,7 @@ impl AgentProcess {
         Ok(crate::run_in(&self.ns, move || dataplane::admin::client::get(admin, path))??)
     }
 
-    fn log_tail(&self) -> String {
+    pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(10)..].join("\n")

@@ -9,6 +9,7 @@ pub mod baselines;
 pub mod evil;
 pub mod flood;
 pub mod probe;
+pub mod standin;
 pub mod topology;
 pub mod tunnel_env;
 
@@ -250,6 +251,31 @@ pub fn raise_nofile_limit(want: u64) {
             lim.rlim_cur = lim.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
+    }
+}
+
+/// A directory on bpffs for one test's pinned steering (bpffs is mounted
+/// at /sys/fs/bpf first if it is not); removed, with all it pins, on drop.
+pub struct PinRoot(pub PathBuf);
+
+impl PinRoot {
+    pub fn new() -> Result<PinRoot> {
+        let base = Path::new("/sys/fs/bpf");
+        let mounted = std::fs::read_to_string("/proc/self/mounts")?
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "));
+        if !mounted {
+            sh(&["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"])?;
+        }
+        let dir = base.join(format!("dataplane-test-{}", unique_id()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(PinRoot(dir))
+    }
+}
+
+impl Drop for PinRoot {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

@@ -87,6 +87,22 @@ pub struct Refusals {
     pub first_other: Option<String>,
 }
 
+/// A `--tick` run: new connects at a steady pace while something changes.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Ticks {
+    /// Connected and echoed.
+    pub ok: u64,
+    /// connect() failed with ECONNREFUSED.
+    pub refused: u64,
+    pub slowest_refusal_us: f64,
+    /// connect() failed otherwise, or hung (3 s).
+    pub failed: u64,
+    pub first_failure: Option<String>,
+    /// Connected, then the exchange failed (reset, or a wrong answer).
+    pub broken: u64,
+    pub first_broken: Option<String>,
+}
+
 /// Totals of a `--repeat` run.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Summary {
@@ -217,6 +233,24 @@ impl Probe {
         Ok(Held(child))
     }
 
+    /// Starts connecting to `addr` every `every_ms` (`--tick`) until the
+    /// returned [`Ticker`] is finished.
+    pub fn tick(&self, addr: SocketAddr, every_ms: u64) -> Result<Ticker> {
+        use std::io::BufRead;
+        let every = every_ms.to_string();
+        let mut child = self
+            .command(&["--tick", &every], addr)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("spawning dataplane-probe")?;
+        let mut stdout = std::io::BufReader::new(child.stdout.take().context("stdout")?);
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        anyhow::ensure!(line.contains("ticking"), "probe said {line:?}");
+        Ok(Ticker { child, stdout })
+    }
+
     /// Sends `bytes` through an echo server and back, comparing digests.
     pub fn bulk(&self, addr: SocketAddr, bytes: u64) -> Result<Bulk> {
         self.run(&["--bulk", &bytes.to_string()], addr)
@@ -260,6 +294,32 @@ impl Held {
     pub fn release(mut self) {
         drop(self.0.stdin.take());
         let _ = self.0.wait();
+    }
+}
+
+/// A running `--tick` probe.
+pub struct Ticker {
+    child: std::process::Child,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Ticker {
+    /// Stops the loop and returns what it counted.
+    pub fn finish(mut self) -> Result<Ticks> {
+        use std::io::Read;
+        drop(self.child.stdin.take());
+        let mut text = String::new();
+        self.stdout.read_to_string(&mut text)?;
+        let status = self.child.wait()?;
+        anyhow::ensure!(status.success(), "probe exited with {status}: {text}");
+        serde_json::from_str(text.trim()).with_context(|| format!("probe said {text:?}"))
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

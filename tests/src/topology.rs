@@ -117,6 +117,8 @@ impl Topology {
     }
 
     /// A config for this topology's cgroup with the given routes (`direct`).
+    /// Steering is unpinned (it ends with the agent) unless a test asks for
+    /// pins: see [`Topology::pinned_yaml`].
     pub fn config(&self, routes: &[&str]) -> ValidConfig {
         self.config_with(routes, "")
     }
@@ -126,11 +128,25 @@ impl Topology {
         let routes: String =
             routes.iter().map(|r| format!("  - {{ cidr: \"{r}\", via: direct }}\n")).collect();
         let text = format!(
-            "node: test-{}\nsteering:\n  cgroup: {}\ntimeouts: {{ connect: 2s, shutdown_grace: 2s }}\n{extra}routes:\n{routes}",
+            "node: test-{}\nsteering:\n  cgroup: {}\n  pin_dir: null\ntimeouts: {{ connect: 2s, shutdown_grace: 2s }}\n{extra}routes:\n{routes}",
             self.id,
             self.cgroup.path.display()
         );
         Config::parse(&text).expect("test config is valid")
+    }
+
+    /// Config text for an agent of this topology with steering pinned under
+    /// `pins` (direct routes, both families), for agents run as processes.
+    pub fn pinned_yaml(&self, pins: &crate::PinRoot, routes: &[&str], handover_wait: &str) -> String {
+        let routes: String =
+            routes.iter().map(|r| format!("  - {{ cidr: \"{r}\", via: direct }}\n")).collect();
+        format!(
+            "node: test-{}\nsteering:\n  cgroup: {}\n  pin_dir: {}\n  handover_wait: {handover_wait}\n\
+             timeouts: {{ connect: 2s, shutdown_grace: 10s }}\nroutes:\n{routes}",
+            self.id,
+            self.cgroup.path.display(),
+            pins.0.display()
+        )
     }
 
     /// A workload in the pod namespace and the test cgroup.

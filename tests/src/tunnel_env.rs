@@ -175,7 +175,7 @@ impl TunnelEnv {
             Mode::ConnectorDialsOut => ("", "listen: '10.201.0.1:4433', ".to_owned()),
         };
         format!(
-            "node: worker-1\nsteering: {{ cgroup: {} }}\ntimeouts: {{ connect: 2s, shutdown_grace: 2s }}\n{}\
+            "node: worker-1\nsteering: {{ cgroup: {}, pin_dir: null }}\ntimeouts: {{ connect: 2s, shutdown_grace: 2s }}\n{}\
              tunnel: {{ {listen}{} }}\npeers:\n  - {{ name: {PEER}, {dial}identity: '{CONNECTOR_ID}' }}\nroutes:\n{}",
             self.topo.cgroup.path.display(),
             Self::tls_yaml(tls),

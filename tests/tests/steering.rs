@@ -338,10 +338,10 @@ fn stop_redirecting_keeps_redirected_flows_recorded() {
     // The redirect target: a listener of this test's own in the node namespace.
     let target = addr("10.200.0.1:15999");
     let listener = topo.node.run(move || tests::listen(target)).expect("netns").expect("listen");
-    let steering = Steering::load(&topo.cgroup.path, Some(target), None).expect("steering loads");
+    let steering = Steering::load(&topo.cgroup.path, None).expect("steering loads");
     let config = topo.config(&ROUTES);
     let table = RouteTable::build(config.valid_routes(), &RouteTable::default());
-    steering.sync(&table, |_| dataplane_common::ACTION_REDIRECT).expect("routes applied");
+    steering.take_over(Some(target), None, &table, |_| dataplane_common::ACTION_REDIRECT).expect("attached");
 
     let pod = topo.pod_probe();
     let held = pod.hold(addr(API_V4), 1).expect("a redirected connection");

@@ -64,7 +64,11 @@ pub fn render(s: &Status) -> String {
                 st.cgroup,
                 st.route_entries_v4,
                 st.route_entries_v6
-            )
+            );
+            if let Some(p) = &st.pinned {
+                let age = now_unix().saturating_sub(p.since_unix);
+                out += &format!("pinned: {} (layout v{}, for {})\n", p.path, p.layout, age_text(age));
+            }
         }
         None => out += "steering: none (this agent routes nothing)\n",
     }
@@ -128,4 +132,19 @@ pub fn render(s: &Status) -> String {
         s.process.open_fds
     );
     out
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// `3d 4h`, `2h 5m`, `7m 12s`, `40s`.
+fn age_text(secs: u64) -> String {
+    let (d, h, m, s) = (secs / 86_400, secs / 3_600 % 24, secs / 60 % 60, secs % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m {s}s"),
+        (0, _, _) => format!("{h}h {m}m"),
+        _ => format!("{d}d {h}h"),
+    }
 }

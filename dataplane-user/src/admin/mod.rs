@@ -26,7 +26,8 @@ pub mod client;
 pub mod model;
 
 pub use model::{
-    Missing, PeerStatus, Readiness, ReloadRefusal, ReloadStatus, RouteStatus, Status, SteeringStatus,
+    Missing, PeerStatus, PinnedStatus, Readiness, ReloadRefusal, ReloadStatus, RouteStatus, Status,
+    SteeringStatus,
 };
 
 /// What the admin server reads: the agent implements it; the server knows

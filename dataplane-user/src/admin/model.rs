@@ -76,4 +76,17 @@ pub struct SteeringStatus {
     pub cgroup: String,
     pub route_entries_v4: usize,
     pub route_entries_v6: usize,
+    /// Where the links and maps are pinned; absent when unpinned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<PinnedStatus>,
+}
+
+/// Steering state pinned under bpffs (it outlives the agent).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PinnedStatus {
+    pub path: String,
+    /// When it was first pinned (by this agent or one before it).
+    pub since_unix: u64,
+    /// The map layout version this agent uses.
+    pub layout: u32,
 }

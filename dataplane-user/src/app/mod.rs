@@ -32,6 +32,7 @@ use crate::{
         cgroup::{self, CgroupError},
         metrics::SteeringCollector,
         netlink::{NetlinkError, RedirectInterface},
+        pins::{PinDir, PinError},
         probe::{self, KernelError},
     },
     lock, memory, process,
@@ -59,6 +60,8 @@ pub enum AgentError {
     Bind(#[from] BindError),
     #[error(transparent)]
     Steering(#[from] SteeringError),
+    #[error(transparent)]
+    Pin(#[from] PinError),
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error(transparent)]
@@ -91,7 +94,13 @@ struct Shared {
 /// Kernel-side steering set up at start.
 struct SteeringParts {
     listeners: Vec<TcpListener>,
-    iface: RedirectInterface,
+    /// Removed when the agent stops, unless steering is pinned: the pinned
+    /// programs still send routed connects to its address, which must stay
+    /// local to be refused (not routed off the node).
+    iface: Option<RedirectInterface>,
+    /// Pinned, with another agent's programs attached and its listeners
+    /// alive: take over once this agent can serve (the addresses bound).
+    deferred: Option<(Option<SocketAddr>, Option<SocketAddr>)>,
 }
 
 /// A started agent, ready to [`Agent::run`].
@@ -184,6 +193,7 @@ impl Agent {
                 flows.clone(),
             ));
             f.set_flow_idle_timeout(config.limits.flow_idle_timeout);
+            f.set_handover_wait(config.steering.pin_dir.is_some().then_some(config.steering.handover_wait));
             f
         });
         let shared = Arc::new(Shared {
@@ -229,10 +239,11 @@ impl Agent {
             let source: Arc<dyn admin::AdminSource> = Arc::new(AgentHandle(shared.clone()));
             tokio::spawn(admin::serve(l, source))
         });
-        let (listeners, iface) = match steering {
-            Some(p) => (p.listeners, Some(p.iface)),
-            None => (Vec::new(), None),
+        let (listeners, iface, deferred) = match steering {
+            Some(p) => (p.listeners, p.iface, p.deferred),
+            None => (Vec::new(), None, None),
         };
+        let take_over = deferred.map(|(v4, v6)| tokio::spawn(take_over_when_ready(shared.clone(), v4, v6)));
         let steered =
             shared.flow_server.clone().map(|f| tokio::spawn(f.run(listeners, shared.drain.clone())));
         let own_addresses =
@@ -287,7 +298,7 @@ impl Agent {
         if let Some(t) = admin_task {
             t.abort();
         }
-        for t in [own_addresses, trimmer, Some(route_states)].into_iter().flatten() {
+        for t in [own_addresses, trimmer, Some(route_states), take_over].into_iter().flatten() {
             t.abort();
         }
         let summary = AgentHandle(shared).summary();
@@ -306,30 +317,156 @@ async fn start_steering(
         warn!("no BPF ring buffer (Linux < 5.8): eBPF programs' logs are unavailable");
     }
     let cgroup = cgroup::resolve(config.steering.cgroup.as_deref())?;
+    let pins = config.steering.pin_dir.as_deref().map(|d| PinDir::for_cgroup(d, &cgroup)).transpose()?;
+    let pinned_before = pins.as_ref().is_some_and(PinDir::exists);
     let redirect = &config.steering.redirect;
     let addrs: Vec<_> = redirect.v4.iter().chain(&redirect.v6).map(|a| a.ip()).collect();
-    let iface = RedirectInterface::create(&redirect.interface, &addrs).await?;
+    let iface = if pins.is_some() {
+        RedirectInterface::ensure(&redirect.interface, &addrs).await?
+    } else {
+        RedirectInterface::create(&redirect.interface, &addrs).await?
+    };
     info!(interface = %iface.name, kind = ?iface.kind, "redirect interface ready");
     let setup = async {
-        let mut listeners = Vec::new();
-        for (field, addr) in [("steering.redirect.v4", redirect.v4), ("steering.redirect.v6", redirect.v6)] {
-            if let Some(addr) = addr {
-                listeners.push(listener::bind(field, addr)?);
-            }
+        // Loaded, not attached: the listeners exist before any connect is
+        // sent to them.
+        let steering = Steering::load(&cgroup, pins.clone())?;
+        let (listeners, bound, live_owner) =
+            bind_listeners(redirect, steering.current_target(), pins.is_some())?;
+        if !live_owner {
+            // No tunnel connection is up yet: routes through a peer start refused.
+            steering.take_over(bound.0, bound.1, table, |e| route_state::action(e, None))?;
         }
-        let steering = Steering::load(&cgroup, redirect.v4, redirect.v6)?;
-        // No tunnel connection is up yet: routes through a peer start refused.
-        steering.sync(table, |e| route_state::action(e, None))?;
-        Ok::<_, AgentError>((listeners, steering))
+        Ok::<_, AgentError>((listeners, steering, bound, live_owner))
     };
     match setup.await {
-        Ok((listeners, steering)) => {
-            info!(cgroup = %cgroup.display(), routes = table.entries().len(), "steering attached");
-            Ok((steering, SteeringParts { listeners, iface }))
+        Ok((listeners, steering, bound, live_owner)) => {
+            if live_owner {
+                info!(cgroup = %cgroup.display(), "another agent steers this cgroup; taking over once this one can serve");
+            } else {
+                info!(cgroup = %cgroup.display(), routes = table.entries().len(), pinned = pins.is_some(), "steering attached");
+            }
+            let iface = if pins.is_some() { None } else { Some(iface) };
+            Ok((steering, SteeringParts { listeners, iface, deferred: live_owner.then_some(bound) }))
         }
         Err(e) => {
-            iface.remove().await;
+            // Only what this start made goes: a previous agent's pinned
+            // state (and the interface it points at) stays in force.
+            if !pinned_before {
+                if let Some(p) = &pins
+                    && let Err(e) = p.remove()
+                {
+                    warn!(error = %e, "removing the pinned state of a failed start");
+                }
+                iface.remove().await;
+            }
             Err(e)
         }
     }
+}
+
+/// Binds the redirect listeners. Pinned, the address the attached programs
+/// send connects to (the previous agent's) is tried first: bound, its agent
+/// is gone and this one takes over at once; in use, that agent still runs
+/// and this one binds the other of the port and the port after it, so both
+/// listen while one hands over to the other. Returns the listeners, the
+/// bound addresses and whether a live agent steers now.
+#[allow(clippy::type_complexity)]
+fn bind_listeners(
+    redirect: &crate::config::Redirect,
+    current: Option<dataplane_common::RedirectTarget>,
+    pinned: bool,
+) -> Result<(Vec<TcpListener>, (Option<SocketAddr>, Option<SocketAddr>), bool), BindError> {
+    let mut listeners = Vec::new();
+    let mut bound = (None, None);
+    let mut live_owner = false;
+    let families = [
+        ("steering.redirect.v4", redirect.v4, current.and_then(|t| t.v4()), &mut bound.0),
+        ("steering.redirect.v6", redirect.v6, current.and_then(|t| t.v6()), &mut bound.1),
+    ];
+    for (field, configured, current, slot) in families {
+        let Some(configured) = configured else { continue };
+        let first = match current {
+            Some(c) if pinned && c.ip() == configured.ip() => c,
+            _ => configured,
+        };
+        let listener = match listener::bind(field, first) {
+            // In use without a target in the maps: an agent that refused
+            // all on its way out and is closing its listeners.
+            Err(e) if pinned && e.source.kind() == std::io::ErrorKind::AddrInUse => {
+                live_owner |= current.is_some();
+                let other_port =
+                    if first.port() == configured.port() { configured.port() + 1 } else { configured.port() };
+                listener::bind(field, SocketAddr::new(configured.ip(), other_port))?
+            }
+            other => other?,
+        };
+        *slot = listener.local_addr().ok();
+        listeners.push(listener);
+    }
+    Ok((listeners, bound, live_owner))
+}
+
+/// Takes steering over from a live agent once this one can serve every
+/// route (its peers connected), or when `steering.handover_wait` is up.
+async fn take_over_when_ready(shared: Arc<Shared>, v4: Option<SocketAddr>, v6: Option<SocketAddr>) {
+    let Some(steering) = shared.steering.clone() else { return };
+    let wait = lock(&shared.config).steering.handover_wait;
+    let deadline = Instant::now() + wait;
+    let tunnel = shared.tunnel.clone();
+    let ready = || {
+        lock(&shared.routes)
+            .entries()
+            .iter()
+            .all(|e| route_state::action(e, tunnel.as_deref()) != dataplane_common::ACTION_REJECT)
+    };
+    let mut changes = tunnel.as_ref().map(|t| t.liveness());
+    while !ready() && Instant::now() < deadline {
+        let changed = async {
+            match changes.as_mut() {
+                Some(c) => drop(c.changed().await),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = changed => {}
+            () = tokio::time::sleep_until(deadline) => {}
+            () = shared.drain.cancelled() => return,
+        }
+    }
+    let table = lock(&shared.routes).clone();
+    match steering.take_over(v4, v6, &table, |e| route_state::action(e, tunnel.as_deref())) {
+        Ok(()) => info!(
+            routes = table.entries().len(),
+            ready = ready(),
+            "took over steering from the previous agent"
+        ),
+        Err(e) => {
+            warn!(error = %e, "taking over steering failed; the previous agent's programs stay attached")
+        }
+    }
+}
+
+/// Removes what a pinned agent leaves behind for `config`'s cgroup: the
+/// pinned links and maps (the programs detach as the links go), then the
+/// redirect interface. Returns what was removed, for the operator.
+pub fn uninstall(config: &ValidConfig) -> Result<Vec<String>, AgentError> {
+    let mut removed = Vec::new();
+    let cgroup = cgroup::resolve(config.steering.cgroup.as_deref())?;
+    if let Some(dir) = &config.steering.pin_dir {
+        let pins = PinDir::for_cgroup(dir, &cgroup)?;
+        if pins.exists() {
+            pins.remove()?;
+            removed.push(format!("pinned steering {}", pins.root().display()));
+        }
+    }
+    let name = config.steering.redirect.interface.clone();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| AgentError::Netlink(crate::kernel::netlink::NetlinkError::Socket(e)))?;
+    if runtime.block_on(RedirectInterface::remove_named(&name))? {
+        removed.push(format!("interface {name}"));
+    }
+    Ok(removed)
 }

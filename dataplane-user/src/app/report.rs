@@ -12,7 +12,7 @@ use super::{AgentHandle, Summary};
 use crate::{
     admin::{self, AdminSource},
     connector::Connector,
-    kernel::{KernelCounters, SteeringError},
+    kernel::{KernelCounters, Role, SteeringError},
     lock, process,
     routes::{RouteTable, Upstream},
     steer::metrics::FlowSnapshot,
@@ -82,14 +82,16 @@ impl AgentHandle {
         if s.drain.is_cancelled() {
             missing.push(admin::Missing { what: "agent".into(), peer: None, reason: "shutting down".into() });
         }
-        if let Some(st) = &s.steering
-            && !st.attached()
-        {
-            missing.push(admin::Missing {
-                what: "steering".into(),
-                peer: None,
-                reason: "programs detached".into(),
-            });
+        if let Some(st) = &s.steering {
+            let reason = match st.role() {
+                Role::Owner => None,
+                Role::Waiting => Some("waiting to take over from the agent that steers now"),
+                Role::Done if st.pin_dir().is_some() => Some("another agent took over steering"),
+                Role::Done => Some("programs detached"),
+            };
+            if let Some(reason) = reason {
+                missing.push(admin::Missing { what: "steering".into(), peer: None, reason: reason.into() });
+            }
         }
         if !self.routes_follow_peers() {
             missing.push(admin::Missing {
@@ -159,6 +161,14 @@ impl AgentHandle {
                 cgroup: st.cgroup().display().to_string(),
                 route_entries_v4: v4,
                 route_entries_v6: v6,
+                pinned: st.pin_dir().map(|d| admin::PinnedStatus {
+                    path: d.root().display().to_string(),
+                    since_unix: d
+                        .since()
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map_or(0, |d| d.as_secs()),
+                    layout: dataplane_common::LAYOUT_VERSION,
+                }),
             }
         });
         admin::Status {

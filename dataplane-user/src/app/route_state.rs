@@ -22,6 +22,11 @@ use crate::{
 /// the programs do not act on.
 const ACTION_PASS: u32 = 0;
 
+/// How often the owner of pinned steering checks that the redirect target
+/// is still its own (an agent stopping just as this one took over may
+/// write its refusal after this agent's target).
+const KEEP_TARGET_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The kernel action for `entry` given the tunnel's live connections now.
 pub(super) fn action(entry: &RouteEntry, tunnel: Option<&Tunnel>) -> u32 {
     match &entry.upstream {
@@ -33,18 +38,31 @@ pub(super) fn action(entry: &RouteEntry, tunnel: Option<&Tunnel>) -> u32 {
 }
 
 /// Re-syncs the route actions whenever a tunnel connection comes up or
-/// goes, until `stop`.
+/// goes, and keeps the redirect target this agent's, until `stop`.
 pub(super) async fn follow_peers(shared: Arc<Shared>, stop: CancellationToken) {
-    let (Some(tunnel), Some(steering)) = (shared.tunnel.clone(), shared.steering.clone()) else { return };
-    let mut changes = tunnel.liveness();
+    let Some(steering) = shared.steering.clone() else { return };
+    let tunnel = shared.tunnel.clone();
+    let mut changes = tunnel.as_ref().map(|t| t.liveness());
+    let mut keep = tokio::time::interval(KEEP_TARGET_EVERY);
     loop {
+        let changed = async {
+            match changes.as_mut() {
+                Some(c) => c.changed().await.is_ok(),
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            changed = changes.changed() => if changed.is_err() { return },
+            alive = changed => if !alive { return },
+            _ = keep.tick() => {
+                steering.keep_target();
+                continue;
+            }
             () = stop.cancelled() => return,
         }
+        let (Some(changes), Some(tunnel)) = (changes.as_mut(), tunnel.as_deref()) else { continue };
         let seen = *changes.borrow_and_update();
         let table = lock(&shared.routes);
-        match steering.sync(&table, |e| action(e, Some(&tunnel))) {
+        match steering.sync(&table, |e| action(e, Some(tunnel))) {
             Ok(()) => debug!("route actions follow the peers"),
             Err(e) => warn!(error = %e, "updating route actions failed; the tries keep their last state"),
         }

@@ -177,7 +177,7 @@ pub struct Serve {
 }
 
 /// Kernel-side steering settings. Changing them needs a restart.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SteeringSettings {
     /// cgroup v2 directory the programs attach to; default: the cgroup v2 mount.
@@ -185,6 +185,31 @@ pub struct SteeringSettings {
     pub cgroup: Option<PathBuf>,
     #[serde(default)]
     pub redirect: Redirect,
+    /// Where the programs' links and maps are pinned (a directory on
+    /// bpffs), so steering survives the agent: a restarted or upgraded
+    /// agent takes it over in place, and while none runs routed connects
+    /// are refused instead of leaving by the default route. `null`: not
+    /// pinned; steering ends with the agent (connects then pass unsteered).
+    #[serde(default = "default_pin_dir")]
+    pub pin_dir: Option<PathBuf>,
+    /// Pinned: on SIGTERM, how long the agent keeps serving while it waits
+    /// for a successor to take over (a rolling update starting the new pod
+    /// after the old one stopped); a new agent waits as long for its peers
+    /// before it takes over from a live one. Past it, routed connects are
+    /// refused in the kernel until an agent runs again.
+    #[serde(default = "default_handover_wait", with = "humantime_serde")]
+    pub handover_wait: Duration,
+}
+
+impl Default for SteeringSettings {
+    fn default() -> Self {
+        SteeringSettings {
+            cgroup: None,
+            redirect: Redirect::default(),
+            pin_dir: default_pin_dir(),
+            handover_wait: default_handover_wait(),
+        }
+    }
 }
 
 /// The node-local listeners that routed connects are rewritten to. They sit on
@@ -361,6 +386,12 @@ fn default_admin() -> Option<SocketAddr> {
 }
 fn default_log_level() -> String {
     "info".to_owned()
+}
+fn default_pin_dir() -> Option<PathBuf> {
+    Some(PathBuf::from("/sys/fs/bpf/dataplane"))
+}
+fn default_handover_wait() -> Duration {
+    Duration::from_secs(10)
 }
 fn default_interface() -> String {
     "dataplane0".to_owned()

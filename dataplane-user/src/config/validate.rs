@@ -14,6 +14,9 @@ use super::{Config, ConfigError, Limits, MAX_WORKERS, Redirect, VIA_DIRECT};
 use crate::ranges::{self, NEVER_ROUTED, NEVER_SERVED};
 use dataplane_common::ROUTES_MAX_ENTRIES;
 
+/// The longest `steering.handover_wait`: a stopping agent holds its pod that long.
+const MAX_HANDOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// A configuration that passed [`Config::validate`], with the routes and
 /// serve entries validation parsed. It reads as the [`Config`] it wraps.
 #[derive(Clone, Debug, PartialEq)]
@@ -126,6 +129,7 @@ impl Config {
             return Err(ConfigError::invalid("workers", format!("{w}: must be between 1 and {MAX_WORKERS}")));
         }
         self.steering.redirect.validate()?;
+        self.validate_pinning()?;
         self.limits.validate()?;
         self.validate_peers()?;
         let routes = self.parse_routes()?;
@@ -161,6 +165,39 @@ impl Config {
             ));
         }
         Ok(ValidConfig { config: self, routes, serve })
+    }
+
+    fn validate_pinning(&self) -> Result<(), ConfigError> {
+        let st = &self.steering;
+        let Some(dir) = &st.pin_dir else { return Ok(()) };
+        if !dir.is_absolute() {
+            return Err(ConfigError::invalid(
+                "steering.pin_dir",
+                format!("{}: must be an absolute path on bpffs (e.g. /sys/fs/bpf/dataplane)", dir.display()),
+            ));
+        }
+        if st.handover_wait > MAX_HANDOVER_WAIT {
+            return Err(ConfigError::invalid(
+                "steering.handover_wait",
+                format!(
+                    "{:?}: at most {MAX_HANDOVER_WAIT:?} (a stopping agent holds its pod that long)",
+                    st.handover_wait
+                ),
+            ));
+        }
+        // A new agent binds the next port while the one it replaces still
+        // listens on the configured one.
+        for (field, addr) in
+            [("steering.redirect.v4", st.redirect.v4), ("steering.redirect.v6", st.redirect.v6)]
+        {
+            if addr.is_some_and(|a| a.port() == u16::MAX) {
+                return Err(ConfigError::invalid(
+                    field,
+                    "port must be below 65535 when pinned: a restarting agent takes the next port while the old one drains",
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn validate_peers(&self) -> Result<(), ConfigError> {
@@ -347,6 +384,11 @@ impl Config {
         }
         if self.steering.redirect != other.steering.redirect {
             v.push("steering.redirect");
+        }
+        if (&self.steering.pin_dir, self.steering.handover_wait)
+            != (&other.steering.pin_dir, other.steering.handover_wait)
+        {
+            v.push("steering.pin_dir/handover_wait");
         }
         if self.tls != other.tls {
             v.push("tls");

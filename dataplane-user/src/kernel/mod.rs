@@ -2,14 +2,15 @@
 //! (`probe`), the cgroup the programs attach to (`cgroup`), the node-local
 //! interface the redirect listeners sit on (`netlink`), and the loaded
 //! programs with their maps (`steering`, read by `metrics`; its route tries
-//! are changed as one transaction by `trie`). Pinned state will live here
-//! too.
+//! are changed as one transaction by `trie`), and the state pinned under
+//! bpffs that outlives the agent (`pins`).
 
 pub mod cgroup;
 pub mod metrics;
 pub mod netlink;
+pub mod pins;
 pub mod probe;
 pub mod steering;
 mod trie;
 
-pub use steering::{BypassGuard, KernelCounters, Recovered, Steering, SteeringError};
+pub use steering::{BypassGuard, KernelCounters, Recovered, Role, Steering, SteeringError};

@@ -12,7 +12,7 @@ use netlink_packet_route::{
     address::{AddressAttribute, AddressFlags},
     link::LinkMessage,
 };
-use rtnetlink::{Handle, LinkDummy, LinkIfb};
+use rtnetlink::{Handle, LinkDummy, LinkIfb, LinkUnspec};
 use tracing::{info, warn};
 
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +101,43 @@ impl RedirectInterface {
             return Err(e);
         }
         Ok(iface)
+    }
+
+    /// Pinned steering: keeps an interface a previous agent left, with its
+    /// addresses (a running agent's listeners are bound to them, and the
+    /// pinned programs send connects there), adding what is missing; creates
+    /// it if there is none.
+    pub async fn ensure(name: &str, addrs: &[IpAddr]) -> Result<RedirectInterface, NetlinkError> {
+        let handle = connect()?;
+        let Some(link) = link_by_name(&handle, name).await? else { return Self::create(name, addrs).await };
+        handle
+            .link()
+            .set(LinkUnspec::new_with_index(link.header.index).up().build())
+            .execute()
+            .await
+            .map_err(request(format!("bringing {name} up")))?;
+        let iface = RedirectInterface {
+            handle,
+            name: name.to_owned(),
+            index: link.header.index,
+            kind: LinkKind::Dummy,
+        };
+        for addr in addrs {
+            match iface.add_addresses(std::slice::from_ref(addr)).await {
+                Err(NetlinkError::Request { source: rtnetlink::Error::NetlinkError(e), .. })
+                    if e.raw_code() == -libc::EEXIST => {}
+                other => other?,
+            }
+        }
+        Ok(iface)
+    }
+
+    /// Deletes the interface called `name`, if there is one (`dataplane uninstall`).
+    pub async fn remove_named(name: &str) -> Result<bool, NetlinkError> {
+        let handle = connect()?;
+        let Some(link) = link_by_name(&handle, name).await? else { return Ok(false) };
+        handle.link().del(link.header.index).execute().await.map_err(request(format!("deleting {name}")))?;
+        Ok(true)
     }
 
     async fn add_addresses(&self, addrs: &[IpAddr]) -> Result<(), NetlinkError> {

@@ -4,14 +4,18 @@
 use std::{
     fs::File,
     net::{IpAddr, SocketAddr},
+    os::fd::AsFd,
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{
+        Mutex,
+        atomic::{AtomicU8, Ordering},
+    },
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray},
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, MapType, PerCpuArray},
+    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps, links::FdLink},
 };
 use dataplane_common::{
     self as common, AF_INET, AF_INET6, Counter, FlowKey, OrigDst, REDIRECT_V4_ENABLED, REDIRECT_V6_ENABLED,
@@ -20,7 +24,10 @@ use dataplane_common::{
 use ipnet::IpNet;
 use tracing::{debug, warn};
 
-use super::trie;
+use super::{
+    pins::{PinDir, PinError, PinnedLink},
+    trie,
+};
 use crate::{
     lock,
     routes::{RouteEntry, RouteTable},
@@ -71,6 +78,21 @@ pub enum SteeringError {
     /// After a write, a trie did not hold what was written.
     #[error("eBPF map {name} does not hold what was written: {detail}")]
     Verify { name: &'static str, detail: String },
+    /// Pinned state could not be read, made or replaced.
+    #[error(transparent)]
+    Pin(#[from] PinError),
+    /// A pinned map is not what this build's programs expect.
+    #[error(
+        "pinned map {path} is not of this build's layout (v{version}): {detail}; remove the pinned state \
+         with `dataplane uninstall` (steering stops until the agent starts again)",
+        version = common::LAYOUT_VERSION
+    )]
+    PinnedLayout { path: PathBuf, detail: String },
+    /// The kernel gave a link that cannot be pinned (bpf_link needs 5.7).
+    #[error(
+        "{name}: the kernel attached it without a bpf_link (Linux < 5.7), which cannot be pinned; set steering.pin_dir: null"
+    )]
+    NotPinnable { name: &'static str },
     /// An injected fault (tests).
     #[error("injected fault after {writes} writes to the route tries")]
     Injected { writes: usize },
@@ -110,25 +132,60 @@ pub struct Recovered {
     pub route_id: u32,
 }
 
-/// The loaded and attached programs plus handles to their maps (the
-/// kernel's side of steering; `steer` is the agent's). Dropping it (or
-/// [`Steering::detach`]) detaches the programs: links are never pinned, so a
-/// crashed agent leaves no steering behind.
+/// The loaded programs plus handles to their maps (the kernel's side of
+/// steering; `steer` is the agent's). Unpinned, dropping it (or
+/// [`Steering::detach`]) detaches the programs, so a crashed agent leaves no
+/// steering behind. Pinned ([`PinDir`]), the links and maps outlive the
+/// agent: a successor adopts them, and while none runs, routed connects are
+/// refused by the kernel (their listener is gone).
 pub struct Steering {
-    /// Owns the programs and thereby their links; `None` once detached.
+    /// Owns the programs (and, unpinned, their links); `None` once detached.
     programs: Mutex<Option<Ebpf>>,
     routes_v4: Mutex<LpmTrie<MapData, u32, RouteValue>>,
     routes_v6: Mutex<LpmTrie<MapData, [u32; 4], RouteValue>>,
+    redirect: Mutex<Array<MapData, RedirectTarget>>,
     flows: Mutex<HashMap<MapData, FlowKey, OrigDst>>,
     bypass: Mutex<HashMap<MapData, u64, u32>>,
     counters: PerCpuArray<MapData, u64>,
     cgroup: PathBuf,
+    pins: Option<Pins>,
+    /// [`Role`]: whether this agent's programs are the ones attached.
+    role: AtomicU8,
+    /// The redirect target this agent writes once it owns steering.
+    target: Mutex<RedirectTarget>,
+    /// Dials that found the bypass map full (and failed instead).
+    bypass_full: std::sync::atomic::AtomicU64,
     /// A logger no task drains (loaded outside a runtime), kept because the
     /// programs reference its ring buffer: dropped, it would close the map
     /// and the programs would fail to load.
     _idle_logger: Option<KernelLogger>,
     /// Writes the next apply may make before it fails (tests); usize::MAX: none.
     fault_after: std::sync::atomic::AtomicUsize,
+}
+
+/// Pinned mode: where, whether the maps were adopted, and this agent's
+/// connect4 program (a successor replaces it last: once the pinned link runs
+/// another, this agent no longer steers anything).
+struct Pins {
+    dir: PinDir,
+    /// The maps were pinned by an earlier agent (and may be in use).
+    adopted_maps: bool,
+    /// The kernel id of this agent's connect4 program.
+    connect4_id: u32,
+    /// This agent's programs went onto the pinned links.
+    linked: std::sync::atomic::AtomicBool,
+}
+
+/// Where an agent stands with the steering of its cgroup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Role {
+    /// Loaded; another agent's programs may still be attached.
+    Waiting = 0,
+    /// This agent's programs are attached: it writes the maps.
+    Owner = 1,
+    /// Detached, or (pinned) a successor replaced the programs.
+    Done = 2,
 }
 
 type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
@@ -142,21 +199,65 @@ const ATTACH_MODE: CgroupAttachMode = CgroupAttachMode::Single;
 const SOCK_ADDR_PROGRAMS: [&str; 4] =
     [common::PROG_CONNECT4, common::PROG_CONNECT6, common::PROG_GETPEERNAME4, common::PROG_GETPEERNAME6];
 
+/// The maps that are pinned, with the layout this build gives them (type,
+/// key size, value size, capacity): adopted only if they match.
+fn pinned_layout() -> [(&'static str, MapType, u32, u32, u32); 7] {
+    use std::mem::size_of;
+    let u = |n: usize| n as u32;
+    [
+        (common::MAP_ROUTES_V4, MapType::LpmTrie, 8, u(size_of::<RouteValue>()), common::ROUTES_MAX_ENTRIES),
+        (common::MAP_ROUTES_V6, MapType::LpmTrie, 20, u(size_of::<RouteValue>()), common::ROUTES_MAX_ENTRIES),
+        (common::MAP_REDIRECT, MapType::Array, 4, u(size_of::<RedirectTarget>()), 1),
+        (common::MAP_ORIG_DST, MapType::LruHash, 8, u(size_of::<OrigDst>()), common::FLOWS_MAX_ENTRIES),
+        (
+            common::MAP_FLOWS,
+            MapType::LruHash,
+            u(size_of::<FlowKey>()),
+            u(size_of::<OrigDst>()),
+            common::FLOWS_MAX_ENTRIES,
+        ),
+        (common::MAP_BYPASS, MapType::Hash, 8, 4, common::BYPASS_MAX_ENTRIES),
+        (common::MAP_COUNTERS, MapType::PerCpuArray, 4, 8, Counter::COUNT),
+    ]
+}
+
+/// Checks the maps pinned in `dir` (those that exist) against this build's
+/// layout; returns whether any exists.
+fn check_pinned_maps(dir: &PinDir) -> Result<bool, SteeringError> {
+    let mut any = false;
+    for (name, kind, key, value, max) in pinned_layout() {
+        let path = dir.map(name);
+        if !path.exists() {
+            continue;
+        }
+        any = true;
+        let bad = |detail: String| SteeringError::PinnedLayout { path: path.clone(), detail };
+        let map = MapData::from_pin(&path).map_err(|e| bad(format!("opening it: {e}")))?;
+        let info = map.info().map_err(|e| bad(format!("reading it: {e}")))?;
+        let found = (info.map_type().ok(), info.key_size(), info.value_size(), info.max_entries());
+        if found != (Some(kind), key, value, max) {
+            return Err(bad(format!(
+                "found {:?} key {} value {} entries {}, expected {kind:?} key {key} value {value} entries {max}",
+                found.0, found.1, found.2, found.3
+            )));
+        }
+    }
+    Ok(any)
+}
+
 impl Steering {
-    /// Loads the programs, writes the redirect target, and attaches everything
-    /// to `cgroup`. Routes start empty: call [`Steering::apply`] next.
-    /// Refused connects fail with ECONNREFUSED where the kernel lets connect
-    /// hooks call `bpf_set_retval`; where the verifier refuses that, the
-    /// object is loaded again without it (refusals then read EPERM).
-    pub fn load(
-        cgroup: &Path,
-        v4: Option<SocketAddr>,
-        v6: Option<SocketAddr>,
-    ) -> Result<Steering, SteeringError> {
+    /// Loads (verifies) the programs; nothing is attached until
+    /// [`Steering::take_over`]. With `pins`, the maps are those pinned there
+    /// if an earlier agent left them (checked against this build's layout),
+    /// or are pinned there now. Refused connects fail with ECONNREFUSED
+    /// where the kernel lets connect hooks call `bpf_set_retval`; where the
+    /// verifier refuses that, the object is loaded again without it
+    /// (refusals then read EPERM).
+    pub fn load(cgroup: &Path, pins: Option<PinDir>) -> Result<Steering, SteeringError> {
         if OBJECT.is_empty() {
             return Err(SteeringError::NotBuilt);
         }
-        match Self::load_with(cgroup, v4, v6, true) {
+        match Self::load_with(cgroup, pins.clone(), true) {
             Err(SteeringError::Program { name, source })
                 if name == common::PROG_CONNECT4 || name == common::PROG_CONNECT6 =>
             {
@@ -165,24 +266,30 @@ impl Steering {
                     error = %source,
                     "the kernel refused bpf_set_retval in connect hooks; refused connects will fail with EPERM, not ECONNREFUSED"
                 );
-                Self::load_with(cgroup, v4, v6, false)
+                Self::load_with(cgroup, pins, false)
             }
             other => other,
         }
     }
 
-    fn load_with(
-        cgroup: &Path,
-        v4: Option<SocketAddr>,
-        v6: Option<SocketAddr>,
-        set_retval: bool,
-    ) -> Result<Steering, SteeringError> {
+    fn load_with(cgroup: &Path, pins: Option<PinDir>, set_retval: bool) -> Result<Steering, SteeringError> {
         let level = kernel_log_level();
-        let mut ebpf = EbpfLoader::new()
-            .override_global(aya_log::LEVEL, &level, true)
-            .override_global("SET_RETVAL", &u32::from(set_retval), true)
-            .load(OBJECT)
-            .map_err(SteeringError::Load)?;
+        let set_retval = u32::from(set_retval);
+        let mut loader = EbpfLoader::new();
+        loader.override_global(aya_log::LEVEL, &level, true).override_global("SET_RETVAL", &set_retval, true);
+        let mut adopted_maps = false;
+        let map_paths: Vec<(&str, PathBuf)> = match &pins {
+            Some(dir) => {
+                adopted_maps = check_pinned_maps(dir)?;
+                dir.create()?;
+                pinned_layout().iter().map(|m| (m.0, dir.map(m.0))).collect()
+            }
+            None => Vec::new(),
+        };
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(SteeringError::Load)?;
         // Every program is loaded (verified) before any is attached: a
         // refusal leaves nothing attached behind.
         let sock_ops: &mut SockOps = program(&mut ebpf, common::PROG_SOCK_OPS)?;
@@ -198,44 +305,166 @@ impl Steering {
                 None
             }
         };
-
-        let mut redirect: Array<MapData, RedirectTarget> =
-            take(&mut ebpf, common::MAP_REDIRECT)?.try_into().map_err(map_err(common::MAP_REDIRECT))?;
-        redirect.set(0, redirect_target(v4, v6), 0).map_err(map_err(common::MAP_REDIRECT))?;
-        let steering = Steering {
+        let pins = match pins {
+            Some(dir) => {
+                let prog: &mut CgroupSockAddr = program(&mut ebpf, common::PROG_CONNECT4)?;
+                let connect4_id = prog
+                    .info()
+                    .map_err(|source| SteeringError::Program { name: common::PROG_CONNECT4, source })?
+                    .id();
+                Some(Pins { dir, adopted_maps, connect4_id, linked: Default::default() })
+            }
+            None => None,
+        };
+        Ok(Steering {
             routes_v4: Mutex::new(try_map(&mut ebpf, common::MAP_ROUTES_V4)?),
             routes_v6: Mutex::new(try_map(&mut ebpf, common::MAP_ROUTES_V6)?),
+            redirect: Mutex::new(try_map(&mut ebpf, common::MAP_REDIRECT)?),
             flows: Mutex::new(try_map(&mut ebpf, common::MAP_FLOWS)?),
             bypass: Mutex::new(try_map(&mut ebpf, common::MAP_BYPASS)?),
             counters: try_map(&mut ebpf, common::MAP_COUNTERS)?,
             cgroup: cgroup.to_owned(),
-            programs: Mutex::new(None),
+            programs: Mutex::new(Some(ebpf)),
+            pins,
+            role: AtomicU8::new(Role::Waiting as u8),
+            target: Mutex::new(RedirectTarget::default()),
+            bypass_full: Default::default(),
             _idle_logger: idle_logger,
             fault_after: std::sync::atomic::AtomicUsize::new(usize::MAX),
-        };
+        })
+    }
 
+    /// Where routed connects go now, as the adopted maps say: the listener
+    /// of the agent whose programs are attached (pinned, adopted maps only).
+    pub fn current_target(&self) -> Option<RedirectTarget> {
+        let pins = self.pins.as_ref()?;
+        if !pins.adopted_maps || !pins.dir.link(common::PROG_CONNECT4).exists() {
+            return None;
+        }
+        lock(&self.redirect).get(&0, 0).ok().filter(|t| t.flags != 0)
+    }
+
+    /// Makes this agent's programs the attached ones, steering routed
+    /// connects to `v4`/`v6` by `table`. Maps no other agent uses are
+    /// written first and the programs attached after, so no connect meets
+    /// an empty map; adopted maps (the previous agent's programs still run
+    /// on them) are written after this agent's programs replaced the
+    /// previous ones in place, redirect target first, so the previous agent
+    /// stops receiving connects the moment this one starts.
+    pub fn take_over(
+        &self,
+        v4: Option<SocketAddr>,
+        v6: Option<SocketAddr>,
+        table: &RouteTable,
+        action: impl Fn(&RouteEntry) -> u32,
+    ) -> Result<(), SteeringError> {
+        *lock(&self.target) = redirect_target(v4, v6);
+        let adopted = self.pins.as_ref().is_some_and(|p| p.adopted_maps);
+        if !adopted {
+            self.write_maps(table, &action)?;
+        }
+        self.attach_programs()?;
+        if let Some(pins) = &self.pins {
+            pins.linked.store(true, Ordering::Release);
+        }
+        if adopted {
+            self.write_maps(table, &action)?;
+        }
+        if let Some(pins) = &self.pins {
+            for old in pins.dir.other_layouts() {
+                if let Err(e) = std::fs::remove_dir_all(&old) {
+                    warn!(path = %old.display(), error = %e, "removing another layout's pinned maps failed");
+                }
+            }
+        }
+        debug!(cgroup = %self.cgroup.display(), pinned = self.pins.is_some(), "steering taken over");
+        Ok(())
+    }
+
+    fn write_maps(
+        &self,
+        table: &RouteTable,
+        action: &impl Fn(&RouteEntry) -> u32,
+    ) -> Result<(), SteeringError> {
+        let target = *lock(&self.target);
+        lock(&self.redirect).set(0, target, 0).map_err(map_err(common::MAP_REDIRECT))?;
+        self.role.store(Role::Owner as u8, Ordering::Release);
+        self.sync(table, action)
+    }
+
+    /// Attaches the programs (sock_ops first: a connect redirected before
+    /// it is attached would be established without its flow recorded;
+    /// getpeername before connect for the same reason). Pinned, a program
+    /// whose link is pinned already replaces the one the link runs.
+    fn attach_programs(&self) -> Result<(), SteeringError> {
+        let mut programs = lock(&self.programs);
+        let ebpf = programs.as_mut().ok_or(SteeringError::Missing { what: "program", name: "(detached)" })?;
+        let cgroup = &self.cgroup;
         let cgroup_file =
             File::open(cgroup).map_err(|source| SteeringError::Cgroup { path: cgroup.to_owned(), source })?;
-        // sock_ops first: a connect redirected before it is attached would be
-        // established without its flow recorded.
-        let prog: &mut SockOps = program(&mut ebpf, common::PROG_SOCK_OPS)?;
-        prog.attach(&cgroup_file, ATTACH_MODE).map_err(|source| SteeringError::Attach {
-            name: common::PROG_SOCK_OPS,
-            cgroup: cgroup.to_owned(),
-            source,
-        })?;
-        // getpeername before connect, for the same reason.
-        for name in SOCK_ADDR_PROGRAMS.into_iter().rev() {
-            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-            prog.attach(&cgroup_file, ATTACH_MODE).map_err(|source| SteeringError::Attach {
-                name,
-                cgroup: cgroup.to_owned(),
-                source,
-            })?;
+        let attach_err = |name: &'static str| {
+            move |source| SteeringError::Attach { name, cgroup: cgroup.to_owned(), source }
+        };
+        let order = [
+            common::PROG_SOCK_OPS,
+            common::PROG_GETPEERNAME6,
+            common::PROG_GETPEERNAME4,
+            common::PROG_CONNECT6,
+            common::PROG_CONNECT4,
+        ];
+        for name in order {
+            let pinned = match &self.pins {
+                Some(pins) => Some((pins.dir.link(name), PinnedLink::open(&pins.dir.link(name))?)),
+                None => None,
+            };
+            let fd_link: Option<FdLink> = if name == common::PROG_SOCK_OPS {
+                let prog: &mut SockOps = program(ebpf, name)?;
+                if let Some((_, Some(link))) = &pinned {
+                    let fd = prog.fd().map_err(|source| SteeringError::Program { name, source })?;
+                    link.update(fd.as_fd())?;
+                    None
+                } else {
+                    let id = prog.attach(&cgroup_file, ATTACH_MODE).map_err(attach_err(name))?;
+                    match pinned {
+                        Some(_) => Some(
+                            prog.take_link(id)
+                                .map_err(attach_err(name))?
+                                .try_into()
+                                .map_err(|_| SteeringError::NotPinnable { name })?,
+                        ),
+                        None => None,
+                    }
+                }
+            } else {
+                let prog: &mut CgroupSockAddr = program(ebpf, name)?;
+                if let Some((_, Some(link))) = &pinned {
+                    let fd = prog.fd().map_err(|source| SteeringError::Program { name, source })?;
+                    link.update(fd.as_fd())?;
+                    None
+                } else {
+                    let id = prog.attach(&cgroup_file, ATTACH_MODE).map_err(attach_err(name))?;
+                    match pinned {
+                        Some(_) => Some(
+                            prog.take_link(id)
+                                .map_err(attach_err(name))?
+                                .try_into()
+                                .map_err(|_| SteeringError::NotPinnable { name })?,
+                        ),
+                        None => None,
+                    }
+                }
+            };
+            if let (Some(fd_link), Some((path, _))) = (fd_link, pinned) {
+                fd_link.pin(&path).map_err(|e| {
+                    SteeringError::Pin(PinError::Link {
+                        path: path.clone(),
+                        call: "BPF_OBJ_PIN",
+                        source: std::io::Error::other(e.to_string()),
+                    })
+                })?;
+            }
         }
-        debug!(cgroup = %cgroup.display(), econnrefused = set_retval, "eBPF programs attached");
-        *lock(&steering.programs) = Some(ebpf);
-        Ok(steering)
+        Ok(())
     }
 
     /// The cgroup the programs are attached to.
@@ -243,17 +472,81 @@ impl Steering {
         &self.cgroup
     }
 
-    /// Whether the programs are still attached.
-    pub fn attached(&self) -> bool {
-        lock(&self.programs).is_some()
+    /// Where this agent stands (pinned, a successor that replaced the
+    /// programs makes it [`Role::Done`], checked here).
+    pub fn role(&self) -> Role {
+        let role = self.role.load(Ordering::Acquire);
+        if role == Role::Owner as u8 && self.superseded() {
+            self.role.store(Role::Done as u8, Ordering::Release);
+            return Role::Done;
+        }
+        match role {
+            0 => Role::Waiting,
+            1 => Role::Owner,
+            _ => Role::Done,
+        }
     }
 
-    /// Detaches the connect programs only: no new connect is steered, while
-    /// one already redirected still has its flow recorded when its handshake
-    /// completes (sock_ops) and sees its original peer (getpeername). The
-    /// mirror of the attach order; [`Steering::detach`] removes the rest once
-    /// such stragglers have landed.
+    /// Whether the programs attached are this agent's.
+    pub fn attached(&self) -> bool {
+        self.role() == Role::Owner
+    }
+
+    /// Pinned: whether another agent's connect4 now runs on the pinned link.
+    fn superseded(&self) -> bool {
+        let Some(pins) = &self.pins else { return false };
+        match PinnedLink::open(&pins.dir.link(common::PROG_CONNECT4)) {
+            Ok(Some(link)) => link.program_id().is_ok_and(|id| id != pins.connect4_id),
+            // Unpinned (by `dataplane uninstall`) after this agent linked.
+            Ok(None) => pins.linked.load(Ordering::Acquire),
+            Err(_) => false,
+        }
+    }
+
+    /// The pinned state's directory, if pinned.
+    pub fn pin_dir(&self) -> Option<&PinDir> {
+        self.pins.as_ref().map(|p| &p.dir)
+    }
+
+    /// Pinned, as owner: makes every routed connect fail in the kernel (the
+    /// target has no listener), for when this agent stops with no successor.
+    /// The programs stay attached; the next agent writes its own target.
+    pub fn refuse_all(&self) -> Result<(), SteeringError> {
+        if self.role() != Role::Owner {
+            return Ok(());
+        }
+        let mut target = *lock(&self.target);
+        target.flags = 0;
+        lock(&self.redirect).set(0, target, 0).map_err(map_err(common::MAP_REDIRECT))?;
+        self.role.store(Role::Done as u8, Ordering::Release);
+        Ok(())
+    }
+
+    /// As owner, puts this agent's redirect target back if the map holds
+    /// another (an agent that stopped just as this one took over may have
+    /// written its refusal over it).
+    pub fn keep_target(&self) {
+        if self.role() != Role::Owner {
+            return;
+        }
+        let want = *lock(&self.target);
+        let map = &mut *lock(&self.redirect);
+        if map.get(&0, 0).ok() != Some(want) {
+            warn!("the redirect target was overwritten; writing it back");
+            let _ = map.set(0, want, 0);
+        }
+    }
+
+    /// Unpinned: detaches the connect programs only: no new connect is
+    /// steered, while one already redirected still has its flow recorded
+    /// when its handshake completes (sock_ops) and sees its original peer
+    /// (getpeername). The mirror of the attach order; [`Steering::detach`]
+    /// removes the rest once such stragglers have landed. Pinned: nothing
+    /// (the programs stay for the next agent).
     pub fn stop_redirecting(&self) {
+        if self.pins.is_some() {
+            return;
+        }
         let mut programs = lock(&self.programs);
         let Some(ebpf) = programs.as_mut() else { return };
         for name in [common::PROG_CONNECT4, common::PROG_CONNECT6] {
@@ -264,17 +557,28 @@ impl Steering {
                 // Stopping new steering comes first: detach everything.
                 warn!(program = name, error = %e, "detaching one program failed; detaching all");
                 *programs = None;
+                self.role.store(Role::Done as u8, Ordering::Release);
                 return;
             }
         }
         debug!(cgroup = %self.cgroup.display(), "connect programs detached");
     }
 
-    /// Detaches every program; connects are no longer steered afterwards.
+    /// Unpinned: detaches every program; connects are no longer steered
+    /// afterwards. Pinned: the programs stay attached through their pins.
     pub fn detach(&self) {
+        if self.pins.is_some() {
+            return;
+        }
+        self.role.store(Role::Done as u8, Ordering::Release);
         if lock(&self.programs).take().is_some() {
             debug!(cgroup = %self.cgroup.display(), "eBPF programs detached");
         }
+    }
+
+    /// Dials that failed because the bypass map was full.
+    pub fn bypass_full(&self) -> u64 {
+        self.bypass_full.load(Ordering::Relaxed)
     }
 
     /// Makes the tries hold `table`, each entry with the action `action`
@@ -284,7 +588,12 @@ impl Steering {
     /// write fails part-way (a full trie, for one) or the tries do not hold
     /// what was written, they are put back exactly as they were and the
     /// error is returned: a refused reload leaves the kernel as it found it.
+    /// Only the owner writes: before [`Steering::take_over`] (the table is
+    /// written then) and after a successor took over, this does nothing.
     pub fn sync(&self, table: &RouteTable, action: impl Fn(&RouteEntry) -> u32) -> Result<(), SteeringError> {
+        if self.role() != Role::Owner {
+            return Ok(());
+        }
         let mut v4 = lock(&self.routes_v4);
         let mut v6 = lock(&self.routes_v6);
         let (old4, old6) = (trie::read(&v4, common::MAP_ROUTES_V4)?, trie::read(&v6, common::MAP_ROUTES_V6)?);
@@ -378,7 +687,10 @@ impl Steering {
     /// Marks one of the agent's own sockets so the connect hooks leave it alone
     /// until the returned guard is dropped (after `connect()` returned).
     pub fn bypass(&self, cookie: u64) -> Result<BypassGuard<'_>, SteeringError> {
-        lock(&self.bypass).insert(cookie, 1, 0).map_err(map_err(common::MAP_BYPASS))?;
+        if let Err(e) = lock(&self.bypass).insert(cookie, 1, 0) {
+            self.bypass_full.fetch_add(1, Ordering::Relaxed);
+            return Err(map_err(common::MAP_BYPASS)(e));
+        }
         Ok(BypassGuard { steering: self, cookie })
     }
 

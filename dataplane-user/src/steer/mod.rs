@@ -28,13 +28,24 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::{kernel::Steering, lock, routes::RouteTable, tunnel::Tunnel};
+use crate::{
+    kernel::{Role, Steering},
+    lock,
+    routes::RouteTable,
+    tunnel::Tunnel,
+};
 use metrics::{FlowMetrics, FlowResult, UNKNOWN_ROUTE};
 use workloads::Workloads;
 
 /// After detaching, how long the listeners keep accepting connects that were
 /// redirected before the detach and are still completing their handshake.
 const SETTLE_AFTER_DETACH: Duration = Duration::from_millis(250);
+/// After a successor took over pinned steering, how long the listeners keep
+/// accepting: connects redirected here just before its target was written.
+/// Longer than a detach's settle, as the successor's own start shares the CPU.
+const SETTLE_AFTER_HANDOVER: Duration = Duration::from_millis(500);
+/// How often a stopping agent checks whether a successor took over.
+const HANDOVER_POLL: Duration = Duration::from_millis(10);
 
 /// A connection accepted on a redirect listener, with its peer address.
 type Accepted = (TcpStream, SocketAddr);
@@ -48,6 +59,9 @@ pub struct FlowServer {
     routes: Arc<Mutex<RouteTable>>,
     connect_timeout: Mutex<Duration>,
     idle_timeout: Mutex<Option<Duration>>,
+    /// Pinned steering: how long a stopping agent serves on, waiting for a
+    /// successor to take over; `None`: unpinned (steering ends with it).
+    handover_wait: Mutex<Option<Duration>>,
     metrics: Arc<FlowMetrics>,
     workloads: Arc<Workloads>,
     next_flow_id: AtomicU64,
@@ -70,6 +84,7 @@ impl FlowServer {
             routes,
             connect_timeout: Mutex::new(connect_timeout),
             idle_timeout: Mutex::new(None),
+            handover_wait: Mutex::new(None),
             metrics,
             workloads: Arc::new(Workloads::new(flows_per_workload)),
             next_flow_id: AtomicU64::new(1),
@@ -99,6 +114,11 @@ impl FlowServer {
         *lock(&self.idle_timeout)
     }
 
+    /// Pinned steering: see [`FlowServer::run`].
+    pub fn set_handover_wait(&self, wait: Option<Duration>) {
+        *lock(&self.handover_wait) = wait;
+    }
+
     /// Serves connects accepted on `listeners` until `drain`, then stops in
     /// the order that never leaves a connect pointing at a closed listener:
     /// detach the connect programs, keep accepting what was redirected
@@ -126,14 +146,21 @@ impl FlowServer {
         };
         accepted_rx = rx;
 
-        info!("shutting down: detaching steering");
-        self.steering.stop_redirecting();
+        let handover = *lock(&self.handover_wait);
+        let settle = match handover {
+            None => {
+                info!("shutting down: detaching steering");
+                self.steering.stop_redirecting();
+                SETTLE_AFTER_DETACH
+            }
+            Some(wait) => self.hand_over(wait, &mut accepted_rx, &mut flows).await,
+        };
         // A connect redirected just before may still be in its handshake;
         // under load that can outlast a drain of the accept queue, and
         // closing the listener then would reset it. Keep accepting, with
         // sock_ops still recording flows, until such stragglers have landed;
         // then detach the rest.
-        let settle = tokio::time::sleep(SETTLE_AFTER_DETACH);
+        let settle = tokio::time::sleep(settle);
         tokio::pin!(settle);
         loop {
             tokio::select! {
@@ -152,6 +179,45 @@ impl FlowServer {
             self.spawn_flow(&mut flows, stream, peer);
         }
         flows
+    }
+
+    /// Pinned steering, stopping: serves on (new flows included) until a
+    /// successor has taken over the programs, or `wait` is up; then, with
+    /// no successor, makes the kernel refuse routed connects (the pinned
+    /// programs stay for the next agent). Returns how long to keep
+    /// accepting stragglers: connects sent here just before the switch.
+    async fn hand_over(
+        self: &Arc<Self>,
+        wait: Duration,
+        accepted: &mut mpsc::Receiver<Accepted>,
+        flows: &mut JoinSet<()>,
+    ) -> Duration {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut poll = tokio::time::interval(HANDOVER_POLL);
+        let superseded = loop {
+            if self.steering.role() != Role::Owner {
+                break true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break false;
+            }
+            tokio::select! {
+                _ = poll.tick() => {}
+                Some((stream, peer)) = accepted.recv() => self.spawn_flow(flows, stream, peer),
+            }
+        };
+        if superseded {
+            info!("shutting down: another agent took over steering");
+            return SETTLE_AFTER_HANDOVER;
+        }
+        match self.steering.refuse_all() {
+            Ok(()) => info!(
+                ?wait,
+                "shutting down: no agent took over; routed connects are refused in the kernel until one starts"
+            ),
+            Err(e) => warn!(error = %e, "shutting down: making the kernel refuse routed connects failed"),
+        }
+        SETTLE_AFTER_DETACH
     }
 
     /// Spawns a flow for each accepted connection and reaps finished ones

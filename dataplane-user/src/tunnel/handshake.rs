@@ -64,10 +64,14 @@ pub(super) async fn await_welcome(
 
 /// The URI SAN of the certificate a connection's peer presented.
 /// When the certificate a connection's peer presented stops being valid.
+/// When the peer's certificate stops being valid: the end of its notAfter
+/// second. X.509 times are whole seconds and rustls accepts a certificate
+/// through its notAfter second, so a connection closed at notAfter itself
+/// could be re-established (and closed again) within that second.
 pub(super) fn peer_certificate_expiry(conn: &quinn::Connection) -> Option<std::time::SystemTime> {
     let any = conn.peer_identity()?;
     let certs = any.downcast::<Vec<CertificateDer<'static>>>().ok()?;
-    crate::tls::validity(certs.first()?).map(|(_, not_after)| not_after)
+    crate::tls::validity(certs.first()?).map(|(_, not_after)| not_after + std::time::Duration::from_secs(1))
 }
 
 pub(super) fn peer_identity(conn: &quinn::Connection) -> Option<String> {

@@ -30,6 +30,8 @@ struct Args {
     /// Connects expected to be refused: how long until connect() failed.
     refusals: Option<usize>,
     concurrency: usize,
+    /// Connects every this many milliseconds until stdin closes.
+    tick: Option<u64>,
     hold: Option<usize>,
     /// With --hold: each connection sends the payload first (no FIN).
     send_first: bool,
@@ -43,7 +45,7 @@ fn parse() -> Result<Args> {
     let (mut cgroup, mut netns, mut udp, mut repeat, mut payload, mut addr) =
         (None, None, false, 1, "hello through the dataplane".to_owned(), None);
     let (mut bind_port, mut reset, mut bulk, mut exec) = (None, false, None, Vec::new());
-    let (mut latencies, mut fill, mut concurrency, mut hold) = (None, None, 1usize, None);
+    let (mut latencies, mut fill, mut concurrency, mut hold, mut tick) = (None, None, 1usize, None, None);
     let mut refusals = None;
     let mut send_first = false;
     while let Some(a) = args.next() {
@@ -61,6 +63,7 @@ fn parse() -> Result<Args> {
             "--fill" => fill = Some(args.next().context("--fill needs a value")?.parse()?),
             "--concurrency" => concurrency = args.next().context("--concurrency needs a value")?.parse()?,
             "--hold" => hold = Some(args.next().context("--hold needs a value")?.parse()?),
+            "--tick" => tick = Some(args.next().context("--tick needs a value")?.parse()?),
             "--send-first" => send_first = true,
             "--exec" => {
                 exec = args.by_ref().collect();
@@ -85,6 +88,7 @@ fn parse() -> Result<Args> {
         latencies,
         refusals,
         concurrency,
+        tick,
         hold,
         send_first,
         fill,
@@ -149,6 +153,10 @@ fn main() -> Result<()> {
         for s in &held {
             socket2::SockRef::from(s).set_linger(Some(Duration::ZERO))?;
         }
+        return Ok(());
+    }
+    if let Some(every) = args.tick {
+        println!("{}", serde_json::to_string(&tick(addr, &args.payload, Duration::from_millis(every))?)?);
         return Ok(());
     }
     if let Some(n) = args.refusals {
@@ -238,6 +246,73 @@ fn main() -> Result<()> {
     }
     println!("{}", serde_json::to_string(&summary)?);
     Ok(())
+}
+
+/// A new connect (and an exchange) every `every` until stdin closes (or
+/// 10 minutes, a bound), each classified: served, refused at connect(), a
+/// connect that hung or failed otherwise, or an exchange broken after it
+/// connected. A second thread watches stdin so a hung attempt cannot keep
+/// the loop from ending.
+fn tick(addr: SocketAddr, payload: &str, every: Duration) -> Result<tests::probe::Ticks> {
+    const LIMIT: Duration = Duration::from_secs(600);
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = done.clone();
+    std::thread::spawn(move || {
+        let mut sink = String::new();
+        let _ = std::io::stdin().read_line(&mut sink);
+        watcher.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    println!("{}", serde_json::json!({ "ticking": true }));
+    std::io::stdout().flush()?;
+    let mut out = tests::probe::Ticks::default();
+    let started = Instant::now();
+    let mut next = Instant::now();
+    while !done.load(std::sync::atomic::Ordering::Relaxed) && started.elapsed() < LIMIT {
+        let domain = if addr.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
+        let sock = Socket::new(domain, Type::STREAM, None)?;
+        let t = Instant::now();
+        let connected = sock.connect_timeout(&addr.into(), Duration::from_secs(3));
+        let took_us = t.elapsed().as_secs_f64() * 1e6;
+        match connected {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                out.refused += 1;
+                out.slowest_refusal_us = out.slowest_refusal_us.max(took_us);
+            }
+            Err(e) => {
+                out.failed += 1;
+                out.first_failure.get_or_insert_with(|| format!("connect: {e} after {took_us:.0} us"));
+            }
+            Ok(()) => {
+                let mut s: TcpStream = sock.into();
+                let exchange = (|| -> std::io::Result<String> {
+                    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                    s.write_all(payload.as_bytes())?;
+                    s.shutdown(Shutdown::Write)?;
+                    let mut response = String::new();
+                    s.read_to_string(&mut response)?;
+                    Ok(response)
+                })();
+                match exchange {
+                    Ok(r) if r.ends_with(payload) => out.ok += 1,
+                    Ok(r) => {
+                        out.broken += 1;
+                        out.first_broken.get_or_insert_with(|| format!("answer {r:?}"));
+                    }
+                    Err(e) => {
+                        out.broken += 1;
+                        out.first_broken.get_or_insert_with(|| e.to_string());
+                    }
+                }
+            }
+        }
+        next += every;
+        if let Some(wait) = next.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        } else {
+            next = Instant::now();
+        }
+    }
+    Ok(out)
 }
 
 /// How an attempt ends.

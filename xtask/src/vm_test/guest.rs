@@ -54,6 +54,14 @@ pub(super) fn build_test_binaries(root: &Path) -> Result<Vec<PathBuf>> {
         }
     }
     ensure!(!bins.is_empty(), "cargo built no integration test binaries for the tests crate");
+    // The restart suite runs the agent binary itself, beside the probe.
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(root)
+        .args(["build", "-p", "dataplane-user", "--bin", "dataplane"])
+        .status()
+        .context("building the agent binary")?;
+    ensure!(status.success(), "building the agent binary failed");
     Ok(bins)
 }
 

@@ -1,0 +1,231 @@
+//! Steering state pinned under bpffs, so it outlives the agent: the maps
+//! (shared by every agent version with the same layout) and the cgroup
+//! links (which keep the programs attached). A new agent adopts them and
+//! replaces the programs in place with `BPF_LINK_UPDATE`, so the cgroup is
+//! never without them; a crashed agent leaves them attached, pointing at a
+//! listener that no longer exists, so a routed connect is refused by the
+//! kernel at once instead of leaving by the default route.
+//!
+//! ```text
+//! <pin_dir>/<cgroup inode>/links/<program>   one cgroup link per program
+//! <pin_dir>/<cgroup inode>/maps-v<LAYOUT>/<MAP>   the maps of one layout
+//! ```
+
+use std::{
+    ffi::CString,
+    io,
+    os::{
+        fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+        unix::{ffi::OsStrExt, fs::MetadataExt},
+    },
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
+
+use dataplane_common::LAYOUT_VERSION;
+
+/// statfs(2) magic of a bpf filesystem.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+// bpf(2) commands and flags, from include/uapi/linux/bpf.h.
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PinError {
+    #[error(
+        "steering.pin_dir: {path} is not on a bpf filesystem (mount one: `mount -t bpf bpf /sys/fs/bpf`; \
+         in the DaemonSet, mount the host's /sys/fs/bpf), or set steering.pin_dir: null to run unpinned \
+         (steering then ends with the agent)"
+    )]
+    NotBpffs { path: PathBuf },
+    #[error("steering.pin_dir: {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("pinned link {path}: {call} failed: {source}")]
+    Link { path: PathBuf, call: &'static str, source: io::Error },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PinError + '_ {
+    move |source| PinError::Io { path: path.to_owned(), source }
+}
+
+/// Where one cgroup's steering is pinned.
+#[derive(Clone, Debug)]
+pub struct PinDir {
+    root: PathBuf,
+}
+
+impl PinDir {
+    /// The directory for `cgroup` under `pin_dir` (which must be on bpffs;
+    /// created if missing). Keyed by the cgroup's inode, so two cgroups, or
+    /// a cgroup removed and made again, never share state.
+    pub fn for_cgroup(pin_dir: &Path, cgroup: &Path) -> Result<PinDir, PinError> {
+        let ino = std::fs::metadata(cgroup).map_err(io_err(cgroup))?.ino();
+        let existing = pin_dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+        if statfs_magic(existing).map_err(io_err(existing))? != BPF_FS_MAGIC {
+            return Err(PinError::NotBpffs { path: pin_dir.to_owned() });
+        }
+        Ok(PinDir { root: pin_dir.join(ino.to_string()) })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The directory of this build's map layout.
+    pub fn maps(&self) -> PathBuf {
+        self.root.join(format!("maps-v{LAYOUT_VERSION}"))
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps().join(name)
+    }
+
+    pub fn link(&self, program: &str) -> PathBuf {
+        self.root.join("links").join(program)
+    }
+
+    /// Creates the directories pins go into.
+    pub fn create(&self) -> Result<(), PinError> {
+        for dir in [self.maps(), self.root.join("links")] {
+            std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        }
+        Ok(())
+    }
+
+    /// Whether anything is pinned here.
+    pub fn exists(&self) -> bool {
+        self.root.exists()
+    }
+
+    /// When the state was first pinned (the directory's change time).
+    pub fn since(&self) -> Option<SystemTime> {
+        let m = std::fs::metadata(&self.root).ok()?;
+        Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(m.ctime().max(0) as u64))
+    }
+
+    /// Map directories of other layouts (left by an agent of another
+    /// version); removed once this agent has taken over.
+    pub fn other_layouts(&self) -> Vec<PathBuf> {
+        let own = self.maps();
+        let Ok(entries) = std::fs::read_dir(&self.root) else { return Vec::new() };
+        entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p != &own && p.file_name().is_some_and(|n| n.as_bytes().starts_with(b"maps-v")))
+            .collect()
+    }
+
+    /// Removes everything pinned here: the links go (and with them the
+    /// programs, once no agent holds them open), then the maps.
+    pub fn remove(&self) -> Result<(), PinError> {
+        match std::fs::remove_dir_all(&self.root) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                Err(PinError::Io { path: self.root.clone(), source: e })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+fn statfs_magic(path: &Path) -> io::Result<i64> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut buf = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: c is NUL-terminated and buf is large enough for statfs.
+    if unsafe { libc::statfs(c.as_ptr(), buf.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: statfs succeeded and filled buf.
+    Ok(unsafe { buf.assume_init() }.f_type)
+}
+
+fn sys_bpf(cmd: libc::c_long, attr: &mut [u64]) -> io::Result<libc::c_long> {
+    // SAFETY: attr is a zero-initialised buffer at least as large as the
+    // union member the command reads, and its size is passed along.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), std::mem::size_of_val(attr)) };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
+}
+
+/// A pinned cgroup link, opened.
+pub struct PinnedLink {
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
+impl PinnedLink {
+    /// Opens the link pinned at `path`; `None` if nothing is pinned there.
+    pub fn open(path: &Path) -> Result<Option<PinnedLink>, PinError> {
+        let c = CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| io_err(path)(io::Error::from(io::ErrorKind::InvalidInput)))?;
+        // union bpf_attr, obj_get: { u64 pathname; u32 bpf_fd; u32 file_flags; ... }
+        let mut attr = [0u64; 4];
+        attr[0] = c.as_ptr() as u64;
+        match sys_bpf(BPF_OBJ_GET, &mut attr) {
+            Ok(fd) => {
+                // SAFETY: BPF_OBJ_GET returned a new descriptor we now own.
+                let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+                Ok(Some(PinnedLink { fd, path: path.to_owned() }))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(PinError::Link { path: path.to_owned(), call: "BPF_OBJ_GET", source }),
+        }
+    }
+
+    /// The id of the program the link runs now.
+    pub fn program_id(&self) -> Result<u32, PinError> {
+        // struct bpf_link_info begins { u32 type; u32 id; u32 prog_id; ... };
+        // the buffer is larger than any kernel's struct and zeroed, as the
+        // kernel requires of a tail it does not know.
+        let mut info = [0u32; 64];
+        // union bpf_attr, info: { u32 bpf_fd; u32 info_len; u64 info; }
+        let mut attr = [0u64; 2];
+        attr[0] = self.fd.as_raw_fd() as u32 as u64 | ((std::mem::size_of_val(&info) as u64) << 32);
+        attr[1] = info.as_mut_ptr() as u64;
+        sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).map_err(|source| PinError::Link {
+            path: self.path.clone(),
+            call: "BPF_OBJ_GET_INFO_BY_FD",
+            source,
+        })?;
+        Ok(info[2])
+    }
+
+    /// Replaces the link's program with `program` in one step: the cgroup
+    /// is never without it. (No BPF_F_REPLACE compare-and-swap: naming the
+    /// old program needs its fd, which BPF_PROG_GET_FD_BY_ID gives only to
+    /// CAP_SYS_ADMIN, a capability the agent does not ask for.)
+    pub fn update(&self, program: BorrowedFd<'_>) -> Result<(), PinError> {
+        // union bpf_attr, link_update: { u32 link_fd; u32 new_prog_fd; u32 flags; u32 old_prog_fd; }
+        let mut attr = [0u64; 2];
+        attr[0] = self.fd.as_raw_fd() as u32 as u64 | ((program.as_raw_fd() as u32 as u64) << 32);
+        sys_bpf(BPF_LINK_UPDATE, &mut attr).map(drop).map_err(|source| PinError::Link {
+            path: self.path.clone(),
+            call: "BPF_LINK_UPDATE",
+            source,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_directory_off_bpffs_is_refused_with_the_way_out() {
+        let err = PinDir::for_cgroup(Path::new("/tmp/dataplane-pins"), Path::new("/proc"))
+            .expect_err("tmp is no bpffs");
+        let text = err.to_string();
+        assert!(text.contains("steering.pin_dir: /tmp/dataplane-pins is not on a bpf filesystem"), "{text}");
+        assert!(text.contains("pin_dir: null"), "{text}");
+    }
+
+    #[test]
+    fn paths_carry_the_layout_version() {
+        let dir = PinDir { root: PathBuf::from("/sys/fs/bpf/dataplane/42") };
+        assert_eq!(
+            dir.map("FLOWS"),
+            PathBuf::from(format!("/sys/fs/bpf/dataplane/42/maps-v{LAYOUT_VERSION}/FLOWS"))
+        );
+        assert_eq!(dir.link("connect4"), PathBuf::from("/sys/fs/bpf/dataplane/42/links/connect4"));
+    }
+}

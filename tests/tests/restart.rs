@@ -1,0 +1,283 @@
+//! Pinned steering across agent restarts, with the real `dataplane` binary
+//! as its own process in the node namespace: a workload connecting every
+//! 10 ms and long transfers while the agent is replaced (SIGTERM, then a
+//! new one; and SIGKILL, then a new one), what a pod's connect meets while
+//! no agent runs, and `dataplane uninstall`.
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use tests::{
+    PinRoot,
+    agent_process::AgentProcess,
+    fast_us,
+    probe::Ticks,
+    require_root,
+    topology::{API_V4, API_V6, POD_V4, POD_V6, Topology, addr},
+};
+
+const RESTARTS: usize = 10;
+const ROUTES: [&str; 2] = ["198.51.100.101/32", "2001:db8::101/128"];
+
+/// Two admin ports, alternating: an agent and its successor run side by side.
+fn admin(i: usize) -> SocketAddr {
+    addr(if i.is_multiple_of(2) { "127.0.0.1:19464" } else { "127.0.0.1:19465" })
+}
+
+fn start(topo: &Topology, pins: &PinRoot, i: usize, dir: &std::path::Path) -> (AgentProcess, Duration) {
+    let started = start_with(topo, pins, i, dir, "30s");
+    // Steering is back: a pod's routed connect is served (and the ticker
+    // gets connects to this agent before the next restart).
+    let a = topo.pod_probe().connect(addr(API_V4)).expect("probe");
+    assert!(a.ok, "agent {i} serves once ready: {a:?}");
+    started
+}
+
+fn start_with(
+    topo: &Topology,
+    pins: &PinRoot,
+    i: usize,
+    dir: &std::path::Path,
+    handover_wait: &str,
+) -> (AgentProcess, Duration) {
+    let yaml = topo.pinned_yaml(pins, &ROUTES, handover_wait);
+    let t = Instant::now();
+    let agent =
+        AgentProcess::start(&topo.node, &format!("agent{i}"), &yaml, admin(i), dir).expect("agent starts");
+    (agent, t.elapsed())
+}
+
+/// Whether the server ever saw a connection from the pod itself: a routed
+/// connect that left the node unsteered (the agent dials from the node).
+fn leaked(topo: &Topology) -> Vec<SocketAddr> {
+    let pod = [POD_V4.parse::<std::net::IpAddr>().expect("ip"), POD_V6.parse().expect("ip")];
+    topo.server.seen.lock().expect("seen").iter().copied().filter(|a| pod.contains(&a.ip())).collect()
+}
+
+/// Long transfers, one after another, while the agent is replaced.
+fn transfers(
+    topo: &Topology,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Vec<tests::probe::Bulk>> {
+    let pod = topo.pod_probe();
+    std::thread::spawn(move || {
+        let mut out = Vec::new();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) && out.len() < 1000 {
+            out.push(pod.bulk(addr(API_V4), 8 << 20).expect("probe runs"));
+        }
+        out
+    })
+}
+
+fn report(kind: &str, ticks: &[Ticks], back: &[Duration]) {
+    let ok: u64 = ticks.iter().map(|t| t.ok).sum();
+    let refused: u64 = ticks.iter().map(|t| t.refused).sum();
+    let failed: u64 = ticks.iter().map(|t| t.failed).sum();
+    let broken: u64 = ticks.iter().map(|t| t.broken).sum();
+    let slowest = ticks.iter().map(|t| t.slowest_refusal_us).fold(0.0, f64::max);
+    let mut back = back.to_vec();
+    back.sort();
+    eprintln!(
+        "{kind} x{RESTARTS}: connects ok {ok}, refused {refused} (slowest {slowest:.0} us), failed {failed}, \
+         broken after connect {broken}; steering back after start: median {:?}, max {:?}",
+        back[back.len() / 2],
+        back[back.len() - 1]
+    );
+}
+
+/// SIGTERM, then a new agent: the old one serves on until the new one has
+/// taken the pinned programs over, so no connect fails and no transfer
+/// breaks, in either family.
+#[test]
+fn ten_sigterm_restarts_fail_no_connect() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::new().expect("topology");
+    let pins = PinRoot::new().expect("bpffs");
+    let dir = tempfile::tempdir().expect("tmp");
+    let (mut agent, first) = start(&topo, &pins, 0, dir.path());
+    let pod = topo.pod_probe();
+    let (t4, t6) = (pod.tick(addr(API_V4), 10).expect("ticker"), pod.tick(addr(API_V6), 10).expect("ticker"));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let bulk = transfers(&topo, stop.clone());
+    let mut back = vec![first];
+    for i in 1..=RESTARTS {
+        agent.terminate();
+        let (next, took) = start(&topo, &pins, i, dir.path());
+        back.push(took);
+        let status = agent.wait_exit(Duration::from_secs(40)).expect("the old agent exits");
+        assert!(status.success(), "the old agent exited with {status}");
+        agent = next;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let transfers = bulk.join().expect("transfers");
+    let ticks = [t4.finish().expect("ticks v4"), t6.finish().expect("ticks v6")];
+    report("SIGTERM", &ticks, &back);
+    for t in &ticks {
+        assert!(t.ok > 0, "connects went through: {t:?}");
+        assert_eq!(
+            (t.refused, t.failed, t.broken),
+            (0, 0, 0),
+            "no connect fails across SIGTERM restarts: {t:?}"
+        );
+    }
+    assert!(!transfers.is_empty());
+    for b in &transfers {
+        assert!(
+            b.ok && b.echo_intact && b.received == b.sent,
+            "a transfer across a restart arrives intact: {b:?}"
+        );
+    }
+    assert!(leaked(&topo).is_empty(), "nothing left the node unsteered: {:?}", leaked(&topo));
+    let status = agent.status().expect("status");
+    let pinned = &status["steering"]["pinned"];
+    assert!(
+        pinned["path"].as_str().is_some_and(|p| p.starts_with(&pins.0.display().to_string())),
+        "{status}"
+    );
+}
+
+/// SIGKILL, then a new agent: connects either go through or are refused at
+/// once (the pinned programs still send them to a listener that is gone),
+/// none hangs and none leaves the node; the new agent steers within a
+/// second of its start. While no agent runs, 1,000 connects are timed.
+#[test]
+fn ten_sigkill_restarts_fail_fast_and_never_leak() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::new().expect("topology");
+    let pins = PinRoot::new().expect("bpffs");
+    let dir = tempfile::tempdir().expect("tmp");
+    let (mut agent, first) = start(&topo, &pins, 0, dir.path());
+    let pod = topo.pod_probe();
+    let ticker = pod.tick(addr(API_V4), 10).expect("ticker");
+    let mut back = vec![first];
+    for i in 1..=RESTARTS {
+        agent.kill();
+        if i == 1 {
+            let gone = pod.refusals(addr(API_V4), 1000).expect("refusals");
+            let mut us = gone.refused_us.clone();
+            us.sort_by(f64::total_cmp);
+            assert_eq!(
+                gone.other, 0,
+                "with no agent every routed connect is refused: {:?}",
+                gone.first_other
+            );
+            let (p50, p99) = (us[us.len() / 2], us[us.len() * 99 / 100]);
+            eprintln!("agent gone: 1000 routed connects refused, p50 {p50:.0} us, p99 {p99:.0} us");
+            assert!(p99 < fast_us(10_000) as f64, "refused in well under 10 ms: p99 {p99:.0} us");
+        }
+        let (next, took) = start(&topo, &pins, i, dir.path());
+        back.push(took);
+        agent = next;
+    }
+    let ticks = ticker.finish().expect("ticks");
+    report("SIGKILL", std::slice::from_ref(&ticks), &back);
+    assert!(ticks.ok > 0, "{ticks:?}");
+    assert_eq!(ticks.failed, 0, "a connect either succeeds or is refused, never hangs: {ticks:?}");
+    assert!(ticks.slowest_refusal_us < fast_us(10_000) as f64, "refusals are fast: {ticks:?}");
+    for (i, b) in back.iter().enumerate().skip(1) {
+        assert!(*b < Duration::from_micros(fast_us(1_000_000)), "restart {i}: steering back after {b:?}");
+    }
+    assert!(leaked(&topo).is_empty(), "nothing left the node unsteered: {:?}", leaked(&topo));
+}
+
+/// `dataplane uninstall` removes the pins and the interface: the programs
+/// detach, and the pod's connects go their own way again.
+#[test]
+fn uninstall_removes_pinned_steering() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::new().expect("topology");
+    let pins = PinRoot::new().expect("bpffs");
+    let dir = tempfile::tempdir().expect("tmp");
+    let (agent, _) = start_with(&topo, &pins, 0, dir.path(), "1s");
+    let pod = topo.pod_probe();
+    let a = pod.connect(addr(API_V4)).expect("probe");
+    assert!(a.ok && a.server_saw().is_some_and(|s| s.ip().to_string() != POD_V4), "steered: {a:?}");
+    agent.terminate();
+    agent.wait_exit(Duration::from_secs(30)).expect("exits after its handover wait");
+    // Stopped with no successor: refused in the kernel, pins in place.
+    let r = pod.connect(addr(API_V4)).expect("probe");
+    assert!(r.error.as_deref().is_some_and(|e| e.contains("refused")), "refused while no agent runs: {r:?}");
+    assert!(std::fs::read_dir(&pins.0).expect("pins").next().is_some(), "state stays pinned");
+
+    let yaml = topo.pinned_yaml(&pins, &ROUTES, "1s");
+    let config = dataplane::config::Config::parse(&yaml).expect("config");
+    let removed = tests::run_in(&topo.node.path(), move || dataplane::app::uninstall(&config))
+        .expect("in the node namespace")
+        .expect("uninstall");
+    assert!(removed.iter().any(|r| r.starts_with("pinned steering")), "{removed:?}");
+    assert!(removed.iter().any(|r| r.starts_with("interface")), "{removed:?}");
+    assert!(std::fs::read_dir(&pins.0).expect("pins").next().is_none(), "nothing pinned");
+    let free = pod.connect(addr(API_V4)).expect("probe");
+    assert_eq!(
+        free.server_saw().map(|s| s.ip().to_string()),
+        Some(POD_V4.to_owned()),
+        "unsteered once uninstalled: {free:?}"
+    );
+}
+
+/// Another product's cgroup programs (a connect4 rewriting a service VIP
+/// to a backend, a sock_ops), attached before ours and after ours to the
+/// same cgroup: both products' traffic works, and our start, restarts (an
+/// upgrade is the same in-place replacement) and uninstall never detach
+/// or replace programs that are not ours.
+#[test]
+fn another_products_cgroup_programs_survive_ours() {
+    if !require_root() {
+        return;
+    }
+    use tests::standin::OtherProduct;
+    let topo = Topology::new().expect("topology");
+    let pins = PinRoot::new().expect("bpffs");
+    let dir = tempfile::tempdir().expect("tmp");
+    let backend: std::net::SocketAddrV4 = tests::topology::OTHER_V4.parse().expect("addr");
+    let (vip1, vip2) = ("10.96.0.10:80".parse().expect("vip"), "10.96.0.11:80".parse().expect("vip"));
+    let first =
+        OtherProduct::attach(&topo.cgroup.path, vip1, backend).expect("the other product, before ours");
+    let (agent, _) = start(&topo, &pins, 0, dir.path());
+    let second =
+        OtherProduct::attach(&topo.cgroup.path, vip2, backend).expect("the other product, after ours");
+    let pod = topo.pod_probe();
+    let check = |when: &str, ours: bool| {
+        for vip in [vip1, vip2] {
+            let a = pod.connect(SocketAddr::V4(vip)).expect("probe");
+            assert!(a.ok, "{when}: the other product's VIP {vip} works: {a:?}");
+            assert_eq!(a.reached(), Some(SocketAddr::V4(backend)), "{when}: {vip} reached its backend");
+            assert_eq!(
+                a.server_saw().map(|s| s.ip().to_string()),
+                Some(POD_V4.to_owned()),
+                "{when}: not ours"
+            );
+        }
+        let calls = (first.sock_ops_calls().expect("counter"), second.sock_ops_calls().expect("counter"));
+        let a = pod.connect(addr(API_V4)).expect("probe");
+        assert!(a.ok, "{when}: a routed connect works: {a:?}");
+        let steered = a.server_saw().is_some_and(|s| s.ip().to_string() != POD_V4);
+        assert_eq!(steered, ours, "{when}: routed connects steered only while ours is installed: {a:?}");
+        let after = (first.sock_ops_calls().expect("counter"), second.sock_ops_calls().expect("counter"));
+        assert!(after.0 > calls.0 && after.1 > calls.1, "{when}: the other sock_ops programs still run");
+    };
+    check("both attached", true);
+    agent.terminate();
+    let (next, _) = start(&topo, &pins, 1, dir.path());
+    assert!(agent.wait_exit(Duration::from_secs(40)).expect("the old agent exits").success());
+    let agent = next;
+    check("after a SIGTERM restart", true);
+    agent.kill();
+    let (agent, _) = start(&topo, &pins, 2, dir.path());
+    check("after a SIGKILL restart", true);
+    agent.kill();
+    let yaml = topo.pinned_yaml(&pins, &ROUTES, "1s");
+    let config = dataplane::config::Config::parse(&yaml).expect("config");
+    tests::run_in(&topo.node.path(), move || dataplane::app::uninstall(&config))
+        .expect("in the node namespace")
+        .expect("uninstall");
+    check("after our uninstall", false);
+}
