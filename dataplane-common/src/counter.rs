@@ -33,11 +33,14 @@ pub enum Counter {
     /// connect4/6: routed, but the route's peer has no live connection:
     /// refused in the kernel.
     ConnectNoPeer = 12,
+    /// sock_ops: a redirected socket closed; its FLOWS entry was removed
+    /// (with `SockOpsFlowRecorded`, what the agent estimates evictions by).
+    SockOpsFlowForgotten = 13,
 }
 
 impl Counter {
     /// Number of slots in the COUNTERS map.
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
@@ -54,6 +57,7 @@ impl Counter {
         Counter::GetpeernameRestored,
         Counter::Connect6V4Mapped,
         Counter::ConnectNoPeer,
+        Counter::SockOpsFlowForgotten,
     ];
 
     /// The hook family the counter belongs to (metric label `hook`).
@@ -68,7 +72,10 @@ impl Counter {
             | Counter::ConnectConfigError
             | Counter::Connect6V4Mapped
             | Counter::ConnectNoPeer => "connect",
-            Counter::SockOpsFlowRecorded | Counter::SockOpsMapError | Counter::SockOpsClosed => "sock_ops",
+            Counter::SockOpsFlowRecorded
+            | Counter::SockOpsMapError
+            | Counter::SockOpsClosed
+            | Counter::SockOpsFlowForgotten => "sock_ops",
             Counter::GetpeernameRestored => "getpeername",
         }
     }
@@ -89,6 +96,7 @@ impl Counter {
             Counter::GetpeernameRestored => "restored",
             Counter::Connect6V4Mapped => "v4_mapped",
             Counter::ConnectNoPeer => "no_peer",
+            Counter::SockOpsFlowForgotten => "flow_forgotten",
         }
     }
 }

@@ -303,7 +303,9 @@ fn try_sock_ops(ctx: &SockOpsContext) {
         // The client reaches CLOSE only after a reset or after the agent's own
         // FIN (TIME_WAIT), so the agent no longer needs the flow: forget it.
         // While this socket lived no other socket could hold the same key.
-        let _ = FLOWS.remove(key);
+        if FLOWS.remove(key).is_ok() {
+            count(Counter::SockOpsFlowForgotten);
+        }
         if ORIG_DST.remove(cookie).is_ok() {
             count(Counter::SockOpsClosed);
         }

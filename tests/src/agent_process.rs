@@ -86,12 +86,13 @@ impl AgentProcess {
             if let Some(status) = agent.child.try_wait()? {
                 bail!("agent {name} exited with {status}: {}", agent.log_tail());
             }
-            if agent.get("/ready").is_ok_and(|(code, _)| code == 200) {
+            let ready = agent.get("/ready");
+            if ready.as_ref().is_ok_and(|(code, _)| *code == 200) {
                 return Ok(agent);
             }
             ensure!(
                 start.elapsed() < Duration::from_secs(20 * crate::time_scale()),
-                "agent {name} not ready: {}",
+                "agent {name} not ready ({ready:?}): {}",
                 agent.log_tail()
             );
             std::thread::sleep(Duration::from_millis(50));

@@ -125,10 +125,17 @@ impl Topology {
 
     /// [`Topology::config`] with more top-level YAML (e.g. a `limits:` line).
     pub fn config_with(&self, routes: &[&str], extra: &str) -> ValidConfig {
+        self.config_with_steering(routes, "", extra)
+    }
+
+    /// [`Topology::config_with`] with more `steering:` keys (one per line,
+    /// e.g. `flow_capacity: 1024`).
+    pub fn config_with_steering(&self, routes: &[&str], steering: &str, extra: &str) -> ValidConfig {
         let routes: String =
             routes.iter().map(|r| format!("  - {{ cidr: \"{r}\", via: direct }}\n")).collect();
+        let steering: String = steering.lines().map(|l| format!("  {l}\n")).collect();
         let text = format!(
-            "node: test-{}\nsteering:\n  cgroup: {}\n  pin_dir: null\ntimeouts: {{ connect: 2s, shutdown_grace: 2s }}\n{extra}routes:\n{routes}",
+            "node: test-{}\nsteering:\n  cgroup: {}\n  pin_dir: null\n{steering}timeouts: {{ connect: 2s, shutdown_grace: 2s }}\n{extra}routes:\n{routes}",
             self.id,
             self.cgroup.path.display()
         );
@@ -138,10 +145,22 @@ impl Topology {
     /// Config text for an agent of this topology with steering pinned under
     /// `pins` (direct routes, both families), for agents run as processes.
     pub fn pinned_yaml(&self, pins: &crate::PinRoot, routes: &[&str], handover_wait: &str) -> String {
+        self.pinned_yaml_with(pins, routes, handover_wait, "")
+    }
+
+    /// [`Topology::pinned_yaml`] with more `steering:` keys (one per line).
+    pub fn pinned_yaml_with(
+        &self,
+        pins: &crate::PinRoot,
+        routes: &[&str],
+        handover_wait: &str,
+        steering: &str,
+    ) -> String {
         let routes: String =
             routes.iter().map(|r| format!("  - {{ cidr: \"{r}\", via: direct }}\n")).collect();
+        let steering: String = steering.lines().map(|l| format!("  {l}\n")).collect();
         format!(
-            "node: test-{}\nsteering:\n  cgroup: {}\n  pin_dir: {}\n  handover_wait: {handover_wait}\n\
+            "node: test-{}\nsteering:\n  cgroup: {}\n  pin_dir: {}\n  handover_wait: {handover_wait}\n{steering}\
              timeouts: {{ connect: 2s, shutdown_grace: 10s }}\nroutes:\n{routes}",
             self.id,
             self.cgroup.path.display(),

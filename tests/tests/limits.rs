@@ -141,3 +141,32 @@ fn idle_flows_end_after_the_idle_timeout() {
     let a = pod.connect(addr(API_V4)).expect("probe");
     assert!(a.ok, "new flows are served: {a:?}");
 }
+
+/// With more redirected sockets open than `steering.flow_capacity`, the
+/// kernel's LRU maps evict the oldest entries, and the agent counts them
+/// (`dataplane_ebpf_map_evictions_total`) beside each map's entries and
+/// capacity.
+#[test]
+fn a_full_flow_map_evicts_and_the_evictions_are_counted() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::new().expect("topology");
+    let agent = topo
+        .start_agent(topo.config_with_steering(&["198.51.100.101/32"], "flow_capacity: 1024", ""))
+        .expect("agent");
+    let metric = |series: &str| tests::metric_sample(&agent.handle.encode_metrics(), series);
+    assert_eq!(metric("dataplane_ebpf_map_capacity{map=\"orig_dst\"}"), Some(1024.0));
+    assert_eq!(metric("dataplane_ebpf_map_evictions_total{map=\"orig_dst\"}"), Some(0.0), "none yet");
+    let held = topo.pod_probe().hold(addr(API_V4), 1300).expect("1300 sockets held");
+    // Counted at most every 10 s: wait out the first count, taken above.
+    wait_for("evictions counted", Duration::from_secs(30 * tests::time_scale()), || {
+        metric("dataplane_ebpf_map_evictions_total{map=\"orig_dst\"}").is_some_and(|n| n > 0.0)
+    });
+    let entries = metric("dataplane_ebpf_map_entries{map=\"orig_dst\"}").expect("entries");
+    let evicted = metric("dataplane_ebpf_map_evictions_total{map=\"orig_dst\"}").expect("evictions");
+    eprintln!("1300 sockets, capacity 1024: {entries} entries, {evicted} evicted");
+    assert!(entries <= 1024.0, "{entries} entries in a map of 1024");
+    assert!(evicted + entries <= 1300.0 + 2.0, "never more evicted than went in: {evicted} + {entries}");
+    held.release();
+}

@@ -281,3 +281,46 @@ fn another_products_cgroup_programs_survive_ours() {
         .expect("uninstall");
     check("after our uninstall", false);
 }
+
+/// An agent whose maps differ (here: another flow capacity; a new layout
+/// version is the same) takes over with maps of its own: the programs are
+/// replaced in place, the old maps' pins go, and connects go on.
+#[test]
+fn a_new_map_layout_takes_over_in_place() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::new().expect("topology");
+    let pins = PinRoot::new().expect("bpffs");
+    let dir = tempfile::tempdir().expect("tmp");
+    let (old, _) = start(&topo, &pins, 0, dir.path());
+    let layouts = || -> Vec<String> {
+        let cgroup_dir =
+            std::fs::read_dir(&pins.0).expect("pins").next().expect("one cgroup").expect("entry").path();
+        let mut names: Vec<String> = std::fs::read_dir(cgroup_dir)
+            .expect("cgroup pins")
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with("maps-"))
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(layouts().len(), 1, "{:?}", layouts());
+    let before = layouts();
+    let pod = topo.pod_probe();
+    let ticker = pod.tick(addr(API_V4), 10).expect("ticker");
+    old.terminate();
+    let yaml = topo.pinned_yaml_with(&pins, &ROUTES, "30s", "flow_capacity: 4096");
+    let new = AgentProcess::start(&topo.node, "resized", &yaml, admin(1), dir.path()).expect("agent starts");
+    assert!(old.wait_exit(Duration::from_secs(40)).expect("the old agent exits").success());
+    let a = pod.connect(addr(API_V4)).expect("probe");
+    assert!(a.ok, "served by the new agent: {a:?}");
+    let ticks = ticker.finish().expect("ticks");
+    eprintln!("new layout: {ticks:?}");
+    assert!(ticks.ok > 0 && ticks.refused == 0 && ticks.failed == 0, "{ticks:?}");
+    let after = layouts();
+    assert_eq!(after.len(), 1, "only the new layout's maps stay pinned: {after:?}");
+    assert_ne!(after, before);
+    assert!(after[0].contains("flows4096"), "{after:?}");
+    drop(new);
+}

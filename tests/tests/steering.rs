@@ -338,7 +338,7 @@ fn stop_redirecting_keeps_redirected_flows_recorded() {
     // The redirect target: a listener of this test's own in the node namespace.
     let target = addr("10.200.0.1:15999");
     let listener = topo.node.run(move || tests::listen(target)).expect("netns").expect("listen");
-    let steering = Steering::load(&topo.cgroup.path, None).expect("steering loads");
+    let steering = Steering::load(&topo.cgroup.path, None, Default::default()).expect("steering loads");
     let config = topo.config(&ROUTES);
     let table = RouteTable::build(config.valid_routes(), &RouteTable::default());
     steering.take_over(Some(target), None, &table, |_| dataplane_common::ACTION_REDIRECT).expect("attached");

@@ -28,7 +28,7 @@ use crate::{
     config::{ConfigError, ValidConfig},
     connector::{Connector, PeerCaps, ServePolicy},
     kernel::{
-        KernelCounters, Steering, SteeringError,
+        Capacity, KernelCounters, Steering, SteeringError,
         cgroup::{self, CgroupError},
         metrics::SteeringCollector,
         netlink::{NetlinkError, RedirectInterface},
@@ -317,7 +317,9 @@ async fn start_steering(
         warn!("no BPF ring buffer (Linux < 5.8): eBPF programs' logs are unavailable");
     }
     let cgroup = cgroup::resolve(config.steering.cgroup.as_deref())?;
-    let pins = config.steering.pin_dir.as_deref().map(|d| PinDir::for_cgroup(d, &cgroup)).transpose()?;
+    let capacity = Capacity { flows: config.steering.flow_capacity, bypass: config.steering.bypass_capacity };
+    let pins =
+        config.steering.pin_dir.as_deref().map(|d| PinDir::for_cgroup(d, &cgroup, capacity)).transpose()?;
     let pinned_before = pins.as_ref().is_some_and(PinDir::exists);
     let redirect = &config.steering.redirect;
     let addrs: Vec<_> = redirect.v4.iter().chain(&redirect.v6).map(|a| a.ip()).collect();
@@ -330,7 +332,7 @@ async fn start_steering(
     let setup = async {
         // Loaded, not attached: the listeners exist before any connect is
         // sent to them.
-        let steering = Steering::load(&cgroup, pins.clone())?;
+        let steering = Steering::load(&cgroup, pins.clone(), capacity)?;
         let (listeners, bound, live_owner) =
             bind_listeners(redirect, steering.current_target(), pins.is_some())?;
         if !live_owner {
@@ -454,7 +456,7 @@ pub fn uninstall(config: &ValidConfig) -> Result<Vec<String>, AgentError> {
     let mut removed = Vec::new();
     let cgroup = cgroup::resolve(config.steering.cgroup.as_deref())?;
     if let Some(dir) = &config.steering.pin_dir {
-        let pins = PinDir::for_cgroup(dir, &cgroup)?;
+        let pins = PinDir::for_cgroup(dir, &cgroup, Capacity::default())?;
         if pins.exists() {
             pins.remove()?;
             removed.push(format!("pinned steering {}", pins.root().display()));

@@ -199,6 +199,16 @@ pub struct SteeringSettings {
     /// refused in the kernel until an agent runs again.
     #[serde(default = "default_handover_wait", with = "humantime_serde")]
     pub handover_wait: Duration,
+    /// Redirected sockets the kernel tracks at once, per node (the FLOWS
+    /// and ORIG_DST maps, about 100 bytes an entry each): past it the
+    /// least recently used are evicted, counted in
+    /// `dataplane_ebpf_map_evictions_total`.
+    #[serde(default = "default_flow_capacity")]
+    pub flow_capacity: u32,
+    /// The agent's own dials in flight (BYPASS map); a dial finding it full
+    /// fails, counted in `dataplane_ebpf_bypass_full_total`.
+    #[serde(default = "default_bypass_capacity")]
+    pub bypass_capacity: u32,
 }
 
 impl Default for SteeringSettings {
@@ -208,6 +218,8 @@ impl Default for SteeringSettings {
             redirect: Redirect::default(),
             pin_dir: default_pin_dir(),
             handover_wait: default_handover_wait(),
+            flow_capacity: default_flow_capacity(),
+            bypass_capacity: default_bypass_capacity(),
         }
     }
 }
@@ -386,6 +398,12 @@ fn default_admin() -> Option<SocketAddr> {
 }
 fn default_log_level() -> String {
     "info".to_owned()
+}
+fn default_flow_capacity() -> u32 {
+    dataplane_common::FLOWS_MAX_ENTRIES
+}
+fn default_bypass_capacity() -> u32 {
+    dataplane_common::BYPASS_MAX_ENTRIES
 }
 fn default_pin_dir() -> Option<PathBuf> {
     Some(PathBuf::from("/sys/fs/bpf/dataplane"))

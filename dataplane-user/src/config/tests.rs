@@ -320,3 +320,32 @@ fn on_no_peer_is_for_routes_via_a_peer() {
     let e = err("routes: [{ cidr: 10.9.0.0/16, via: direct, on_no_peer: sometimes }]");
     assert!(e.contains("unknown variant `sometimes`"), "{e}");
 }
+
+#[test]
+fn steering_is_pinned_by_default_and_null_unpins_it() {
+    let c = Config::parse("routes: [{ cidr: 10.9.0.0/16, via: direct }]").expect("valid");
+    assert_eq!(c.steering.pin_dir.as_deref(), Some(std::path::Path::new("/sys/fs/bpf/dataplane")));
+    assert_eq!(c.steering.handover_wait, Duration::from_secs(10));
+    assert_eq!((c.steering.flow_capacity, c.steering.bypass_capacity), (65536, 16384));
+    let c = Config::parse("steering: { pin_dir: null }\nroutes: [{ cidr: 10.9.0.0/16, via: direct }]")
+        .expect("valid");
+    assert_eq!(c.steering.pin_dir, None);
+}
+
+#[test]
+fn pinning_settings_are_checked() {
+    let route = "routes: [{ cidr: 10.9.0.0/16, via: direct }]";
+    let e = err(&format!("steering: {{ pin_dir: bpf/dataplane }}\n{route}"));
+    assert!(e.contains("steering.pin_dir") && e.contains("absolute"), "{e}");
+    let e = err(&format!("steering: {{ handover_wait: 11m }}\n{route}"));
+    assert!(e.contains("steering.handover_wait") && e.contains("at most"), "{e}");
+    let e = err(&format!("steering: {{ flow_capacity: 100 }}\n{route}"));
+    assert!(e.contains("steering.flow_capacity: 100: must be between 1024 and 1048576"), "{e}");
+    let e = err(&format!("steering: {{ bypass_capacity: 0 }}\n{route}"));
+    assert!(e.contains("steering.bypass_capacity"), "{e}");
+    let e = err(&format!("steering: {{ redirect: {{ v4: 169.254.77.1:65535 }} }}\n{route}"));
+    assert!(e.contains("steering.redirect.v4") && e.contains("next port"), "{e}");
+    // Unpinned, the last port is fine: no successor takes the next one.
+    Config::parse(&format!("steering: {{ pin_dir: null, redirect: {{ v4: 169.254.77.1:65535 }} }}\n{route}"))
+        .expect("unpinned");
+}

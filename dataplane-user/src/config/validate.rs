@@ -14,6 +14,11 @@ use super::{Config, ConfigError, Limits, MAX_WORKERS, Redirect, VIA_DIRECT};
 use crate::ranges::{self, NEVER_ROUTED, NEVER_SERVED};
 use dataplane_common::ROUTES_MAX_ENTRIES;
 
+/// `steering.flow_capacity`: below, a busy node evicts; above, the two
+/// maps would take over 200 MiB of kernel memory.
+const FLOW_CAPACITY: std::ops::RangeInclusive<u32> = 1024..=1 << 20;
+/// `steering.bypass_capacity`: at least the default per-peer dial cap.
+const BYPASS_CAPACITY: std::ops::RangeInclusive<u32> = 256..=1 << 18;
 /// The longest `steering.handover_wait`: a stopping agent holds its pod that long.
 const MAX_HANDOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
 
@@ -169,6 +174,17 @@ impl Config {
 
     fn validate_pinning(&self) -> Result<(), ConfigError> {
         let st = &self.steering;
+        for (field, value, range) in [
+            ("steering.flow_capacity", st.flow_capacity, FLOW_CAPACITY),
+            ("steering.bypass_capacity", st.bypass_capacity, BYPASS_CAPACITY),
+        ] {
+            if !range.contains(&value) {
+                return Err(ConfigError::invalid(
+                    field,
+                    format!("{value}: must be between {} and {}", range.start(), range.end()),
+                ));
+            }
+        }
         let Some(dir) = &st.pin_dir else { return Ok(()) };
         if !dir.is_absolute() {
             return Err(ConfigError::invalid(
@@ -385,10 +401,12 @@ impl Config {
         if self.steering.redirect != other.steering.redirect {
             v.push("steering.redirect");
         }
-        if (&self.steering.pin_dir, self.steering.handover_wait)
-            != (&other.steering.pin_dir, other.steering.handover_wait)
-        {
-            v.push("steering.pin_dir/handover_wait");
+        let pinning = |c: &Config| {
+            let s = &c.steering;
+            (s.pin_dir.clone(), s.handover_wait, s.flow_capacity, s.bypass_capacity)
+        };
+        if pinning(self) != pinning(other) {
+            v.push("steering (pin_dir, handover_wait, capacities)");
         }
         if self.tls != other.tls {
             v.push("tls");

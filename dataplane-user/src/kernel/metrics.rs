@@ -45,6 +45,48 @@ impl Collector for SteeringCollector {
         for (family, n) in [("ipv4", v4), ("ipv6", v6)] {
             m.encode_family(&[("family", family)])?.encode_gauge(&(n as i64))?;
         }
+        let stats = self.0.map_stats();
+        let capacity = self.0.capacity();
+        let maps = [
+            ("orig_dst", stats.orig_dst, capacity.flows),
+            ("flows", stats.flows, capacity.flows),
+            ("bypass", stats.bypass, capacity.bypass),
+        ];
+        let mut m = encoder.encode_descriptor(
+            "ebpf_map_entries",
+            "Entries in the per-socket maps (counted at most every 10 s)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (map, n, _) in maps {
+            m.encode_family(&[("map", map)])?.encode_gauge(&(n as i64))?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "ebpf_map_capacity",
+            "Capacity of the per-socket maps (steering.flow_capacity, steering.bypass_capacity)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (map, _, cap) in maps {
+            m.encode_family(&[("map", map)])?.encode_gauge(&i64::from(cap))?;
+        }
+        let (orig_dst, flows) = (stats.orig_dst_evicted, stats.flows_evicted);
+        let mut m = encoder.encode_descriptor(
+            "ebpf_map_evictions",
+            "Entries the LRU maps dropped to make room: redirected sockets whose destination or flow was lost",
+            None,
+            MetricType::Counter,
+        )?;
+        for (map, n) in [("orig_dst", orig_dst), ("flows", flows)] {
+            m.encode_family(&[("map", map)])?.encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "ebpf_bypass_full",
+            "Agent dials that failed because the bypass map was full (steering.bypass_capacity)",
+            None,
+            MetricType::Counter,
+        )?;
+        m.encode_counter::<NoLabelSet, _, u64>(&self.0.bypass_full(), None)?;
         let mut m = encoder.encode_descriptor(
             "steering_attached",
             "1 while the eBPF programs are attached",

@@ -13,4 +13,6 @@ pub mod probe;
 pub mod steering;
 mod trie;
 
-pub use steering::{BypassGuard, KernelCounters, Recovered, Role, Steering, SteeringError};
+pub use steering::{
+    BypassGuard, Capacity, KernelCounters, MapStats, Recovered, Role, Steering, SteeringError,
+};

@@ -8,7 +8,8 @@
 //!
 //! ```text
 //! <pin_dir>/<cgroup inode>/links/<program>   one cgroup link per program
-//! <pin_dir>/<cgroup inode>/maps-v<LAYOUT>/<MAP>   the maps of one layout
+//! <pin_dir>/<cgroup inode>/maps-v<LAYOUT>-flows<N>-bypass<M>/<MAP>
+//!                                            the maps of one layout and size
 //! ```
 
 use std::{
@@ -23,6 +24,8 @@ use std::{
 };
 
 use dataplane_common::LAYOUT_VERSION;
+
+use super::steering::Capacity;
 
 /// statfs(2) magic of a bpf filesystem.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -54,19 +57,27 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PinError + '_ {
 #[derive(Clone, Debug)]
 pub struct PinDir {
     root: PathBuf,
+    /// Names the maps' directory: this build's layout version and the
+    /// configured capacities (a change gets maps of its own).
+    layout: String,
 }
 
 impl PinDir {
     /// The directory for `cgroup` under `pin_dir` (which must be on bpffs;
     /// created if missing). Keyed by the cgroup's inode, so two cgroups, or
     /// a cgroup removed and made again, never share state.
-    pub fn for_cgroup(pin_dir: &Path, cgroup: &Path) -> Result<PinDir, PinError> {
+    pub fn for_cgroup(pin_dir: &Path, cgroup: &Path, capacity: Capacity) -> Result<PinDir, PinError> {
         let ino = std::fs::metadata(cgroup).map_err(io_err(cgroup))?.ino();
         let existing = pin_dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
         if statfs_magic(existing).map_err(io_err(existing))? != BPF_FS_MAGIC {
             return Err(PinError::NotBpffs { path: pin_dir.to_owned() });
         }
-        Ok(PinDir { root: pin_dir.join(ino.to_string()) })
+        Ok(PinDir::for_root(pin_dir.join(ino.to_string()), capacity))
+    }
+
+    fn for_root(root: PathBuf, capacity: Capacity) -> PinDir {
+        let layout = format!("maps-v{LAYOUT_VERSION}-flows{}-bypass{}", capacity.flows, capacity.bypass);
+        PinDir { root, layout }
     }
 
     pub fn root(&self) -> &Path {
@@ -75,7 +86,12 @@ impl PinDir {
 
     /// The directory of this build's map layout.
     pub fn maps(&self) -> PathBuf {
-        self.root.join(format!("maps-v{LAYOUT_VERSION}"))
+        self.root.join(&self.layout)
+    }
+
+    /// The maps' directory name (layout version and capacities).
+    pub fn layout(&self) -> &str {
+        &self.layout
     }
 
     pub fn map(&self, name: &str) -> PathBuf {
@@ -212,8 +228,9 @@ mod tests {
 
     #[test]
     fn a_directory_off_bpffs_is_refused_with_the_way_out() {
-        let err = PinDir::for_cgroup(Path::new("/tmp/dataplane-pins"), Path::new("/proc"))
-            .expect_err("tmp is no bpffs");
+        let err =
+            PinDir::for_cgroup(Path::new("/tmp/dataplane-pins"), Path::new("/proc"), Capacity::default())
+                .expect_err("tmp is no bpffs");
         let text = err.to_string();
         assert!(text.contains("steering.pin_dir: /tmp/dataplane-pins is not on a bpf filesystem"), "{text}");
         assert!(text.contains("pin_dir: null"), "{text}");
@@ -221,10 +238,15 @@ mod tests {
 
     #[test]
     fn paths_carry_the_layout_version() {
-        let dir = PinDir { root: PathBuf::from("/sys/fs/bpf/dataplane/42") };
+        let dir = PinDir::for_root(
+            PathBuf::from("/sys/fs/bpf/dataplane/42"),
+            Capacity { flows: 1024, bypass: 256 },
+        );
         assert_eq!(
             dir.map("FLOWS"),
-            PathBuf::from(format!("/sys/fs/bpf/dataplane/42/maps-v{LAYOUT_VERSION}/FLOWS"))
+            PathBuf::from(format!(
+                "/sys/fs/bpf/dataplane/42/maps-v{LAYOUT_VERSION}-flows1024-bypass256/FLOWS"
+            ))
         );
         assert_eq!(dir.link("connect4"), PathBuf::from("/sys/fs/bpf/dataplane/42/links/connect4"));
     }

@@ -148,6 +148,10 @@ pub struct Steering {
     bypass: Mutex<HashMap<MapData, u64, u32>>,
     counters: PerCpuArray<MapData, u64>,
     cgroup: PathBuf,
+    capacity: Capacity,
+    orig_dst: Mutex<HashMap<MapData, u64, OrigDst>>,
+    /// The last [`Steering::map_stats`], and when it was counted.
+    map_stats: Mutex<Option<(std::time::Instant, MapStats)>>,
     pins: Option<Pins>,
     /// [`Role`]: whether this agent's programs are the ones attached.
     role: AtomicU8,
@@ -199,33 +203,49 @@ const ATTACH_MODE: CgroupAttachMode = CgroupAttachMode::Single;
 const SOCK_ADDR_PROGRAMS: [&str; 4] =
     [common::PROG_CONNECT4, common::PROG_CONNECT6, common::PROG_GETPEERNAME4, common::PROG_GETPEERNAME6];
 
+/// Sizes of the per-socket maps (`steering.flow_capacity`,
+/// `steering.bypass_capacity`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    /// FLOWS and ORIG_DST: sockets redirected and not yet closed, per node.
+    pub flows: u32,
+    /// BYPASS: the agent's own dials in flight.
+    pub bypass: u32,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Capacity { flows: common::FLOWS_MAX_ENTRIES, bypass: common::BYPASS_MAX_ENTRIES }
+    }
+}
+
 /// The maps that are pinned, with the layout this build gives them (type,
 /// key size, value size, capacity): adopted only if they match.
-fn pinned_layout() -> [(&'static str, MapType, u32, u32, u32); 7] {
+fn pinned_layout(capacity: Capacity) -> [(&'static str, MapType, u32, u32, u32); 7] {
     use std::mem::size_of;
     let u = |n: usize| n as u32;
     [
         (common::MAP_ROUTES_V4, MapType::LpmTrie, 8, u(size_of::<RouteValue>()), common::ROUTES_MAX_ENTRIES),
         (common::MAP_ROUTES_V6, MapType::LpmTrie, 20, u(size_of::<RouteValue>()), common::ROUTES_MAX_ENTRIES),
         (common::MAP_REDIRECT, MapType::Array, 4, u(size_of::<RedirectTarget>()), 1),
-        (common::MAP_ORIG_DST, MapType::LruHash, 8, u(size_of::<OrigDst>()), common::FLOWS_MAX_ENTRIES),
+        (common::MAP_ORIG_DST, MapType::LruHash, 8, u(size_of::<OrigDst>()), capacity.flows),
         (
             common::MAP_FLOWS,
             MapType::LruHash,
             u(size_of::<FlowKey>()),
             u(size_of::<OrigDst>()),
-            common::FLOWS_MAX_ENTRIES,
+            capacity.flows,
         ),
-        (common::MAP_BYPASS, MapType::Hash, 8, 4, common::BYPASS_MAX_ENTRIES),
+        (common::MAP_BYPASS, MapType::Hash, 8, 4, capacity.bypass),
         (common::MAP_COUNTERS, MapType::PerCpuArray, 4, 8, Counter::COUNT),
     ]
 }
 
 /// Checks the maps pinned in `dir` (those that exist) against this build's
 /// layout; returns whether any exists.
-fn check_pinned_maps(dir: &PinDir) -> Result<bool, SteeringError> {
+fn check_pinned_maps(dir: &PinDir, capacity: Capacity) -> Result<bool, SteeringError> {
     let mut any = false;
-    for (name, kind, key, value, max) in pinned_layout() {
+    for (name, kind, key, value, max) in pinned_layout(capacity) {
         let path = dir.map(name);
         if !path.exists() {
             continue;
@@ -253,11 +273,11 @@ impl Steering {
     /// where the kernel lets connect hooks call `bpf_set_retval`; where the
     /// verifier refuses that, the object is loaded again without it
     /// (refusals then read EPERM).
-    pub fn load(cgroup: &Path, pins: Option<PinDir>) -> Result<Steering, SteeringError> {
+    pub fn load(cgroup: &Path, pins: Option<PinDir>, capacity: Capacity) -> Result<Steering, SteeringError> {
         if OBJECT.is_empty() {
             return Err(SteeringError::NotBuilt);
         }
-        match Self::load_with(cgroup, pins.clone(), true) {
+        match Self::load_with(cgroup, pins.clone(), capacity, true) {
             Err(SteeringError::Program { name, source })
                 if name == common::PROG_CONNECT4 || name == common::PROG_CONNECT6 =>
             {
@@ -266,23 +286,33 @@ impl Steering {
                     error = %source,
                     "the kernel refused bpf_set_retval in connect hooks; refused connects will fail with EPERM, not ECONNREFUSED"
                 );
-                Self::load_with(cgroup, pins, false)
+                Self::load_with(cgroup, pins, capacity, false)
             }
             other => other,
         }
     }
 
-    fn load_with(cgroup: &Path, pins: Option<PinDir>, set_retval: bool) -> Result<Steering, SteeringError> {
+    fn load_with(
+        cgroup: &Path,
+        pins: Option<PinDir>,
+        capacity: Capacity,
+        set_retval: bool,
+    ) -> Result<Steering, SteeringError> {
         let level = kernel_log_level();
         let set_retval = u32::from(set_retval);
         let mut loader = EbpfLoader::new();
-        loader.override_global(aya_log::LEVEL, &level, true).override_global("SET_RETVAL", &set_retval, true);
+        loader
+            .override_global(aya_log::LEVEL, &level, true)
+            .override_global("SET_RETVAL", &set_retval, true)
+            .map_max_entries(common::MAP_ORIG_DST, capacity.flows)
+            .map_max_entries(common::MAP_FLOWS, capacity.flows)
+            .map_max_entries(common::MAP_BYPASS, capacity.bypass);
         let mut adopted_maps = false;
         let map_paths: Vec<(&str, PathBuf)> = match &pins {
             Some(dir) => {
-                adopted_maps = check_pinned_maps(dir)?;
+                adopted_maps = check_pinned_maps(dir, capacity)?;
                 dir.create()?;
-                pinned_layout().iter().map(|m| (m.0, dir.map(m.0))).collect()
+                pinned_layout(capacity).iter().map(|m| (m.0, dir.map(m.0))).collect()
             }
             None => Vec::new(),
         };
@@ -324,6 +354,9 @@ impl Steering {
             bypass: Mutex::new(try_map(&mut ebpf, common::MAP_BYPASS)?),
             counters: try_map(&mut ebpf, common::MAP_COUNTERS)?,
             cgroup: cgroup.to_owned(),
+            capacity,
+            map_stats: Mutex::new(None),
+            orig_dst: Mutex::new(try_map(&mut ebpf, common::MAP_ORIG_DST)?),
             programs: Mutex::new(Some(ebpf)),
             pins,
             role: AtomicU8::new(Role::Waiting as u8),
@@ -494,11 +527,15 @@ impl Steering {
 
     /// Pinned: whether another agent's connect4 now runs on the pinned link.
     fn superseded(&self) -> bool {
-        let Some(pins) = &self.pins else { return false };
+        // Before this agent linked its programs, the links run its
+        // predecessor's: that is not being superseded.
+        let Some(pins) = self.pins.as_ref().filter(|p| p.linked.load(Ordering::Acquire)) else {
+            return false;
+        };
         match PinnedLink::open(&pins.dir.link(common::PROG_CONNECT4)) {
             Ok(Some(link)) => link.program_id().is_ok_and(|id| id != pins.connect4_id),
-            // Unpinned (by `dataplane uninstall`) after this agent linked.
-            Ok(None) => pins.linked.load(Ordering::Acquire),
+            // Unpinned (by `dataplane uninstall`).
+            Ok(None) => true,
             Err(_) => false,
         }
     }
@@ -579,6 +616,59 @@ impl Steering {
     /// Dials that failed because the bypass map was full.
     pub fn bypass_full(&self) -> u64 {
         self.bypass_full.load(Ordering::Relaxed)
+    }
+
+    /// The per-socket maps' sizes.
+    pub fn capacity(&self) -> Capacity {
+        self.capacity
+    }
+
+    /// Entries in the per-socket maps and what the LRU maps evicted,
+    /// counted at most every [`ENTRIES_EVERY`] (a scrape in between gets
+    /// the last count): counting walks the maps.
+    ///
+    /// Evicted is what went in, less what the programs removed at close,
+    /// less what is there. Inserts are read before the walk and removals
+    /// after it, so an entry that comes or goes during the walk can only
+    /// make the figure low, never invent an eviction; it is kept monotonic.
+    /// The counters live as long as the maps, so this holds across agent
+    /// restarts. An entry FLOWS overwrote (a client's address and port
+    /// reused while a missed close left the old one) counts as evicted.
+    pub fn map_stats(&self) -> MapStats {
+        let mut cached = lock(&self.map_stats);
+        if let Some((at, stats)) = *cached
+            && at.elapsed() < ENTRIES_EVERY
+        {
+            return stats;
+        }
+        let before = self.counters().unwrap_or_default();
+        let (orig_dst, flows, bypass) = (
+            lock(&self.orig_dst).keys().count() as u64,
+            lock(&self.flows).keys().count() as u64,
+            lock(&self.bypass).keys().count() as u64,
+        );
+        let after = self.counters().unwrap_or_default();
+        let gone = |inserted: Counter, removed: Counter, present: u64| {
+            before.get(inserted).saturating_sub(after.get(removed)).saturating_sub(present)
+        };
+        let previous = cached.map(|(_, s)| s).unwrap_or_default();
+        let stats = MapStats {
+            orig_dst,
+            flows,
+            bypass,
+            orig_dst_evicted: previous.orig_dst_evicted.max(gone(
+                Counter::ConnectRedirected,
+                Counter::SockOpsClosed,
+                orig_dst,
+            )),
+            flows_evicted: previous.flows_evicted.max(gone(
+                Counter::SockOpsFlowRecorded,
+                Counter::SockOpsFlowForgotten,
+                flows,
+            )),
+        };
+        *cached = Some((std::time::Instant::now(), stats));
+        stats
     }
 
     /// Makes the tries hold `table`, each entry with the action `action`
@@ -703,6 +793,19 @@ impl Steering {
         }
         Ok(out)
     }
+}
+
+/// How often [`Steering::map_stats`] walks the maps.
+pub const ENTRIES_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Entries in the per-socket maps, and what the LRU ones evicted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MapStats {
+    pub orig_dst: u64,
+    pub flows: u64,
+    pub bypass: u64,
+    pub orig_dst_evicted: u64,
+    pub flows_evicted: u64,
 }
 
 /// Removes a socket from the bypass set when dropped.

@@ -19,13 +19,14 @@ use super::{
 
 /// The newest `linux-image-*-amd64` of a series: `6.1` matches
 /// `linux-image-6.1.0-NN-amd64`, `6.12` matches `linux-image-6.12.NNN+deb12-amd64`.
-pub(super) fn resolve_package(series: &str) -> Result<String> {
+pub(super) fn resolve_package(series: &str, sources: &[String]) -> Result<String> {
     ensure!(
         series.split('.').count() == 2 && series.split('.').all(|p| p.parse::<u32>().is_ok()),
         "--kernel {series}: expected a series like 6.1 or 6.12"
     );
     for attempt in 0..2 {
         let out = Command::new("apt-cache")
+            .args(sources)
             .args(["search", "--names-only", &format!("^linux-image-{}\\.", series.replace('.', "\\."))])
             .output()
             .context("running apt-cache")?;
@@ -39,13 +40,16 @@ pub(super) fn resolve_package(series: &str) -> Result<String> {
             return Ok(name);
         }
         if attempt == 0 {
-            apt(&["update", "-qq"])?;
+            let mut args: Vec<&str> = sources.iter().map(String::as_str).collect();
+            args.extend(["update", "-qq"]);
+            apt(&args)?;
         }
     }
     bail!("no linux-image package for kernel {series} in apt (apt-cache search linux-image-{series})")
 }
 
 /// Orders packages of one series; None for flavours we do not want (rt, cloud, dbg).
+/// Debian 11's 5.10 is `linux-image-5.10.0-NN-amd64`.
 fn package_rank(name: &str, series: &str) -> Option<Vec<u32>> {
     let rest = name.strip_prefix("linux-image-")?.strip_suffix("-amd64")?;
     let rest = rest.strip_suffix("+deb12").unwrap_or(rest);
@@ -64,7 +68,40 @@ pub(super) struct Kernel {
     pub initramfs: PathBuf,
 }
 
-pub(super) fn prepare_kernel(vm_dir: &Path, pkg: &str) -> Result<Kernel> {
+/// apt options for a series: none for Debian 12's own kernels (6.1,
+/// 6.12); for 5.x, a source list of our own with Debian 11's security suite
+/// (where its 5.10 kernels are), made from the host's security entry, with
+/// lists of its own under target/vm: the host's sources stay untouched.
+pub(super) fn sources_for(vm_dir: &Path, series: &str) -> Result<Vec<String>> {
+    if !series.starts_with("5.") {
+        return Ok(Vec::new());
+    }
+    let dir = vm_dir.join("apt-bullseye");
+    fs::create_dir_all(dir.join("lists/partial"))?;
+    fs::create_dir_all(dir.join("parts"))?;
+    let host = fs::read_to_string("/etc/apt/sources.list.d/debian.sources")
+        .context("reading /etc/apt/sources.list.d/debian.sources (Debian 12's deb822 sources)")?;
+    let security = host
+        .split("\n\n")
+        .find(|stanza| stanza.contains("debian-security"))
+        .context("no debian-security entry in the host's apt sources")?;
+    let stanza: String = security
+        .lines()
+        .map(|l| if l.starts_with("Suites:") { "Suites: bullseye-security" } else { l })
+        .collect::<Vec<_>>()
+        .join("\n");
+    fs::write(dir.join("parts/bullseye.sources"), stanza + "\n")?;
+    Ok(vec![
+        "-o".into(),
+        "Dir::Etc::sourcelist=/dev/null".into(),
+        "-o".into(),
+        format!("Dir::Etc::sourceparts={}", dir.join("parts").display()),
+        "-o".into(),
+        format!("Dir::State::Lists={}", dir.join("lists").display()),
+    ])
+}
+
+pub(super) fn prepare_kernel(vm_dir: &Path, pkg: &str, sources: &[String]) -> Result<Kernel> {
     let dir = vm_dir.join(pkg);
     let kernel = Kernel {
         pkg: pkg.to_owned(),
@@ -84,6 +121,7 @@ pub(super) fn prepare_kernel(vm_dir: &Path, pkg: &str) -> Result<Kernel> {
     // Root downloads into our own directory: skip apt's _apt sandbox (a warning otherwise).
     let status = Command::new("apt-get")
         .current_dir(&dir)
+        .args(sources)
         .args(["-o", "APT::Sandbox::User=root", "download", pkg])
         .status()?;
     ensure!(status.success(), "apt-get download {pkg} failed");
@@ -166,6 +204,7 @@ mod tests {
     fn package_ranking_picks_plain_flavours_of_the_series() {
         assert_eq!(package_rank("linux-image-6.1.0-50-amd64", "6.1"), Some(vec![0, 50]));
         assert_eq!(package_rank("linux-image-6.12.101+deb12-amd64", "6.12"), Some(vec![101]));
+        assert_eq!(package_rank("linux-image-5.10.0-46-amd64", "5.10"), Some(vec![0, 46]));
         assert!(
             package_rank("linux-image-6.1.0-50-amd64", "6.1")
                 > package_rank("linux-image-6.1.0-47-amd64", "6.1")

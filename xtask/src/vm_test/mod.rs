@@ -61,9 +61,10 @@ pub fn run(opts: &Options) -> Result<()> {
 
     let mut results = Vec::new();
     for series in &opts.kernels {
-        let pkg = resolve_package(series)?;
+        let sources = kernel::sources_for(&vm_dir, series)?;
+        let pkg = resolve_package(series, &sources)?;
         let started = Instant::now();
-        let kernel = prepare_kernel(&vm_dir, &pkg).with_context(|| format!("preparing {pkg}"))?;
+        let kernel = prepare_kernel(&vm_dir, &pkg, &sources).with_context(|| format!("preparing {pkg}"))?;
         let outcome = boot(&kernel, &script, Duration::from_secs(opts.timeout))?;
         results.push((series.clone(), pkg, outcome, started.elapsed()));
     }
