@@ -46,8 +46,16 @@ impl Attempt {
         !self.ok
             && (e.contains("reset")
                 || e.contains("Broken pipe")
-                || e.contains("refused")
-                || e.contains("not connected"))
+                || e.contains("not connected")
+                || self.was_refused())
+    }
+
+    /// connect() was refused: ECONNREFUSED, or EPERM where the kernel's
+    /// connect hooks cannot set the error (no `bpf_set_retval` before 5.18:
+    /// the agent's refusal in the hook then reads EPERM).
+    pub fn was_refused(&self) -> bool {
+        let e = self.error.as_deref().unwrap_or_default();
+        !self.ok && (e.contains("refused") || e.contains("Operation not permitted"))
     }
 
     /// The echoed payload.
@@ -82,7 +90,12 @@ pub struct Latencies {
 /// the attempts that did something else.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Refusals {
+    /// How long each refused connect() took (ECONNREFUSED or EPERM).
     pub refused_us: Vec<f64>,
+    /// How many of them failed with EPERM: a kernel whose connect hooks
+    /// cannot call `bpf_set_retval` (before 5.18).
+    #[serde(default)]
+    pub eperm: u64,
     pub other: u64,
     pub first_other: Option<String>,
 }

@@ -84,6 +84,12 @@ impl OtherProduct {
     /// Attaches a connect4 that sends `vip` to `backend`, and a counting
     /// sock_ops, to `cgroup`.
     pub fn attach(cgroup: &Path, vip: SocketAddrV4, backend: SocketAddrV4) -> Result<OtherProduct> {
+        // Before 5.11 programs and maps are charged to RLIMIT_MEMLOCK, whose
+        // default (8 MiB, less what the agent's loader took in this
+        // process) runs out after a few loads.
+        let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+        // SAFETY: a valid rlimit; failing leaves the limit as it was.
+        unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
         let word = |a: &SocketAddrV4| i32::from_ne_bytes(a.ip().octets());
         let port = |a: &SocketAddrV4| a.port().to_be() as i32;
         let connect4 = [

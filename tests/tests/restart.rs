@@ -177,7 +177,9 @@ fn ten_sigkill_restarts_fail_fast_and_never_leak() {
     }
     let ticks = ticker.finish().expect("ticks");
     report("SIGKILL", std::slice::from_ref(&ticks), &back);
-    assert!(ticks.ok > 0, "{ticks:?}");
+    // Service after each restart is asserted above; here, what the steady
+    // stream of connects met while agents died and started.
+    assert!(ticks.ok + ticks.refused > 0, "the ticker ran: {ticks:?}");
     assert_eq!(ticks.failed, 0, "a connect either succeeds or is refused, never hangs: {ticks:?}");
     assert!(ticks.slowest_refusal_us < fast_us(10_000) as f64, "refusals are fast: {ticks:?}");
     for (i, b) in back.iter().enumerate().skip(1) {
@@ -204,7 +206,7 @@ fn uninstall_removes_pinned_steering() {
     agent.wait_exit(Duration::from_secs(30)).expect("exits after its handover wait");
     // Stopped with no successor: refused in the kernel, pins in place.
     let r = pod.connect(addr(API_V4)).expect("probe");
-    assert!(r.error.as_deref().is_some_and(|e| e.contains("refused")), "refused while no agent runs: {r:?}");
+    assert!(r.was_refused(), "refused while no agent runs: {r:?}");
     assert!(std::fs::read_dir(&pins.0).expect("pins").next().is_some(), "state stays pinned");
 
     let yaml = topo.pinned_yaml(&pins, &ROUTES, "1s");
@@ -323,4 +325,42 @@ fn a_new_map_layout_takes_over_in_place() {
     assert_ne!(after, before);
     assert!(after[0].contains("flows4096"), "{after:?}");
     drop(new);
+}
+
+/// Routes through a peer (to the connector's echo server: the API server
+/// there speaks TLS): the new agent takes over only once its own
+/// tunnel to the connector is up (it would otherwise refuse every routed
+/// connect until then), so SIGTERM restarts of a client agent fail no
+/// connect either.
+#[test]
+fn sigterm_restarts_of_a_tunnel_client_fail_no_connect() {
+    if !require_root() {
+        return;
+    }
+    use tests::tunnel_env::{CLIENT_ID, Mode, TunnelEnv};
+    let env = TunnelEnv::new().expect("environment");
+    let _connector = env.start_connector(Mode::ConnectorListens).expect("connector");
+    let pins = PinRoot::new().expect("bpffs");
+    let tls = env.tls("client", CLIENT_ID, None).expect("tls");
+    let yaml = env
+        .client_config_text(Mode::ConnectorListens, &tls)
+        .replace("pin_dir: null", &format!("pin_dir: {}, handover_wait: 30s", pins.0.display()));
+    let dir = tempfile::tempdir().expect("tmp");
+    let start =
+        |i: usize| AgentProcess::start(&env.topo.node, &format!("client{i}"), &yaml, admin(i), dir.path());
+    let mut agent = start(0).expect("client agent");
+    let pod = env.topo.pod_probe();
+    let ticker = pod.tick(addr(tests::topology::OTHER_V4), 10).expect("ticker");
+    for i in 1..=5 {
+        agent.terminate();
+        let next = start(i).expect("the next client agent");
+        assert!(agent.wait_exit(Duration::from_secs(40)).expect("the old agent exits").success());
+        agent = next;
+        let a = pod.connect(addr(tests::topology::OTHER_V4)).expect("probe");
+        assert!(a.ok, "restart {i}: served through the new agent's tunnel: {a:?}");
+    }
+    let ticks = ticker.finish().expect("ticks");
+    eprintln!("tunnel client, SIGTERM x5: {ticks:?}");
+    assert!(ticks.ok > 0, "{ticks:?}");
+    assert_eq!((ticks.refused, ticks.failed, ticks.broken), (0, 0, 0), "{ticks:?}");
 }

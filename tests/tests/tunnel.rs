@@ -510,6 +510,9 @@ fn a_route_without_a_live_peer_is_refused_in_the_kernel() {
     let refused = |n: usize| {
         let r = pod.refusals(addr(OTHER_V4), n).expect("probe");
         assert_eq!(r.other, 0, "every connect refused: {r:?}");
+        // ECONNREFUSED where the agent found bpf_set_retval, else EPERM.
+        let eperm = client.handle.steering().is_some_and(|s| !s.refuses_with_econnrefused());
+        assert_eq!(r.eperm, if eperm { n as u64 } else { 0 }, "{r:?}");
         let mut t = r.refused_us.clone();
         t.sort_by(f64::total_cmp);
         (t[t.len() / 2], t[t.len() * 99 / 100])

@@ -59,11 +59,12 @@ pub fn render(s: &Status) -> String {
     match &s.steering {
         Some(st) => {
             out += &format!(
-                "steering: {} at {} ({} IPv4 + {} IPv6 routes in the kernel)\n",
+                "steering: {} at {} ({} IPv4 + {} IPv6 routes in the kernel; refusals read {})\n",
                 if st.attached { "attached" } else { "DETACHED" },
                 st.cgroup,
                 st.route_entries_v4,
-                st.route_entries_v6
+                st.route_entries_v6,
+                st.refusal
             );
             if let Some(p) = &st.pinned {
                 let age = now_unix().saturating_sub(p.since_unix);

@@ -76,6 +76,10 @@ pub struct SteeringStatus {
     pub cgroup: String,
     pub route_entries_v4: usize,
     pub route_entries_v6: usize,
+    /// The error a refused routed connect gets: `ECONNREFUSED`, or `EPERM`
+    /// on kernels whose connect hooks cannot set it (before 5.18).
+    #[serde(default)]
+    pub refusal: String,
     /// Where the links and maps are pinned; absent when unpinned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pinned: Option<PinnedStatus>,

@@ -161,6 +161,7 @@ impl AgentHandle {
                 cgroup: st.cgroup().display().to_string(),
                 route_entries_v4: v4,
                 route_entries_v6: v6,
+                refusal: if st.refuses_with_econnrefused() { "ECONNREFUSED" } else { "EPERM" }.to_owned(),
                 pinned: st.pin_dir().map(|d| admin::PinnedStatus {
                     path: d.root().display().to_string(),
                     since_unix: d

@@ -149,6 +149,9 @@ pub struct Steering {
     counters: PerCpuArray<MapData, u64>,
     cgroup: PathBuf,
     capacity: Capacity,
+    /// Refused connects fail with ECONNREFUSED (`bpf_set_retval` loaded),
+    /// else EPERM.
+    econnrefused: bool,
     orig_dst: Mutex<HashMap<MapData, u64, OrigDst>>,
     /// The last [`Steering::map_stats`], and when it was counted.
     map_stats: Mutex<Option<(std::time::Instant, MapStats)>>,
@@ -299,6 +302,7 @@ impl Steering {
         set_retval: bool,
     ) -> Result<Steering, SteeringError> {
         let level = kernel_log_level();
+        let econnrefused = set_retval;
         let set_retval = u32::from(set_retval);
         let mut loader = EbpfLoader::new();
         loader
@@ -356,6 +360,7 @@ impl Steering {
             cgroup: cgroup.to_owned(),
             capacity,
             map_stats: Mutex::new(None),
+            econnrefused,
             orig_dst: Mutex::new(try_map(&mut ebpf, common::MAP_ORIG_DST)?),
             programs: Mutex::new(Some(ebpf)),
             pins,
@@ -616,6 +621,13 @@ impl Steering {
     /// Dials that failed because the bypass map was full.
     pub fn bypass_full(&self) -> u64 {
         self.bypass_full.load(Ordering::Relaxed)
+    }
+
+    /// Whether a connect the programs refuse fails with ECONNREFUSED (the
+    /// kernel lets connect hooks call `bpf_set_retval`: 5.18 and later) or
+    /// with EPERM (older kernels).
+    pub fn refuses_with_econnrefused(&self) -> bool {
+        self.econnrefused
     }
 
     /// The per-socket maps' sizes.

@@ -167,6 +167,10 @@ fn main() -> Result<()> {
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                     out.refused_us.push(t.elapsed().as_secs_f64() * 1e6)
                 }
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                    out.refused_us.push(t.elapsed().as_secs_f64() * 1e6);
+                    out.eperm += 1;
+                }
                 Err(e) => {
                     out.other += 1;
                     out.first_other.get_or_insert_with(|| e.to_string());
