@@ -284,7 +284,7 @@ fn a_failed_start_cleans_up() {
         .node
         .run(|| {
             // Occupy the listener port on the node so the agent's bind fails.
-            let s = std::net::TcpListener::bind("0.0.0.0:15001");
+            let s = std::net::TcpListener::bind(("0.0.0.0", dataplane::config::DEFAULT_REDIRECT_PORT));
             s.map(|l| l.local_addr().map(|_| l))
         })
         .expect("thread")

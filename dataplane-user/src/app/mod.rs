@@ -36,7 +36,7 @@ use crate::{
         probe::{self, KernelError},
     },
     lock, memory, process,
-    routes::RouteTable,
+    routes::{RouteTable, Upstream},
     steer::{
         FlowServer,
         listener::{self, BindError},
@@ -410,20 +410,24 @@ fn bind_listeners(
 }
 
 /// Takes steering over from a live agent once this one can serve every
-/// route (its peers connected), or when `steering.handover_wait` is up.
+/// route (a tunnel connection to each route's peer, `on_no_peer: pass`
+/// routes included: the old agent still serves them meanwhile), when that
+/// agent gave up (it refused all on its way out), or when
+/// `steering.handover_wait` is up. A failed attempt is retried every second:
+/// programs already replaced are this agent's and compatible with the rest.
 async fn take_over_when_ready(shared: Arc<Shared>, v4: Option<SocketAddr>, v6: Option<SocketAddr>) {
     let Some(steering) = shared.steering.clone() else { return };
     let wait = lock(&shared.config).steering.handover_wait;
     let deadline = Instant::now() + wait;
     let tunnel = shared.tunnel.clone();
     let ready = || {
-        lock(&shared.routes)
-            .entries()
-            .iter()
-            .all(|e| route_state::action(e, tunnel.as_deref()) != dataplane_common::ACTION_REJECT)
+        lock(&shared.routes).entries().iter().all(|e| match &e.upstream {
+            Upstream::Direct => true,
+            Upstream::Peer(p) => tunnel.as_ref().is_some_and(|t| t.live_connections(p) > 0),
+        })
     };
     let mut changes = tunnel.as_ref().map(|t| t.liveness());
-    while !ready() && Instant::now() < deadline {
+    while !ready() && Instant::now() < deadline && steering.current_target().is_some() {
         let changed = async {
             match changes.as_mut() {
                 Some(c) => drop(c.changed().await),
@@ -432,22 +436,36 @@ async fn take_over_when_ready(shared: Arc<Shared>, v4: Option<SocketAddr>, v6: O
         };
         tokio::select! {
             () = changed => {}
-            () = tokio::time::sleep_until(deadline) => {}
+            // Polled: an owner giving up shows only in the maps.
+            () = tokio::time::sleep(OWNER_POLL) => {}
             () = shared.drain.cancelled() => return,
         }
     }
-    let table = lock(&shared.routes).clone();
-    match steering.take_over(v4, v6, &table, |e| route_state::action(e, tunnel.as_deref())) {
-        Ok(()) => info!(
-            routes = table.entries().len(),
-            ready = ready(),
-            "took over steering from the previous agent"
-        ),
-        Err(e) => {
-            warn!(error = %e, "taking over steering failed; the previous agent's programs stay attached")
+    loop {
+        if shared.drain.is_cancelled() {
+            return;
+        }
+        let table = lock(&shared.routes).clone();
+        match steering.take_over(v4, v6, &table, |e| route_state::action(e, tunnel.as_deref())) {
+            Ok(()) => {
+                info!(
+                    routes = table.entries().len(),
+                    ready = ready(),
+                    "took over steering from the previous agent"
+                );
+                return;
+            }
+            Err(e) => warn!(error = %e, "taking over steering failed; retrying in 1 s"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            () = shared.drain.cancelled() => return,
         }
     }
 }
+
+/// How often a waiting successor checks whether the running agent gave up.
+const OWNER_POLL: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Removes what a pinned agent leaves behind for `config`'s cgroup: the
 /// pinned links and maps (the programs detach as the links go), then the

@@ -399,6 +399,12 @@ fn default_admin() -> Option<SocketAddr> {
 fn default_log_level() -> String {
     "info".to_owned()
 }
+/// The redirect listeners' default port (and, pinned, the next one): below
+/// 1024, so no unprivileged process on the node can bind it while no agent
+/// does (after a crash, the pinned programs still send routed connects
+/// there) or take the port the next agent needs.
+pub const DEFAULT_REDIRECT_PORT: u16 = 1013;
+
 fn default_flow_capacity() -> u32 {
     dataplane_common::FLOWS_MAX_ENTRIES
 }
@@ -415,10 +421,10 @@ fn default_interface() -> String {
     "dataplane0".to_owned()
 }
 fn default_v4() -> Option<SocketAddr> {
-    Some(SocketAddr::new(Ipv4Addr::new(169, 254, 77, 1).into(), 15001))
+    Some(SocketAddr::new(Ipv4Addr::new(169, 254, 77, 1).into(), DEFAULT_REDIRECT_PORT))
 }
 fn default_v6() -> Option<SocketAddr> {
-    Some(SocketAddr::new(Ipv6Addr::new(0xfd00, 0xd47a, 0, 0, 0, 0, 0, 1).into(), 15001))
+    Some(SocketAddr::new(Ipv6Addr::new(0xfd00, 0xd47a, 0, 0, 0, 0, 0, 1).into(), DEFAULT_REDIRECT_PORT))
 }
 fn default_keep_alive() -> Duration {
     Duration::from_secs(2)

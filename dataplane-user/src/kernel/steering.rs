@@ -280,7 +280,13 @@ impl Steering {
         if OBJECT.is_empty() {
             return Err(SteeringError::NotBuilt);
         }
-        match Self::load_with(cgroup, pins.clone(), capacity, true) {
+        // Decided once, before any attempt: an attempt the verifier refuses
+        // has pinned fresh maps, which the retry must not take for adopted.
+        let adopted = match &pins {
+            Some(dir) => check_pinned_maps(dir, capacity)?,
+            None => false,
+        };
+        match Self::load_with(cgroup, pins.clone(), adopted, capacity, true) {
             Err(SteeringError::Program { name, source })
                 if name == common::PROG_CONNECT4 || name == common::PROG_CONNECT6 =>
             {
@@ -289,7 +295,7 @@ impl Steering {
                     error = %source,
                     "the kernel refused bpf_set_retval in connect hooks; refused connects will fail with EPERM, not ECONNREFUSED"
                 );
-                Self::load_with(cgroup, pins, capacity, false)
+                Self::load_with(cgroup, pins, adopted, capacity, false)
             }
             other => other,
         }
@@ -298,6 +304,7 @@ impl Steering {
     fn load_with(
         cgroup: &Path,
         pins: Option<PinDir>,
+        adopted_maps: bool,
         capacity: Capacity,
         set_retval: bool,
     ) -> Result<Steering, SteeringError> {
@@ -311,10 +318,8 @@ impl Steering {
             .map_max_entries(common::MAP_ORIG_DST, capacity.flows)
             .map_max_entries(common::MAP_FLOWS, capacity.flows)
             .map_max_entries(common::MAP_BYPASS, capacity.bypass);
-        let mut adopted_maps = false;
         let map_paths: Vec<(&str, PathBuf)> = match &pins {
             Some(dir) => {
-                adopted_maps = check_pinned_maps(dir, capacity)?;
                 dir.create()?;
                 pinned_layout(capacity).iter().map(|m| (m.0, dir.map(m.0))).collect()
             }
@@ -374,12 +379,24 @@ impl Steering {
 
     /// Where routed connects go now, as the adopted maps say: the listener
     /// of the agent whose programs are attached (pinned, adopted maps only).
+    /// With maps of another layout (an agent of another version, or other
+    /// capacities, still running), its target is read from its own
+    /// pinned REDIRECT.
     pub fn current_target(&self) -> Option<RedirectTarget> {
         let pins = self.pins.as_ref()?;
-        if !pins.adopted_maps || !pins.dir.link(common::PROG_CONNECT4).exists() {
+        if !pins.dir.link(common::PROG_CONNECT4).exists() {
             return None;
         }
-        lock(&self.redirect).get(&0, 0).ok().filter(|t| t.flags != 0)
+        let target = if pins.adopted_maps {
+            lock(&self.redirect).get(&0, 0).ok()
+        } else {
+            pins.dir.other_layouts().iter().find_map(|dir| {
+                let data = MapData::from_pin(dir.join(common::MAP_REDIRECT)).ok()?;
+                let map: Array<MapData, RedirectTarget> = aya::maps::Map::Array(data).try_into().ok()?;
+                map.get(&0, 0).ok()
+            })
+        };
+        target.filter(|t| t.flags != 0)
     }
 
     /// Makes this agent's programs the attached ones, steering routed
@@ -557,9 +574,13 @@ impl Steering {
         if self.role() != Role::Owner {
             return Ok(());
         }
-        let mut target = *lock(&self.target);
-        target.flags = 0;
-        lock(&self.redirect).set(0, target, 0).map_err(map_err(common::MAP_REDIRECT))?;
+        let own = *lock(&self.target);
+        let map = &mut *lock(&self.redirect);
+        // A successor that wrote its own target since is left alone (what
+        // remains of the race, its `keep_target` repairs within a second).
+        if map.get(&0, 0).ok() == Some(own) {
+            map.set(0, RedirectTarget { flags: 0, ..own }, 0).map_err(map_err(common::MAP_REDIRECT))?;
+        }
         self.role.store(Role::Done as u8, Ordering::Release);
         Ok(())
     }
@@ -654,11 +675,13 @@ impl Steering {
             return stats;
         }
         let before = self.counters().unwrap_or_default();
-        let (orig_dst, flows, bypass) = (
-            lock(&self.orig_dst).keys().count() as u64,
-            lock(&self.flows).keys().count() as u64,
-            lock(&self.bypass).keys().count() as u64,
-        );
+        // One map at a time (the flow path waits on these locks), and at
+        // most a little past capacity: under churn a walk whose cursor key
+        // is deleted starts over.
+        let walk = |cap: u32| cap as usize + 1024;
+        let orig_dst = lock(&self.orig_dst).keys().take(walk(self.capacity.flows)).count() as u64;
+        let flows = lock(&self.flows).keys().take(walk(self.capacity.flows)).count() as u64;
+        let bypass = lock(&self.bypass).keys().take(walk(self.capacity.bypass)).count() as u64;
         let after = self.counters().unwrap_or_default();
         let gone = |inserted: Counter, removed: Counter, present: u64| {
             before.get(inserted).saturating_sub(after.get(removed)).saturating_sub(present)
