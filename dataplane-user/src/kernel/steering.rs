@@ -472,42 +472,34 @@ impl Steering {
                 Some(pins) => Some((pins.dir.link(name), PinnedLink::open(&pins.dir.link(name))?)),
                 None => None,
             };
+            // The same steps for both program types, which share no trait:
+            // replace the pinned link's program, or attach (and, pinned,
+            // hand back the link to pin).
+            macro_rules! attach_or_update {
+                ($kind:ty) => {{
+                    let prog: &mut $kind = program(ebpf, name)?;
+                    if let Some((_, Some(link))) = &pinned {
+                        let fd = prog.fd().map_err(|source| SteeringError::Program { name, source })?;
+                        link.update(fd.as_fd())?;
+                        None
+                    } else {
+                        let id = prog.attach(&cgroup_file, ATTACH_MODE).map_err(attach_err(name))?;
+                        match pinned {
+                            Some(_) => Some(
+                                prog.take_link(id)
+                                    .map_err(attach_err(name))?
+                                    .try_into()
+                                    .map_err(|_| SteeringError::NotPinnable { name })?,
+                            ),
+                            None => None,
+                        }
+                    }
+                }};
+            }
             let fd_link: Option<FdLink> = if name == common::PROG_SOCK_OPS {
-                let prog: &mut SockOps = program(ebpf, name)?;
-                if let Some((_, Some(link))) = &pinned {
-                    let fd = prog.fd().map_err(|source| SteeringError::Program { name, source })?;
-                    link.update(fd.as_fd())?;
-                    None
-                } else {
-                    let id = prog.attach(&cgroup_file, ATTACH_MODE).map_err(attach_err(name))?;
-                    match pinned {
-                        Some(_) => Some(
-                            prog.take_link(id)
-                                .map_err(attach_err(name))?
-                                .try_into()
-                                .map_err(|_| SteeringError::NotPinnable { name })?,
-                        ),
-                        None => None,
-                    }
-                }
+                attach_or_update!(SockOps)
             } else {
-                let prog: &mut CgroupSockAddr = program(ebpf, name)?;
-                if let Some((_, Some(link))) = &pinned {
-                    let fd = prog.fd().map_err(|source| SteeringError::Program { name, source })?;
-                    link.update(fd.as_fd())?;
-                    None
-                } else {
-                    let id = prog.attach(&cgroup_file, ATTACH_MODE).map_err(attach_err(name))?;
-                    match pinned {
-                        Some(_) => Some(
-                            prog.take_link(id)
-                                .map_err(attach_err(name))?
-                                .try_into()
-                                .map_err(|_| SteeringError::NotPinnable { name })?,
-                        ),
-                        None => None,
-                    }
-                }
+                attach_or_update!(CgroupSockAddr)
             };
             if let (Some(fd_link), Some((path, _))) = (fd_link, pinned) {
                 fd_link.pin(&path).map_err(|e| {
