@@ -105,7 +105,8 @@ pub struct Refusals {
 pub struct Ticks {
     /// Connected and echoed.
     pub ok: u64,
-    /// connect() failed with ECONNREFUSED.
+    /// connect() failed with ECONNREFUSED (or ECONNRESET: the handshake
+    /// was queued on a listener that closed).
     pub refused: u64,
     pub slowest_refusal_us: f64,
     /// connect() failed otherwise, or hung (3 s).

@@ -278,7 +278,16 @@ fn tick(addr: SocketAddr, payload: &str, every: Duration) -> Result<tests::probe
         let connected = sock.connect_timeout(&addr.into(), Duration::from_secs(3));
         let took_us = t.elapsed().as_secs_f64() * 1e6;
         match connected {
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            // A reset during connect(): the handshake landed in the queue
+            // of a listener that was closing (its agent killed) and the
+            // kernel refused it from there; as fast as a refusal, and
+            // counted as one.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
                 out.refused += 1;
                 out.slowest_refusal_us = out.slowest_refusal_us.max(took_us);
             }
