@@ -31,27 +31,48 @@ fn admin(i: usize) -> SocketAddr {
     addr(if i.is_multiple_of(2) { "127.0.0.1:19464" } else { "127.0.0.1:19465" })
 }
 
-fn start(topo: &Topology, pins: &PinRoot, i: usize, dir: &std::path::Path) -> (AgentProcess, Duration) {
-    let started = start_with(topo, pins, i, dir, "30s");
-    // Steering is back: a pod's routed connect is served (and the ticker
-    // gets connects to this agent before the next restart).
-    let a = topo.pod_probe().connect(addr(API_V4)).expect("probe");
-    assert!(a.ok, "agent {i} serves once ready: {a:?}");
-    started
+/// A node whose steering is pinned: the test topology, a bpffs directory of
+/// its own, and a directory for the agents' configs and logs.
+struct Node {
+    // Field order is drop order: files, then pins, then the namespaces.
+    dir: tempfile::TempDir,
+    pins: PinRoot,
+    topo: Topology,
 }
 
-fn start_with(
-    topo: &Topology,
-    pins: &PinRoot,
-    i: usize,
-    dir: &std::path::Path,
-    handover_wait: &str,
-) -> (AgentProcess, Duration) {
-    let yaml = topo.pinned_yaml(pins, &ROUTES, handover_wait);
-    let t = Instant::now();
-    let agent =
-        AgentProcess::start(&topo.node, &format!("agent{i}"), &yaml, admin(i), dir).expect("agent starts");
-    (agent, t.elapsed())
+impl Node {
+    fn new() -> Node {
+        let topo = Topology::new().expect("topology");
+        Node { dir: tempfile::tempdir().expect("tmp"), pins: PinRoot::new().expect("bpffs"), topo }
+    }
+
+    /// Starts agent `i` (ready: it steers), and checks that a pod's routed
+    /// connect is served (so the ticker gets connects to this agent before
+    /// the next restart). Returns it with the time from spawn to ready.
+    fn start(&self, i: usize) -> (AgentProcess, Duration) {
+        let started = self.start_with(i, "30s");
+        let a = self.topo.pod_probe().connect(addr(API_V4)).expect("probe");
+        assert!(a.ok, "agent {i} serves once ready: {a:?}");
+        started
+    }
+
+    fn start_with(&self, i: usize, handover_wait: &str) -> (AgentProcess, Duration) {
+        let yaml = self.topo.pinned_yaml(&self.pins, &ROUTES, handover_wait);
+        let t = Instant::now();
+        let agent =
+            AgentProcess::start(&self.topo.node, &format!("agent{i}"), &yaml, admin(i), self.dir.path())
+                .expect("agent starts");
+        (agent, t.elapsed())
+    }
+
+    /// `dataplane uninstall` for this node's configuration, in its namespace.
+    fn uninstall(&self) -> Vec<String> {
+        let yaml = self.topo.pinned_yaml(&self.pins, &ROUTES, "1s");
+        let config = dataplane::config::Config::parse(&yaml).expect("config");
+        tests::run_in(&self.topo.node.path(), move || dataplane::app::uninstall(&config))
+            .expect("in the node namespace")
+            .expect("uninstall")
+    }
 }
 
 /// Whether the server ever saw a connection from the pod itself: a routed
@@ -101,18 +122,17 @@ fn ten_sigterm_restarts_fail_no_connect() {
     if !require_root() {
         return;
     }
-    let topo = Topology::new().expect("topology");
-    let pins = PinRoot::new().expect("bpffs");
-    let dir = tempfile::tempdir().expect("tmp");
-    let (mut agent, first) = start(&topo, &pins, 0, dir.path());
+    let node = Node::new();
+    let (topo, pins) = (&node.topo, &node.pins);
+    let (mut agent, first) = node.start(0);
     let pod = topo.pod_probe();
     let (t4, t6) = (pod.tick(addr(API_V4), 10).expect("ticker"), pod.tick(addr(API_V6), 10).expect("ticker"));
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let bulk = transfers(&topo, stop.clone());
+    let bulk = transfers(topo, stop.clone());
     let mut back = vec![first];
     for i in 1..=restarts() {
         agent.terminate();
-        let (next, took) = start(&topo, &pins, i, dir.path());
+        let (next, took) = node.start(i);
         back.push(took);
         let status = agent.wait_exit(Duration::from_secs(40)).expect("the old agent exits");
         assert!(status.success(), "the old agent exited with {status}");
@@ -137,7 +157,7 @@ fn ten_sigterm_restarts_fail_no_connect() {
             "a transfer across a restart arrives intact: {b:?}"
         );
     }
-    assert!(leaked(&topo).is_empty(), "nothing left the node unsteered: {:?}", leaked(&topo));
+    assert!(leaked(topo).is_empty(), "nothing left the node unsteered: {:?}", leaked(topo));
     let status = agent.status().expect("status");
     let pinned = &status["steering"]["pinned"];
     assert!(
@@ -155,10 +175,9 @@ fn ten_sigkill_restarts_fail_fast_and_never_leak() {
     if !require_root() {
         return;
     }
-    let topo = Topology::new().expect("topology");
-    let pins = PinRoot::new().expect("bpffs");
-    let dir = tempfile::tempdir().expect("tmp");
-    let (mut agent, first) = start(&topo, &pins, 0, dir.path());
+    let node = Node::new();
+    let topo = &node.topo;
+    let (mut agent, first) = node.start(0);
     let pod = topo.pod_probe();
     let ticker = pod.tick(addr(API_V4), 10).expect("ticker");
     let mut back = vec![first];
@@ -177,7 +196,7 @@ fn ten_sigkill_restarts_fail_fast_and_never_leak() {
             eprintln!("agent gone: 1000 routed connects refused, p50 {p50:.0} us, p99 {p99:.0} us");
             assert!(p99 < fast_us(10_000) as f64, "refused in well under 10 ms: p99 {p99:.0} us");
         }
-        let (next, took) = start(&topo, &pins, i, dir.path());
+        let (next, took) = node.start(i);
         back.push(took);
         agent = next;
     }
@@ -191,7 +210,7 @@ fn ten_sigkill_restarts_fail_fast_and_never_leak() {
     for (i, b) in back.iter().enumerate().skip(1) {
         assert!(*b < Duration::from_micros(fast_us(1_000_000)), "restart {i}: steering back after {b:?}");
     }
-    assert!(leaked(&topo).is_empty(), "nothing left the node unsteered: {:?}", leaked(&topo));
+    assert!(leaked(topo).is_empty(), "nothing left the node unsteered: {:?}", leaked(topo));
 }
 
 /// `dataplane uninstall` removes the pins and the interface: the programs
@@ -201,10 +220,9 @@ fn uninstall_removes_pinned_steering() {
     if !require_root() {
         return;
     }
-    let topo = Topology::new().expect("topology");
-    let pins = PinRoot::new().expect("bpffs");
-    let dir = tempfile::tempdir().expect("tmp");
-    let (agent, _) = start_with(&topo, &pins, 0, dir.path(), "1s");
+    let node = Node::new();
+    let (topo, pins) = (&node.topo, &node.pins);
+    let (agent, _) = node.start_with(0, "1s");
     let pod = topo.pod_probe();
     let a = pod.connect(addr(API_V4)).expect("probe");
     assert!(a.ok && a.server_saw().is_some_and(|s| s.ip().to_string() != POD_V4), "steered: {a:?}");
@@ -215,11 +233,7 @@ fn uninstall_removes_pinned_steering() {
     assert!(r.was_refused(), "refused while no agent runs: {r:?}");
     assert!(std::fs::read_dir(&pins.0).expect("pins").next().is_some(), "state stays pinned");
 
-    let yaml = topo.pinned_yaml(&pins, &ROUTES, "1s");
-    let config = dataplane::config::Config::parse(&yaml).expect("config");
-    let removed = tests::run_in(&topo.node.path(), move || dataplane::app::uninstall(&config))
-        .expect("in the node namespace")
-        .expect("uninstall");
+    let removed = node.uninstall();
     assert!(removed.iter().any(|r| r.starts_with("pinned steering")), "{removed:?}");
     assert!(removed.iter().any(|r| r.starts_with("interface")), "{removed:?}");
     assert!(std::fs::read_dir(&pins.0).expect("pins").next().is_none(), "nothing pinned");
@@ -242,14 +256,13 @@ fn another_products_cgroup_programs_survive_ours() {
         return;
     }
     use tests::standin::OtherProduct;
-    let topo = Topology::new().expect("topology");
-    let pins = PinRoot::new().expect("bpffs");
-    let dir = tempfile::tempdir().expect("tmp");
+    let node = Node::new();
+    let topo = &node.topo;
     let backend: std::net::SocketAddrV4 = tests::topology::OTHER_V4.parse().expect("addr");
     let (vip1, vip2) = ("10.96.0.10:80".parse().expect("vip"), "10.96.0.11:80".parse().expect("vip"));
     let first =
         OtherProduct::attach(&topo.cgroup.path, vip1, backend).expect("the other product, before ours");
-    let (agent, _) = start(&topo, &pins, 0, dir.path());
+    let (agent, _) = node.start(0);
     let second =
         OtherProduct::attach(&topo.cgroup.path, vip2, backend).expect("the other product, after ours");
     let pod = topo.pod_probe();
@@ -274,19 +287,15 @@ fn another_products_cgroup_programs_survive_ours() {
     };
     check("both attached", true);
     agent.terminate();
-    let (next, _) = start(&topo, &pins, 1, dir.path());
+    let (next, _) = node.start(1);
     assert!(agent.wait_exit(Duration::from_secs(40)).expect("the old agent exits").success());
     let agent = next;
     check("after a SIGTERM restart", true);
     agent.kill();
-    let (agent, _) = start(&topo, &pins, 2, dir.path());
+    let (agent, _) = node.start(2);
     check("after a SIGKILL restart", true);
     agent.kill();
-    let yaml = topo.pinned_yaml(&pins, &ROUTES, "1s");
-    let config = dataplane::config::Config::parse(&yaml).expect("config");
-    tests::run_in(&topo.node.path(), move || dataplane::app::uninstall(&config))
-        .expect("in the node namespace")
-        .expect("uninstall");
+    node.uninstall();
     check("after our uninstall", false);
 }
 
@@ -298,10 +307,9 @@ fn a_new_map_layout_takes_over_in_place() {
     if !require_root() {
         return;
     }
-    let topo = Topology::new().expect("topology");
-    let pins = PinRoot::new().expect("bpffs");
-    let dir = tempfile::tempdir().expect("tmp");
-    let (old, _) = start(&topo, &pins, 0, dir.path());
+    let node = Node::new();
+    let (topo, pins) = (&node.topo, &node.pins);
+    let (old, _) = node.start(0);
     let layouts = || -> Vec<String> {
         let cgroup_dir =
             std::fs::read_dir(&pins.0).expect("pins").next().expect("one cgroup").expect("entry").path();
@@ -318,8 +326,9 @@ fn a_new_map_layout_takes_over_in_place() {
     let pod = topo.pod_probe();
     let ticker = pod.tick(addr(API_V4), 10).expect("ticker");
     old.terminate();
-    let yaml = topo.pinned_yaml_with(&pins, &ROUTES, "30s", "flow_capacity: 4096");
-    let new = AgentProcess::start(&topo.node, "resized", &yaml, admin(1), dir.path()).expect("agent starts");
+    let yaml = topo.pinned_yaml_with(pins, &ROUTES, "30s", "flow_capacity: 4096");
+    let new =
+        AgentProcess::start(&topo.node, "resized", &yaml, admin(1), node.dir.path()).expect("agent starts");
     assert!(old.wait_exit(Duration::from_secs(40)).expect("the old agent exits").success());
     let a = pod.connect(addr(API_V4)).expect("probe");
     assert!(a.ok, "served by the new agent: {a:?}");

@@ -23,9 +23,10 @@ use std::{
     time::SystemTime,
 };
 
-use dataplane_common::LAYOUT_VERSION;
-
-use super::steering::Capacity;
+use aya::maps::{MapData, MapType};
+use dataplane_common::{
+    self as common, Counter, FlowKey, LAYOUT_VERSION, OrigDst, RedirectTarget, RouteValue,
+};
 
 /// statfs(2) magic of a bpf filesystem.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -45,6 +46,12 @@ pub enum PinError {
     NotBpffs { path: PathBuf },
     #[error("steering.pin_dir: {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    /// A pinned map is not what this build's programs expect.
+    #[error(
+        "pinned map {path} is not of this build's layout (v{LAYOUT_VERSION}): {detail}; remove the pinned state \
+         with `dataplane uninstall` (steering stops until the agent starts again)"
+    )]
+    Layout { path: PathBuf, detail: String },
     #[error("pinned link {path}: {call} failed: {source}")]
     Link { path: PathBuf, call: &'static str, source: io::Error },
 }
@@ -110,6 +117,30 @@ impl PinDir {
         Ok(())
     }
 
+    /// Checks the maps pinned here (those that exist) against this build's
+    /// layout for `capacity`; returns whether any exists.
+    pub fn check_maps(&self, capacity: Capacity) -> Result<bool, PinError> {
+        let mut any = false;
+        for (name, kind, key, value, max) in layout(capacity) {
+            let path = self.map(name);
+            if !path.exists() {
+                continue;
+            }
+            any = true;
+            let bad = |detail: String| PinError::Layout { path: path.clone(), detail };
+            let map = MapData::from_pin(&path).map_err(|e| bad(format!("opening it: {e}")))?;
+            let info = map.info().map_err(|e| bad(format!("reading it: {e}")))?;
+            let found = (info.map_type().ok(), info.key_size(), info.value_size(), info.max_entries());
+            if found != (Some(kind), key, value, max) {
+                return Err(bad(format!(
+                    "found {:?} key {} value {} entries {}, expected {kind:?} key {key} value {value} entries {max}",
+                    found.0, found.1, found.2, found.3
+                )));
+            }
+        }
+        Ok(any)
+    }
+
     /// Whether anything is pinned here.
     pub fn exists(&self) -> bool {
         self.root.exists()
@@ -142,6 +173,44 @@ impl PinDir {
             _ => Ok(()),
         }
     }
+}
+
+/// Sizes of the per-socket maps (`steering.flow_capacity`,
+/// `steering.bypass_capacity`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    /// FLOWS and ORIG_DST: sockets redirected and not yet closed, per node.
+    pub flows: u32,
+    /// BYPASS: the agent's own dials in flight.
+    pub bypass: u32,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Capacity { flows: common::FLOWS_MAX_ENTRIES, bypass: common::BYPASS_MAX_ENTRIES }
+    }
+}
+
+/// The maps that are pinned, with the layout this build gives them (type,
+/// key size, value size, capacity): adopted only if they match.
+pub(super) fn layout(capacity: Capacity) -> [(&'static str, MapType, u32, u32, u32); 7] {
+    use std::mem::size_of;
+    let u = |n: usize| n as u32;
+    [
+        (common::MAP_ROUTES_V4, MapType::LpmTrie, 8, u(size_of::<RouteValue>()), common::ROUTES_MAX_ENTRIES),
+        (common::MAP_ROUTES_V6, MapType::LpmTrie, 20, u(size_of::<RouteValue>()), common::ROUTES_MAX_ENTRIES),
+        (common::MAP_REDIRECT, MapType::Array, 4, u(size_of::<RedirectTarget>()), 1),
+        (common::MAP_ORIG_DST, MapType::LruHash, 8, u(size_of::<OrigDst>()), capacity.flows),
+        (
+            common::MAP_FLOWS,
+            MapType::LruHash,
+            u(size_of::<FlowKey>()),
+            u(size_of::<OrigDst>()),
+            capacity.flows,
+        ),
+        (common::MAP_BYPASS, MapType::Hash, 8, 4, capacity.bypass),
+        (common::MAP_COUNTERS, MapType::PerCpuArray, 4, 8, Counter::COUNT),
+    ]
 }
 
 fn statfs_magic(path: &Path) -> io::Result<i64> {

@@ -1,10 +1,15 @@
 //! Loading, attaching and talking to the kernel programs: route tries, the
 //! redirect target, flow recovery, the agent's bypass set and the counters.
+//! Who steers (taking over, handing over) is in `handover`; how full the
+//! per-socket maps are, in `census`.
+
+mod census;
+mod handover;
+
+pub use census::MapStats;
 
 use std::{
-    fs::File,
     net::{IpAddr, SocketAddr},
-    os::fd::AsFd,
     path::{Path, PathBuf},
     sync::{
         Mutex,
@@ -14,8 +19,8 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, MapError, MapType, PerCpuArray},
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps, links::FdLink},
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray},
+    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
 };
 use dataplane_common::{
     self as common, AF_INET, AF_INET6, Counter, FlowKey, OrigDst, REDIRECT_V4_ENABLED, REDIRECT_V6_ENABLED,
@@ -25,7 +30,8 @@ use ipnet::IpNet;
 use tracing::{debug, warn};
 
 use super::{
-    pins::{PinDir, PinError, PinnedLink},
+    logs::{self, KernelLogger},
+    pins::{self, Capacity, PinDir, PinError},
     trie,
 };
 use crate::{
@@ -81,13 +87,6 @@ pub enum SteeringError {
     /// Pinned state could not be read, made or replaced.
     #[error(transparent)]
     Pin(#[from] PinError),
-    /// A pinned map is not what this build's programs expect.
-    #[error(
-        "pinned map {path} is not of this build's layout (v{version}): {detail}; remove the pinned state \
-         with `dataplane uninstall` (steering stops until the agent starts again)",
-        version = common::LAYOUT_VERSION
-    )]
-    PinnedLayout { path: PathBuf, detail: String },
     /// The kernel gave a link that cannot be pinned (bpf_link needs 5.7).
     #[error(
         "{name}: the kernel attached it without a bpf_link (Linux < 5.7), which cannot be pinned; set steering.pin_dir: null"
@@ -195,8 +194,6 @@ pub enum Role {
     Done = 2,
 }
 
-type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
-
 /// cgroup bpf_links (kernel >= 5.7, which aya uses when available) always
 /// coexist with other programs on the cgroup, and link_create rejects the
 /// ALLOW_MULTI flag (EINVAL): `Single` means "no flags" there, not exclusive.
@@ -205,68 +202,6 @@ const ATTACH_MODE: CgroupAttachMode = CgroupAttachMode::Single;
 /// Program names and the cgroup sock_addr hooks they attach to.
 const SOCK_ADDR_PROGRAMS: [&str; 4] =
     [common::PROG_CONNECT4, common::PROG_CONNECT6, common::PROG_GETPEERNAME4, common::PROG_GETPEERNAME6];
-
-/// Sizes of the per-socket maps (`steering.flow_capacity`,
-/// `steering.bypass_capacity`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Capacity {
-    /// FLOWS and ORIG_DST: sockets redirected and not yet closed, per node.
-    pub flows: u32,
-    /// BYPASS: the agent's own dials in flight.
-    pub bypass: u32,
-}
-
-impl Default for Capacity {
-    fn default() -> Self {
-        Capacity { flows: common::FLOWS_MAX_ENTRIES, bypass: common::BYPASS_MAX_ENTRIES }
-    }
-}
-
-/// The maps that are pinned, with the layout this build gives them (type,
-/// key size, value size, capacity): adopted only if they match.
-fn pinned_layout(capacity: Capacity) -> [(&'static str, MapType, u32, u32, u32); 7] {
-    use std::mem::size_of;
-    let u = |n: usize| n as u32;
-    [
-        (common::MAP_ROUTES_V4, MapType::LpmTrie, 8, u(size_of::<RouteValue>()), common::ROUTES_MAX_ENTRIES),
-        (common::MAP_ROUTES_V6, MapType::LpmTrie, 20, u(size_of::<RouteValue>()), common::ROUTES_MAX_ENTRIES),
-        (common::MAP_REDIRECT, MapType::Array, 4, u(size_of::<RedirectTarget>()), 1),
-        (common::MAP_ORIG_DST, MapType::LruHash, 8, u(size_of::<OrigDst>()), capacity.flows),
-        (
-            common::MAP_FLOWS,
-            MapType::LruHash,
-            u(size_of::<FlowKey>()),
-            u(size_of::<OrigDst>()),
-            capacity.flows,
-        ),
-        (common::MAP_BYPASS, MapType::Hash, 8, 4, capacity.bypass),
-        (common::MAP_COUNTERS, MapType::PerCpuArray, 4, 8, Counter::COUNT),
-    ]
-}
-
-/// Checks the maps pinned in `dir` (those that exist) against this build's
-/// layout; returns whether any exists.
-fn check_pinned_maps(dir: &PinDir, capacity: Capacity) -> Result<bool, SteeringError> {
-    let mut any = false;
-    for (name, kind, key, value, max) in pinned_layout(capacity) {
-        let path = dir.map(name);
-        if !path.exists() {
-            continue;
-        }
-        any = true;
-        let bad = |detail: String| SteeringError::PinnedLayout { path: path.clone(), detail };
-        let map = MapData::from_pin(&path).map_err(|e| bad(format!("opening it: {e}")))?;
-        let info = map.info().map_err(|e| bad(format!("reading it: {e}")))?;
-        let found = (info.map_type().ok(), info.key_size(), info.value_size(), info.max_entries());
-        if found != (Some(kind), key, value, max) {
-            return Err(bad(format!(
-                "found {:?} key {} value {} entries {}, expected {kind:?} key {key} value {value} entries {max}",
-                found.0, found.1, found.2, found.3
-            )));
-        }
-    }
-    Ok(any)
-}
 
 impl Steering {
     /// Loads (verifies) the programs; nothing is attached until
@@ -283,7 +218,7 @@ impl Steering {
         // Decided once, before any attempt: an attempt the verifier refuses
         // has pinned fresh maps, which the retry must not take for adopted.
         let adopted = match &pins {
-            Some(dir) => check_pinned_maps(dir, capacity)?,
+            Some(dir) => dir.check_maps(capacity)?,
             None => false,
         };
         match Self::load_with(cgroup, pins.clone(), adopted, capacity, true) {
@@ -308,7 +243,7 @@ impl Steering {
         capacity: Capacity,
         set_retval: bool,
     ) -> Result<Steering, SteeringError> {
-        let level = kernel_log_level();
+        let level = logs::kernel_log_level();
         let econnrefused = set_retval;
         let set_retval = u32::from(set_retval);
         let mut loader = EbpfLoader::new();
@@ -321,7 +256,7 @@ impl Steering {
         let map_paths: Vec<(&str, PathBuf)> = match &pins {
             Some(dir) => {
                 dir.create()?;
-                pinned_layout(capacity).iter().map(|m| (m.0, dir.map(m.0))).collect()
+                pins::layout(capacity).iter().map(|m| (m.0, dir.map(m.0))).collect()
             }
             None => Vec::new(),
         };
@@ -338,7 +273,7 @@ impl Steering {
             prog.load().map_err(|source| SteeringError::Program { name, source })?;
         }
         let idle_logger = match aya_log::EbpfLogger::init(&mut ebpf) {
-            Ok(logger) => spawn_kernel_logger(logger),
+            Ok(logger) => logs::spawn_kernel_logger(logger),
             Err(e) => {
                 warn!(error = %e, "eBPF logs unavailable");
                 None
@@ -377,161 +312,9 @@ impl Steering {
         })
     }
 
-    /// Where routed connects go now, as the adopted maps say: the listener
-    /// of the agent whose programs are attached (pinned, adopted maps only).
-    /// With maps of another layout (an agent of another version, or other
-    /// capacities, still running), its target is read from its own
-    /// pinned REDIRECT.
-    pub fn current_target(&self) -> Option<RedirectTarget> {
-        let pins = self.pins.as_ref()?;
-        if !pins.dir.link(common::PROG_CONNECT4).exists() {
-            return None;
-        }
-        let target = if pins.adopted_maps {
-            lock(&self.redirect).get(&0, 0).ok()
-        } else {
-            pins.dir.other_layouts().iter().find_map(|dir| {
-                let data = MapData::from_pin(dir.join(common::MAP_REDIRECT)).ok()?;
-                let map: Array<MapData, RedirectTarget> = aya::maps::Map::Array(data).try_into().ok()?;
-                map.get(&0, 0).ok()
-            })
-        };
-        target.filter(|t| t.flags != 0)
-    }
-
-    /// Makes this agent's programs the attached ones, steering routed
-    /// connects to `v4`/`v6` by `table`. Maps no other agent uses are
-    /// written first and the programs attached after, so no connect meets
-    /// an empty map; adopted maps (the previous agent's programs still run
-    /// on them) are written after this agent's programs replaced the
-    /// previous ones in place, redirect target first, so the previous agent
-    /// stops receiving connects the moment this one starts.
-    pub fn take_over(
-        &self,
-        v4: Option<SocketAddr>,
-        v6: Option<SocketAddr>,
-        table: &RouteTable,
-        action: impl Fn(&RouteEntry) -> u32,
-    ) -> Result<(), SteeringError> {
-        *lock(&self.target) = redirect_target(v4, v6);
-        let adopted = self.pins.as_ref().is_some_and(|p| p.adopted_maps);
-        if !adopted {
-            self.write_maps(table, &action)?;
-        }
-        self.attach_programs()?;
-        if let Some(pins) = &self.pins {
-            pins.linked.store(true, Ordering::Release);
-        }
-        if adopted {
-            self.write_maps(table, &action)?;
-        }
-        if let Some(pins) = &self.pins {
-            for old in pins.dir.other_layouts() {
-                if let Err(e) = std::fs::remove_dir_all(&old) {
-                    warn!(path = %old.display(), error = %e, "removing another layout's pinned maps failed");
-                }
-            }
-        }
-        debug!(cgroup = %self.cgroup.display(), pinned = self.pins.is_some(), "steering taken over");
-        Ok(())
-    }
-
-    fn write_maps(
-        &self,
-        table: &RouteTable,
-        action: &impl Fn(&RouteEntry) -> u32,
-    ) -> Result<(), SteeringError> {
-        let target = *lock(&self.target);
-        lock(&self.redirect).set(0, target, 0).map_err(map_err(common::MAP_REDIRECT))?;
-        self.role.store(Role::Owner as u8, Ordering::Release);
-        self.sync(table, action)
-    }
-
-    /// Attaches the programs (sock_ops first: a connect redirected before
-    /// it is attached would be established without its flow recorded;
-    /// getpeername before connect for the same reason). Pinned, a program
-    /// whose link is pinned already replaces the one the link runs.
-    fn attach_programs(&self) -> Result<(), SteeringError> {
-        let mut programs = lock(&self.programs);
-        let ebpf = programs.as_mut().ok_or(SteeringError::Missing { what: "program", name: "(detached)" })?;
-        let cgroup = &self.cgroup;
-        let cgroup_file =
-            File::open(cgroup).map_err(|source| SteeringError::Cgroup { path: cgroup.to_owned(), source })?;
-        let attach_err = |name: &'static str| {
-            move |source| SteeringError::Attach { name, cgroup: cgroup.to_owned(), source }
-        };
-        let order = [
-            common::PROG_SOCK_OPS,
-            common::PROG_GETPEERNAME6,
-            common::PROG_GETPEERNAME4,
-            common::PROG_CONNECT6,
-            common::PROG_CONNECT4,
-        ];
-        for name in order {
-            let pinned = match &self.pins {
-                Some(pins) => Some((pins.dir.link(name), PinnedLink::open(&pins.dir.link(name))?)),
-                None => None,
-            };
-            // The same steps for both program types, which share no trait:
-            // replace the pinned link's program, or attach (and, pinned,
-            // hand back the link to pin).
-            macro_rules! attach_or_update {
-                ($kind:ty) => {{
-                    let prog: &mut $kind = program(ebpf, name)?;
-                    if let Some((_, Some(link))) = &pinned {
-                        let fd = prog.fd().map_err(|source| SteeringError::Program { name, source })?;
-                        link.update(fd.as_fd())?;
-                        None
-                    } else {
-                        let id = prog.attach(&cgroup_file, ATTACH_MODE).map_err(attach_err(name))?;
-                        match pinned {
-                            Some(_) => Some(
-                                prog.take_link(id)
-                                    .map_err(attach_err(name))?
-                                    .try_into()
-                                    .map_err(|_| SteeringError::NotPinnable { name })?,
-                            ),
-                            None => None,
-                        }
-                    }
-                }};
-            }
-            let fd_link: Option<FdLink> = if name == common::PROG_SOCK_OPS {
-                attach_or_update!(SockOps)
-            } else {
-                attach_or_update!(CgroupSockAddr)
-            };
-            if let (Some(fd_link), Some((path, _))) = (fd_link, pinned) {
-                fd_link.pin(&path).map_err(|e| {
-                    SteeringError::Pin(PinError::Link {
-                        path: path.clone(),
-                        call: "BPF_OBJ_PIN",
-                        source: std::io::Error::other(e.to_string()),
-                    })
-                })?;
-            }
-        }
-        Ok(())
-    }
-
     /// The cgroup the programs are attached to.
     pub fn cgroup(&self) -> &Path {
         &self.cgroup
-    }
-
-    /// Where this agent stands (pinned, a successor that replaced the
-    /// programs makes it [`Role::Done`], checked here).
-    pub fn role(&self) -> Role {
-        let role = self.role.load(Ordering::Acquire);
-        if role == Role::Owner as u8 && self.superseded() {
-            self.role.store(Role::Done as u8, Ordering::Release);
-            return Role::Done;
-        }
-        match role {
-            0 => Role::Waiting,
-            1 => Role::Owner,
-            _ => Role::Done,
-        }
     }
 
     /// Whether the programs attached are this agent's.
@@ -539,57 +322,9 @@ impl Steering {
         self.role() == Role::Owner
     }
 
-    /// Pinned: whether another agent's connect4 now runs on the pinned link.
-    fn superseded(&self) -> bool {
-        // Before this agent linked its programs, the links run its
-        // predecessor's: that is not being superseded.
-        let Some(pins) = self.pins.as_ref().filter(|p| p.linked.load(Ordering::Acquire)) else {
-            return false;
-        };
-        match PinnedLink::open(&pins.dir.link(common::PROG_CONNECT4)) {
-            Ok(Some(link)) => link.program_id().is_ok_and(|id| id != pins.connect4_id),
-            // Unpinned (by `dataplane uninstall`).
-            Ok(None) => true,
-            Err(_) => false,
-        }
-    }
-
     /// The pinned state's directory, if pinned.
     pub fn pin_dir(&self) -> Option<&PinDir> {
         self.pins.as_ref().map(|p| &p.dir)
-    }
-
-    /// Pinned, as owner: makes every routed connect fail in the kernel (the
-    /// target has no listener), for when this agent stops with no successor.
-    /// The programs stay attached; the next agent writes its own target.
-    pub fn refuse_all(&self) -> Result<(), SteeringError> {
-        if self.role() != Role::Owner {
-            return Ok(());
-        }
-        let own = *lock(&self.target);
-        let map = &mut *lock(&self.redirect);
-        // A successor that wrote its own target since is left alone (what
-        // remains of the race, its `keep_target` repairs within a second).
-        if map.get(&0, 0).ok() == Some(own) {
-            map.set(0, RedirectTarget { flags: 0, ..own }, 0).map_err(map_err(common::MAP_REDIRECT))?;
-        }
-        self.role.store(Role::Done as u8, Ordering::Release);
-        Ok(())
-    }
-
-    /// As owner, puts this agent's redirect target back if the map holds
-    /// another (an agent that stopped just as this one took over may have
-    /// written its refusal over it).
-    pub fn keep_target(&self) {
-        if self.role() != Role::Owner {
-            return;
-        }
-        let want = *lock(&self.target);
-        let map = &mut *lock(&self.redirect);
-        if map.get(&0, 0).ok() != Some(want) {
-            warn!("the redirect target was overwritten; writing it back");
-            let _ = map.set(0, want, 0);
-        }
     }
 
     /// Unpinned: detaches the connect programs only: no new connect is
@@ -646,56 +381,6 @@ impl Steering {
     /// The per-socket maps' sizes.
     pub fn capacity(&self) -> Capacity {
         self.capacity
-    }
-
-    /// Entries in the per-socket maps and what the LRU maps evicted,
-    /// counted at most every [`ENTRIES_EVERY`] (a scrape in between gets
-    /// the last count): counting walks the maps.
-    ///
-    /// Evicted is what went in, less what the programs removed at close,
-    /// less what is there. Inserts are read before the walk and removals
-    /// after it, so an entry that comes or goes during the walk can only
-    /// make the figure low, never invent an eviction; it is kept monotonic.
-    /// The counters live as long as the maps, so this holds across agent
-    /// restarts. An entry FLOWS overwrote (a client's address and port
-    /// reused while a missed close left the old one) counts as evicted.
-    pub fn map_stats(&self) -> MapStats {
-        let mut cached = lock(&self.map_stats);
-        if let Some((at, stats)) = *cached
-            && at.elapsed() < ENTRIES_EVERY
-        {
-            return stats;
-        }
-        let before = self.counters().unwrap_or_default();
-        // One map at a time (the flow path waits on these locks), and at
-        // most a little past capacity: under churn a walk whose cursor key
-        // is deleted starts over.
-        let walk = |cap: u32| cap as usize + 1024;
-        let orig_dst = lock(&self.orig_dst).keys().take(walk(self.capacity.flows)).count() as u64;
-        let flows = lock(&self.flows).keys().take(walk(self.capacity.flows)).count() as u64;
-        let bypass = lock(&self.bypass).keys().take(walk(self.capacity.bypass)).count() as u64;
-        let after = self.counters().unwrap_or_default();
-        let gone = |inserted: Counter, removed: Counter, present: u64| {
-            before.get(inserted).saturating_sub(after.get(removed)).saturating_sub(present)
-        };
-        let previous = cached.map(|(_, s)| s).unwrap_or_default();
-        let stats = MapStats {
-            orig_dst,
-            flows,
-            bypass,
-            orig_dst_evicted: previous.orig_dst_evicted.max(gone(
-                Counter::ConnectRedirected,
-                Counter::SockOpsClosed,
-                orig_dst,
-            )),
-            flows_evicted: previous.flows_evicted.max(gone(
-                Counter::SockOpsFlowRecorded,
-                Counter::SockOpsFlowForgotten,
-                flows,
-            )),
-        };
-        *cached = Some((std::time::Instant::now(), stats));
-        stats
     }
 
     /// Makes the tries hold `table`, each entry with the action `action`
@@ -822,19 +507,6 @@ impl Steering {
     }
 }
 
-/// How often [`Steering::map_stats`] walks the maps.
-pub const ENTRIES_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Entries in the per-socket maps, and what the LRU ones evicted.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct MapStats {
-    pub orig_dst: u64,
-    pub flows: u64,
-    pub bypass: u64,
-    pub orig_dst_evicted: u64,
-    pub flows_evicted: u64,
-}
-
 /// Removes a socket from the bypass set when dropped.
 pub struct BypassGuard<'a> {
     steering: &'a Steering,
@@ -893,45 +565,6 @@ fn orig_socket_addr(o: &OrigDst) -> SocketAddr {
         Some(v4) => SocketAddr::new(v4.into(), port),
         None => SocketAddr::new(ip.into(), port),
     }
-}
-
-/// The kernel-side log level follows the agent's: below it, the programs skip
-/// logging entirely (one global load on the hot path).
-fn kernel_log_level() -> u8 {
-    use tracing::level_filters::LevelFilter;
-    let level = match LevelFilter::current() {
-        LevelFilter::TRACE => aya_log::Level::Trace,
-        LevelFilter::DEBUG => aya_log::Level::Debug,
-        LevelFilter::INFO => aya_log::Level::Info,
-        LevelFilter::WARN => aya_log::Level::Warn,
-        _ => aya_log::Level::Error,
-    };
-    level as u8
-}
-
-/// Drains the programs' log ring buffer on the runtime; hands the logger
-/// back where there is no runtime to drain it on.
-fn spawn_kernel_logger(logger: KernelLogger) -> Option<KernelLogger> {
-    let Ok(handle) = tokio::runtime::Handle::try_current() else { return Some(logger) };
-    // SAFETY: the logger owns its ring buffer fd, which stays open and the same
-    // for as long as the logger (moved into the AsyncFd) lives.
-    let registered =
-        unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
-    let mut fd = match registered {
-        Ok(fd) => fd,
-        Err(e) => {
-            let (logger, e) = e.into_parts();
-            warn!(error = %e, "eBPF logs will not be drained");
-            return Some(logger);
-        }
-    };
-    handle.spawn(async move {
-        while let Ok(mut guard) = fd.readable_mut().await {
-            guard.get_inner_mut().flush();
-            guard.clear_ready();
-        }
-    });
-    None
 }
 
 #[cfg(test)]
