@@ -128,9 +128,10 @@ impl RawQuinnClient {
         server_identity: &str,
     ) -> Result<Self> {
         let settings = TunnelSettings::default();
-        let mut config = quinn::ClientConfig::new(Arc::new(
-            quinn::crypto::rustls::QuicClientConfig::try_from(tls.client_config(server_identity)?)?,
-        ));
+        let mut config =
+            quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(
+                tls.client_config(&dataplane::identity::IdentityPattern::parse(server_identity)?)?,
+            )?));
         config.transport_config(Arc::new(tunnel::transport(&settings)?));
         let size = settings.udp_buffer_bytes;
         let (socket, _) = ns.run(move || tunnel::udp_socket("[::]:0".parse().expect("addr"), size))??;

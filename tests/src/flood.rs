@@ -13,8 +13,11 @@ use dataplane::tls::TlsMaterial;
 
 /// `n` Initial packets for `to`, made with `tls` expecting `identity`.
 pub fn initials(n: usize, tls: &TlsMaterial, identity: &str, to: SocketAddr) -> Vec<Vec<u8>> {
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls.client_config(identity).expect("tls"))
-        .expect("quic tls");
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(
+        tls.client_config(&dataplane::identity::IdentityPattern::parse(identity).expect("identity"))
+            .expect("tls"),
+    )
+    .expect("quic tls");
     let config = quinn::ClientConfig::new(Arc::new(crypto));
     let mut endpoint =
         quinn_proto::Endpoint::new(Arc::new(quinn::EndpointConfig::default()), None, false, None);

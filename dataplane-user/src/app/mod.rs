@@ -136,17 +136,18 @@ impl Agent {
 
         let mut registry = Registry::with_prefix("dataplane");
         let flows = Arc::new(FlowMetrics::register(&mut registry));
+        let tls = config.tls.as_ref().map(TlsMaterial::load).transpose()?;
         let serve = config.valid_serve();
         let connector = (!serve.is_empty()).then(|| {
             Arc::new(Connector::new(
-                ServePolicy::new(serve.to_vec()),
+                ServePolicy::new(serve.to_vec(), config.valid_policy().to_vec()),
                 config.timeouts.connect,
                 config.peers.iter().map(|p| p.name.as_str()),
                 PeerCaps::from(&config.limits),
+                tls.as_ref().map_or("", |t| t.identity.as_str()),
                 &mut registry,
             ))
         });
-        let tls = config.tls.as_ref().map(TlsMaterial::load).transpose()?;
         let tunnel = match &tls {
             Some(tls) => {
                 info!(identity = %tls.identity, "tunnel identity loaded");
@@ -154,7 +155,7 @@ impl Agent {
                 Some(Tunnel::bind(
                     &config.tunnel,
                     &config.limits,
-                    &config.peers,
+                    &config.valid_peers(),
                     tls,
                     handler,
                     &mut registry,

@@ -151,6 +151,9 @@ impl AgentHandle {
         match outcome {
             Ok(tls) => {
                 shared.reloads.tls_in_force(&tls);
+                if let Some(c) = &shared.connector {
+                    c.set_identity(&tls.identity);
+                }
                 info!(identity = %tls.identity, cert = %files.cert.display(), "TLS material reloaded");
                 Ok(())
             }
@@ -179,7 +182,7 @@ impl AgentHandle {
             s.sync(&new_table, |e| super::route_state::action(e, tunnel))?;
         }
         if let Some(c) = &shared.connector {
-            c.set_policy(ServePolicy::new(next.valid_serve().to_vec()));
+            c.set_policy(ServePolicy::new(next.valid_serve().to_vec(), next.valid_policy().to_vec()));
             c.set_caps(PeerCaps::from(&next.limits));
         }
         if let Some(t) = &shared.tunnel {

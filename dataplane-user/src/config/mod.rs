@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 mod validate;
 
-pub use validate::{ValidConfig, ValidRoute, ValidServe, parse_cidr};
+pub use validate::{ValidConfig, ValidRoute, ValidRule, ValidServe, parse_cidr};
 
 /// Exit code for a bad configuration (EX_USAGE from sysexits.h).
 pub const EXIT_BAD_CONFIG: i32 = 64;
@@ -77,6 +77,34 @@ pub struct Config {
     /// As a connector: what this agent dials on behalf of peers. Nothing else.
     #[serde(default)]
     pub serve: Vec<Serve>,
+    /// As a connector: which peer identities may reach which of the served
+    /// destinations. Without rules, a peer listed by its exact identity may
+    /// reach everything served (one peer, one trust decision) and an
+    /// identity admitted by a pattern reaches nothing; with rules, they
+    /// alone decide. Reloadable.
+    #[serde(default)]
+    pub policy: Vec<PolicyRule>,
+}
+
+/// "Identities matching one of `identities` may reach `to`."
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyRule {
+    /// Named in audit log lines.
+    pub name: String,
+    /// Identity patterns (see `peers[].identity`).
+    pub identities: Vec<String>,
+    /// Destinations, each inside what `serve` allows.
+    pub to: Vec<PolicyTarget>,
+}
+
+/// One destination range of a policy rule.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyTarget {
+    pub cidr: String,
+    /// Destination ports; at least one.
+    pub ports: Vec<u16>,
 }
 
 /// Logging. `DATAPLANE_LOG` (an EnvFilter) and `DATAPLANE_LOG_FORMAT`
@@ -155,7 +183,11 @@ pub struct Peer {
     /// firewall that allows no inbound traffic).
     #[serde(default)]
     pub dial: Vec<SocketAddr>,
-    /// The URI SAN its certificate must carry.
+    /// The URI SAN its certificate must carry, or a pattern of them (`*`
+    /// for one or more characters of one path segment, as in
+    /// `spiffe://example.org/node/*`): every node of a fleet in one entry,
+    /// each connection still bound to its exact identity. An exact entry
+    /// wins over a pattern; among patterns, the first that matches.
     pub identity: String,
     /// Connections to keep to it (when dialing).
     #[serde(default = "default_connections")]

@@ -349,3 +349,87 @@ fn pinning_settings_are_checked() {
     Config::parse(&format!("steering: {{ pin_dir: null, redirect: {{ v4: 169.254.77.1:65535 }} }}\n{route}"))
         .expect("unpinned");
 }
+
+const CONNECTOR: &str = "tunnel: { listen: '0.0.0.0:4433' }\n\
+     peers: [{ name: nodes, identity: 'spiffe://t/node/*' }, { name: admin, identity: 'spiffe://t/user/admin' }]\n\
+     serve:\n  - { cidr: 198.51.100.0/24, ports: [6443] }\n  - { cidr: '2001:db8::/64', ports: [443, 6443] }\n";
+
+#[test]
+fn peers_admit_identities_by_pattern_and_policy_grants_destinations() {
+    let text = format!(
+        "{TLS}{CONNECTOR}policy:\n  - name: ci\n    identities: ['spiffe://t/node/ci-*']\n    \
+         to: [{{ cidr: 198.51.100.101/32, ports: [6443] }}, {{ cidr: '2001:db8::/80', ports: [443] }}]\n"
+    );
+    let c = Config::parse(&text).expect("connector with a pattern peer and a policy");
+    let peers = c.valid_peers();
+    assert!(!peers[0].1.is_exact() && peers[0].1.matches("spiffe://t/node/ci-9"));
+    assert!(peers[1].1.is_exact());
+    let rule = &c.valid_policy()[0];
+    assert_eq!(rule.name, "ci");
+    assert_eq!(rule.to[1], ("2001:db8::/80".parse().expect("net"), vec![443]));
+    // No policy at all is valid: exact peers keep what they had.
+    assert!(Config::parse(&format!("{TLS}{CONNECTOR}")).expect("valid").valid_policy().is_empty());
+}
+
+#[test]
+fn bad_patterns_and_policies_are_refused_by_field() {
+    let pattern = |id: &str| {
+        err(&format!(
+            "{TLS}tunnel: {{ listen: '0.0.0.0:4433' }}\npeers: [{{ name: n, identity: '{id}' }}]\n\
+             serve: [{{ cidr: 198.51.100.0/24, ports: [6443] }}]\n"
+        ))
+    };
+    let e = pattern("spiffe://*/node/a");
+    assert!(e.contains("peers[0].identity") && e.contains("only in the path"), "{e}");
+    let e = pattern("spiffe://t/**");
+    assert!(e.contains("peers[0].identity") && e.contains("`**`"), "{e}");
+    let rule = |body: &str| err(&format!("{TLS}{CONNECTOR}policy:\n  - {body}\n"));
+    for (body, want) in [
+        (
+            "{ name: '', identities: ['spiffe://t/a'], to: [{ cidr: 198.51.100.1/32, ports: [6443] }] }",
+            "policy[0].name",
+        ),
+        (
+            "{ name: a, identities: [], to: [{ cidr: 198.51.100.1/32, ports: [6443] }] }",
+            "policy[0].identities",
+        ),
+        (
+            "{ name: a, identities: ['nope'], to: [{ cidr: 198.51.100.1/32, ports: [6443] }] }",
+            "policy[0].identities[0]",
+        ),
+        ("{ name: a, identities: ['spiffe://t/a'], to: [] }", "policy[0].to"),
+        (
+            "{ name: a, identities: ['spiffe://t/a'], to: [{ cidr: 198.51.100.1/33, ports: [6443] }] }",
+            "policy[0].to[0].cidr",
+        ),
+        (
+            "{ name: a, identities: ['spiffe://t/a'], to: [{ cidr: 198.51.100.1/32, ports: [] }] }",
+            "policy[0].to[0].ports",
+        ),
+        // More than is served: it would grant nothing there.
+        (
+            "{ name: a, identities: ['spiffe://t/a'], to: [{ cidr: 198.51.0.0/16, ports: [6443] }] }",
+            "not inside one serve entry",
+        ),
+        (
+            "{ name: a, identities: ['spiffe://t/a'], to: [{ cidr: 198.51.100.1/32, ports: [22] }] }",
+            "port 22",
+        ),
+        (
+            "{ name: a, identities: ['spiffe://t/a'], to: [{ cidr: 198.51.100.1/32, ports: [6443] }], extra: 1 }",
+            "unknown field",
+        ),
+    ] {
+        let e = rule(body);
+        assert!(e.contains(want), "{body}: {e}");
+    }
+    let twice = "{ name: a, identities: ['spiffe://t/a'], to: [{ cidr: 198.51.100.1/32, ports: [6443] }] }";
+    let e = rule(&format!("{twice}\n  - {twice}"));
+    assert!(e.contains("policy[1].name") && e.contains("also policy[0]"), "{e}");
+    // A policy on an agent that serves nothing is a mistake, said so.
+    let e = err(&format!(
+        "{TLS}peers: [{{ name: p, dial: ['10.0.0.2:1'], identity: 'spiffe://t/p' }}]\n\
+         routes: [{{ cidr: 198.51.100.101/32, via: p }}]\npolicy: [{twice}]\n"
+    ));
+    assert!(e.contains("policy: set, but this agent serves nothing"), "{e}");
+}

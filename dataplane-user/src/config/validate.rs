@@ -11,7 +11,10 @@ use std::{
 use ipnet::IpNet;
 
 use super::{Config, ConfigError, Limits, MAX_WORKERS, Redirect, VIA_DIRECT};
-use crate::ranges::{self, NEVER_ROUTED, NEVER_SERVED};
+use crate::{
+    identity::IdentityPattern,
+    ranges::{self, NEVER_ROUTED, NEVER_SERVED},
+};
 use dataplane_common::ROUTES_MAX_ENTRIES;
 
 /// `steering.flow_capacity`: below, a busy node evicts; above, the two
@@ -29,6 +32,9 @@ pub struct ValidConfig {
     config: Config,
     routes: Vec<ValidRoute>,
     serve: Vec<ValidServe>,
+    /// `peers[i].identity`, parsed.
+    peer_identities: Vec<IdentityPattern>,
+    policy: Vec<ValidRule>,
 }
 
 impl ValidConfig {
@@ -40,6 +46,16 @@ impl ValidConfig {
     /// What this agent serves as a connector, parsed.
     pub fn valid_serve(&self) -> &[ValidServe] {
         &self.serve
+    }
+
+    /// Each peer with its identity pattern, in file order.
+    pub fn valid_peers(&self) -> Vec<(&super::Peer, &IdentityPattern)> {
+        self.config.peers.iter().zip(&self.peer_identities).collect()
+    }
+
+    /// The connector's policy rules, parsed.
+    pub fn valid_policy(&self) -> &[ValidRule] {
+        &self.policy
     }
 
     pub fn config(&self) -> &Config {
@@ -69,6 +85,14 @@ pub struct ValidServe {
     pub net: IpNet,
     pub ports: Vec<u16>,
     pub own_node: bool,
+}
+
+/// A validated policy rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ValidRule {
+    pub name: String,
+    pub identities: Vec<IdentityPattern>,
+    pub to: Vec<(IpNet, Vec<u16>)>,
 }
 
 impl Limits {
@@ -136,7 +160,7 @@ impl Config {
         self.steering.redirect.validate()?;
         self.validate_pinning()?;
         self.limits.validate()?;
-        self.validate_peers()?;
+        let peer_identities = self.validate_peers()?;
         let routes = self.parse_routes()?;
         let serve = self.parse_serve()?;
         if routes.is_empty() && serve.is_empty() {
@@ -169,7 +193,8 @@ impl Config {
                 "needs at least one entry in peers: only configured peers may send flows",
             ));
         }
-        Ok(ValidConfig { config: self, routes, serve })
+        let policy = self.parse_policy(&serve)?;
+        Ok(ValidConfig { config: self, routes, serve, peer_identities, policy })
     }
 
     fn validate_pinning(&self) -> Result<(), ConfigError> {
@@ -216,7 +241,7 @@ impl Config {
         Ok(())
     }
 
-    fn validate_peers(&self) -> Result<(), ConfigError> {
+    fn validate_peers(&self) -> Result<Vec<IdentityPattern>, ConfigError> {
         let t = &self.tunnel;
         if t.keep_alive.is_zero() || t.keep_alive >= t.idle_timeout {
             return Err(ConfigError::invalid(
@@ -227,6 +252,7 @@ impl Config {
         if !(64 << 10..=1 << 30).contains(&t.udp_buffer_bytes) {
             return Err(ConfigError::invalid("tunnel.udp_buffer_bytes", "must be between 64 KiB and 1 GiB"));
         }
+        let mut identities = Vec::with_capacity(self.peers.len());
         for (i, p) in self.peers.iter().enumerate() {
             let field = |f: &str| format!("peers[{i}].{f}");
             if p.name.is_empty() || p.name == VIA_DIRECT {
@@ -241,12 +267,8 @@ impl Config {
                     format!("`{}` is also peers[{j}].name", p.name),
                 ));
             }
-            if !p.identity.contains("://") {
-                return Err(ConfigError::invalid(
-                    field("identity"),
-                    format!("`{}` is not a URI (expected e.g. spiffe://example.org/connector/a)", p.identity),
-                ));
-            }
+            let identity = IdentityPattern::parse(&p.identity)
+                .map_err(|e| ConfigError::invalid(field("identity"), e.to_string()))?;
             if let Some(j) = self.peers[..i].iter().position(|q| q.identity == p.identity) {
                 return Err(ConfigError::invalid(field("identity"), format!("also peers[{j}].identity")));
             }
@@ -265,8 +287,75 @@ impl Config {
                     ),
                 ));
             }
+            identities.push(identity);
         }
-        Ok(())
+        Ok(identities)
+    }
+
+    /// The policy rules, parsed; each destination must lie inside what
+    /// `serve` allows (a rule granting more than is served grants nothing,
+    /// and says so now rather than at the first refused flow).
+    fn parse_policy(&self, serve: &[ValidServe]) -> Result<Vec<ValidRule>, ConfigError> {
+        if !self.policy.is_empty() && serve.is_empty() {
+            return Err(ConfigError::invalid(
+                "policy",
+                "set, but this agent serves nothing (serve is empty)",
+            ));
+        }
+        let mut out: Vec<ValidRule> = Vec::with_capacity(self.policy.len());
+        for (i, r) in self.policy.iter().enumerate() {
+            let field = |f: &str| format!("policy[{i}].{f}");
+            if r.name.is_empty()
+                || r.name.len() > 63
+                || r.name.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                return Err(ConfigError::invalid(field("name"), "1 to 63 characters, no spaces"));
+            }
+            if let Some(j) = out.iter().position(|q| q.name == r.name) {
+                return Err(ConfigError::invalid(
+                    field("name"),
+                    format!("`{}` is also policy[{j}].name", r.name),
+                ));
+            }
+            if r.identities.is_empty() {
+                return Err(ConfigError::invalid(field("identities"), "list at least one identity pattern"));
+            }
+            let mut identities = Vec::with_capacity(r.identities.len());
+            for (k, id) in r.identities.iter().enumerate() {
+                identities.push(IdentityPattern::parse(id).map_err(|e| {
+                    ConfigError::invalid(format!("policy[{i}].identities[{k}]"), e.to_string())
+                })?);
+            }
+            if r.to.is_empty() {
+                return Err(ConfigError::invalid(field("to"), "list at least one destination"));
+            }
+            let mut to = Vec::with_capacity(r.to.len());
+            for (k, t) in r.to.iter().enumerate() {
+                let at = |f: &str| format!("policy[{i}].to[{k}].{f}");
+                let net = parse_cidr(&t.cidr).map_err(|e| ConfigError::invalid(at("cidr"), e))?;
+                if t.ports.is_empty() || t.ports.contains(&0) {
+                    return Err(ConfigError::invalid(at("ports"), "list at least one port, none of them 0"));
+                }
+                for &port in &t.ports {
+                    let served = serve.iter().any(|s| {
+                        s.ports.contains(&port)
+                            && s.net.contains(&net.network())
+                            && s.net.contains(&net.broadcast())
+                    });
+                    if !served {
+                        return Err(ConfigError::invalid(
+                            at("cidr"),
+                            format!(
+                                "{net} port {port} is not inside one serve entry: the rule would grant nothing there"
+                            ),
+                        ));
+                    }
+                }
+                to.push((net, t.ports.clone()));
+            }
+            out.push(ValidRule { name: r.name.clone(), identities, to });
+        }
+        Ok(out)
     }
 
     /// The serve entries, parsed, checked against the ranges never served.

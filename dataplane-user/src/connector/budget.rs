@@ -40,41 +40,73 @@ impl From<&Limits> for PeerCaps {
     }
 }
 
-/// One peer's use of its budget.
-#[derive(Debug, Default)]
+/// One identity's use of its budget.
+#[derive(Debug)]
 pub(super) struct PeerUse {
-    pub streams: Arc<AtomicUsize>,
-    pub dials: Arc<AtomicUsize>,
+    /// The `peers` entry that admitted it: the metrics label.
+    pub name: Arc<str>,
+    pub streams: AtomicUsize,
+    pub dials: AtomicUsize,
     /// Woken when a dial slot comes free.
-    dial_freed: Arc<Notify>,
+    dial_freed: Notify,
 }
 
-/// Budgets of the configured peers (peers change only on restart, so the
-/// set is fixed and no peer can add to it).
+/// Budgets by exact identity: a `peers` pattern admits any number of
+/// nodes, and each has a budget of its own (one node of a fleet cannot take
+/// the others' share). An identity has an entry only while it holds a
+/// permit, so the table is never larger than the streams being served.
 #[derive(Debug)]
 pub(super) struct PeerBudgets {
-    pub peers: HashMap<Arc<str>, PeerUse>,
+    in_use: Mutex<HashMap<Arc<str>, Arc<PeerUse>>>,
+    /// The configured peers' names, for the metrics' first scrape.
+    pub names: Vec<Arc<str>>,
     caps: Mutex<PeerCaps>,
 }
 
-/// A unit of a peer's budget, given back on drop (waking a waiter, for
-/// dials).
+/// A unit of an identity's budget, given back on drop (waking a waiter,
+/// for dials); the last one gone takes the identity's entry with it.
 #[derive(Debug)]
-pub(super) struct Permit(Arc<AtomicUsize>, Option<Arc<Notify>>);
+pub(super) struct Permit {
+    budgets: Arc<PeerBudgets>,
+    identity: Arc<str>,
+    of: Arc<PeerUse>,
+    dial: bool,
+}
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-        if let Some(n) = &self.1 {
-            n.notify_one();
+        if self.dial {
+            self.of.dials.fetch_sub(1, Ordering::AcqRel);
+            self.of.dial_freed.notify_one();
+        } else {
+            self.of.streams.fetch_sub(1, Ordering::AcqRel);
+        }
+        // Permits are taken under the lock, so an entry seen idle here
+        // stays idle until removed.
+        let mut in_use = crate::lock(&self.budgets.in_use);
+        if self.of.streams.load(Ordering::Acquire) == 0
+            && self.of.dials.load(Ordering::Acquire) == 0
+            && in_use.get(&self.identity).is_some_and(|u| Arc::ptr_eq(u, &self.of))
+        {
+            in_use.remove(&self.identity);
         }
     }
 }
 
+/// Who a permit is for: the exact identity and the entry that admitted it.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Holder<'a> {
+    pub name: &'a Arc<str>,
+    pub identity: &'a Arc<str>,
+}
+
 impl PeerBudgets {
     pub fn new<'a>(peers: impl IntoIterator<Item = &'a str>, caps: PeerCaps) -> PeerBudgets {
-        let peers = peers.into_iter().map(|p| (Arc::from(p), PeerUse::default())).collect();
-        PeerBudgets { peers, caps: Mutex::new(caps) }
+        PeerBudgets {
+            in_use: Mutex::default(),
+            names: peers.into_iter().map(Arc::from).collect(),
+            caps: Mutex::new(caps),
+        }
     }
 
     pub fn caps(&self) -> PeerCaps {
@@ -85,83 +117,155 @@ impl PeerBudgets {
         *crate::lock(&self.caps) = caps;
     }
 
-    /// A stream permit for `peer`, unless it is at its cap (or unknown).
-    pub fn stream(&self, peer: &str, caps: &PeerCaps) -> Option<Permit> {
-        take(&self.peers.get(peer)?.streams, caps.streams, None)
+    /// Streams being served and dials in flight now, by `peers` entry.
+    pub fn use_by_name(&self) -> HashMap<Arc<str>, (usize, usize)> {
+        let mut out: HashMap<Arc<str>, (usize, usize)> =
+            self.names.iter().map(|n| (n.clone(), (0, 0))).collect();
+        for u in crate::lock(&self.in_use).values() {
+            let e = out.entry(u.name.clone()).or_default();
+            e.0 += u.streams.load(Ordering::Acquire);
+            e.1 += u.dials.load(Ordering::Acquire);
+        }
+        out
     }
 
-    /// A dial permit for `peer`, waiting up to `within` for one to come
-    /// free; `None` if none did (or the peer is unknown).
-    pub async fn dial(&self, peer: &str, caps: &PeerCaps, within: Duration) -> Option<Permit> {
-        let u = self.peers.get(peer)?;
+    /// Streams being served and dials in flight for one exact identity.
+    pub fn use_of(&self, identity: &str) -> (usize, usize) {
+        crate::lock(&self.in_use)
+            .get(identity)
+            .map_or((0, 0), |u| (u.streams.load(Ordering::Acquire), u.dials.load(Ordering::Acquire)))
+    }
+
+    /// A stream permit for `holder`, unless it is at its cap.
+    pub fn stream(self: &Arc<Self>, holder: Holder<'_>, caps: &PeerCaps) -> Option<Permit> {
+        self.take(holder, caps.streams, false).ok()
+    }
+
+    /// A dial permit for `holder`, waiting up to `within` for one to come
+    /// free; `None` if none did.
+    pub async fn dial(
+        self: &Arc<Self>,
+        holder: Holder<'_>,
+        caps: &PeerCaps,
+        within: Duration,
+    ) -> Option<Permit> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            // Registered before the check, so a slot freed in between is
-            // not missed.
-            let freed = u.dial_freed.notified();
+            let of = match self.take(holder, caps.dials, true) {
+                Ok(p) => return Some(p),
+                Err(of) => of,
+            };
+            // Registered before the second check, so a slot freed in
+            // between is not missed. The entry cannot go while its holder
+            // waits: the waiting stream holds a stream permit of its own.
+            let freed = of.dial_freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            if let Some(p) = take(&u.dials, caps.dials, Some(u.dial_freed.clone())) {
+            if let Ok(p) = self.take(holder, caps.dials, true) {
                 return Some(p);
             }
             tokio::time::timeout_at(deadline, freed).await.ok()?;
         }
     }
-}
 
-fn take(count: &Arc<AtomicUsize>, cap: usize, wake: Option<Arc<Notify>>) -> Option<Permit> {
-    count
-        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < cap).then_some(n + 1))
-        .ok()
-        .map(|_| Permit(count.clone(), wake))
+    /// One more of `holder`'s streams or dials, under `cap`; at the cap,
+    /// the entry (to wait on).
+    fn take(self: &Arc<Self>, holder: Holder<'_>, cap: usize, dial: bool) -> Result<Permit, Arc<PeerUse>> {
+        let mut in_use = crate::lock(&self.in_use);
+        let of = in_use
+            .entry(holder.identity.clone())
+            .or_insert_with(|| {
+                Arc::new(PeerUse {
+                    name: holder.name.clone(),
+                    streams: AtomicUsize::new(0),
+                    dials: AtomicUsize::new(0),
+                    dial_freed: Notify::new(),
+                })
+            })
+            .clone();
+        let count = if dial { &of.dials } else { &of.streams };
+        let n = count.load(Ordering::Acquire);
+        if n >= cap {
+            // Not left behind empty: a refused stream holds nothing.
+            if of.streams.load(Ordering::Acquire) == 0 && of.dials.load(Ordering::Acquire) == 0 {
+                in_use.remove(holder.identity);
+            }
+            return Err(of);
+        }
+        count.store(n + 1, Ordering::Release);
+        drop(in_use);
+        Ok(Permit { budgets: self.clone(), identity: holder.identity.clone(), of, dial })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn holder<'a>(name: &'a Arc<str>, identity: &'a Arc<str>) -> Holder<'a> {
+        Holder { name, identity }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_dial_waits_for_a_slot_then_gives_up() {
         let caps = PeerCaps { streams: 8, dials: 1, header_timeout: Duration::from_secs(1) };
         let b = Arc::new(PeerBudgets::new(["p"], caps));
-        let held = b.dial("p", &caps, DIAL_QUEUE).await.expect("a free slot");
+        let (name, id): (Arc<str>, Arc<str>) = ("p".into(), "spiffe://t/p".into());
+        let _stream = b.stream(holder(&name, &id), &caps).expect("a stream");
+        let held = b.dial(holder(&name, &id), &caps, DIAL_QUEUE).await.expect("a free slot");
         let waiter = tokio::spawn({
-            let b = b.clone();
-            async move { b.dial("p", &caps, DIAL_QUEUE).await.is_some() }
+            let (b, name, id) = (b.clone(), name.clone(), id.clone());
+            async move { b.dial(holder(&name, &id), &caps, DIAL_QUEUE).await.is_some() }
         });
         tokio::time::sleep(Duration::from_millis(300)).await;
         drop(held);
         assert!(waiter.await.expect("task"), "a slot freed within the wait is taken");
-        let _held = b.dial("p", &caps, DIAL_QUEUE).await.expect("free again");
+        let _held = b.dial(holder(&name, &id), &caps, DIAL_QUEUE).await.expect("free again");
         let start = tokio::time::Instant::now();
-        assert!(b.dial("p", &caps, DIAL_QUEUE).await.is_none(), "none frees: refused");
+        assert!(b.dial(holder(&name, &id), &caps, DIAL_QUEUE).await.is_none(), "none frees: refused");
         assert_eq!(start.elapsed(), DIAL_QUEUE, "after waiting the whole queue time");
     }
 
     #[tokio::test]
-    async fn a_peer_at_its_cap_is_refused_and_others_are_not() {
+    async fn each_identity_has_its_own_budget_and_leaves_nothing_behind() {
         let caps = PeerCaps { streams: 2, dials: 1, header_timeout: Duration::from_secs(1) };
-        let b = PeerBudgets::new(["noisy", "quiet"], caps);
-        let held: Vec<Permit> = (0..2).map(|_| b.stream("noisy", &caps).expect("within the cap")).collect();
-        assert!(b.stream("noisy", &caps).is_none(), "the third stream is over the cap");
-        assert!(b.stream("quiet", &caps).is_some(), "another peer has its own budget");
-        assert!(b.stream("stranger", &caps).is_none(), "a name not configured has no budget");
-        let dial =
-            b.dial("noisy", &caps, Duration::ZERO).await.expect("dials are budgeted apart from streams");
-        assert!(b.dial("noisy", &caps, Duration::ZERO).await.is_none());
+        let b = Arc::new(PeerBudgets::new(["nodes"], caps));
+        let name: Arc<str> = "nodes".into();
+        let (noisy, quiet): (Arc<str>, Arc<str>) = ("spiffe://t/node/a".into(), "spiffe://t/node/b".into());
+        let held: Vec<Permit> =
+            (0..2).map(|_| b.stream(holder(&name, &noisy), &caps).expect("within the cap")).collect();
+        assert!(b.stream(holder(&name, &noisy), &caps).is_none(), "the third stream is over the cap");
+        let other = b.stream(holder(&name, &quiet), &caps).expect("another identity of the same pattern");
+        let dial = b
+            .dial(holder(&name, &noisy), &caps, Duration::ZERO)
+            .await
+            .expect("dials are budgeted apart from streams");
+        assert!(b.dial(holder(&name, &noisy), &caps, Duration::ZERO).await.is_none());
+        assert_eq!(b.use_by_name()[&name], (3, 1), "summed by entry for the metrics");
         drop(dial);
-        assert!(b.dial("noisy", &caps, Duration::ZERO).await.is_some(), "a permit comes back when dropped");
+        assert!(
+            b.dial(holder(&name, &noisy), &caps, Duration::ZERO).await.is_some(),
+            "given back when dropped"
+        );
         drop(held);
-        assert_eq!(b.peers["noisy"].streams.load(Ordering::Acquire), 0);
+        drop(other);
+        assert_eq!(b.use_of(&noisy), (0, 0));
+        assert!(crate::lock(&b.in_use).is_empty(), "no entry outlives its permits");
+        // A refusal leaves nothing either.
+        let zero = PeerCaps { streams: 0, ..caps };
+        assert!(b.stream(holder(&name, &noisy), &zero).is_none());
+        assert!(crate::lock(&b.in_use).is_empty());
     }
 
     #[test]
     fn a_lower_cap_applies_to_new_permits() {
         let caps = PeerCaps { streams: 3, dials: 3, header_timeout: Duration::from_secs(1) };
-        let b = PeerBudgets::new(["p"], caps);
-        let _held: Vec<Permit> = (0..2).map(|_| b.stream("p", &caps).expect("within")).collect();
+        let b = Arc::new(PeerBudgets::new(["p"], caps));
+        let (name, id): (Arc<str>, Arc<str>) = ("p".into(), "spiffe://t/p".into());
+        let _held: Vec<Permit> =
+            (0..2).map(|_| b.stream(holder(&name, &id), &caps).expect("within")).collect();
         let lower = PeerCaps { streams: 1, ..caps };
         b.set_caps(lower);
-        assert!(b.stream("p", &b.caps()).is_none(), "two held, the cap is now one");
+        assert!(b.stream(holder(&name, &id), &b.caps()).is_none(), "two held, the cap is now one");
     }
 }

@@ -3,7 +3,7 @@
 //! each peer's use of its budget and the caps. Known label values start at
 //! zero; the peer label only takes configured names.
 
-use std::sync::{Arc, atomic::Ordering};
+use std::sync::Arc;
 
 use dataplane_proto::stream::Status;
 use prometheus_client::{
@@ -72,7 +72,7 @@ impl ConnectorMetrics {
             "Streams refused because their peer was at a cap (limits.streams_per_peer, limits.dials_per_peer)",
             m.at_cap.clone(),
         );
-        for peer in budgets.peers.keys() {
+        for peer in &budgets.names {
             for s in CAP_STATUSES {
                 let _ = m
                     .at_cap
@@ -141,9 +141,9 @@ impl Collector for BudgetCollector {
             None,
             MetricType::Gauge,
         )?;
-        for (peer, u) in &self.0.peers {
-            m.encode_family(&[("peer", &**peer)])?
-                .encode_gauge(&(u.streams.load(Ordering::Acquire) as i64))?;
+        let by_name = self.0.use_by_name();
+        for (peer, (streams, _)) in &by_name {
+            m.encode_family(&[("peer", &**peer)])?.encode_gauge(&(*streams as i64))?;
         }
         let mut m = encoder.encode_descriptor(
             "connector_peer_dials",
@@ -151,8 +151,8 @@ impl Collector for BudgetCollector {
             None,
             MetricType::Gauge,
         )?;
-        for (peer, u) in &self.0.peers {
-            m.encode_family(&[("peer", &**peer)])?.encode_gauge(&(u.dials.load(Ordering::Acquire) as i64))?;
+        for (peer, (_, dials)) in &by_name {
+            m.encode_family(&[("peer", &**peer)])?.encode_gauge(&(*dials as i64))?;
         }
         Ok(())
     }

@@ -23,13 +23,16 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span};
 
 pub use budget::PeerCaps;
-use budget::{PeerBudgets, Permit};
+use budget::{Holder, PeerBudgets, Permit};
 pub use metrics::ConnectorMetrics;
 use metrics::ReasonLabels;
 use own::OwnAddrs;
 pub use policy::{Denial, ServePolicy};
 
-use crate::tunnel::{StreamHandler, splice};
+use crate::{
+    log_budget::LogBudget,
+    tunnel::{PeerId, StreamHandler, splice},
+};
 
 /// Stop code for the peer's side of a stream refused at a cap: it need not
 /// send anything more.
@@ -45,16 +48,21 @@ pub struct Connector {
     streams: TaskTracker,
     /// The most streams served at once since [`Connector::take_peak`].
     peak: std::sync::atomic::AtomicUsize,
+    /// This connector's own identity, for the audit lines.
+    identity: Mutex<Arc<str>>,
+    audit_logs: LogBudget,
     pub metrics: ConnectorMetrics,
 }
 
 impl Connector {
-    /// A connector for the configured `peers` (by name), each with `caps`.
+    /// A connector with the identity `identity` for the configured `peers`
+    /// (by name), each identity they admit with `caps`.
     pub fn new<'a>(
         policy: ServePolicy,
         dial_timeout: Duration,
         peers: impl IntoIterator<Item = &'a str>,
         caps: PeerCaps,
+        identity: &str,
         registry: &mut Registry,
     ) -> Connector {
         let budgets = Arc::new(PeerBudgets::new(peers, caps));
@@ -66,7 +74,14 @@ impl Connector {
             own: OwnAddrs::load(),
             streams: TaskTracker::new(),
             peak: std::sync::atomic::AtomicUsize::new(0),
+            identity: Mutex::new(Arc::from(identity)),
+            audit_logs: LogBudget::default(),
         }
+    }
+
+    /// Takes the identity of rotated TLS material, for the audit lines.
+    pub fn set_identity(&self, identity: &str) {
+        *crate::lock(&self.identity) = Arc::from(identity);
     }
 
     /// Keeps the connector's own addresses (never dialled) current until
@@ -81,10 +96,15 @@ impl Connector {
         self.own.contains(ip)
     }
 
-    /// Streams served for `peer` now, and its dials in flight.
+    /// Streams served now for the identities the `peers` entry `peer`
+    /// admitted, and their dials in flight.
     pub fn peer_use(&self, peer: &str) -> (usize, usize) {
-        use std::sync::atomic::Ordering::Acquire;
-        self.budgets.peers.get(peer).map_or((0, 0), |u| (u.streams.load(Acquire), u.dials.load(Acquire)))
+        self.budgets.use_by_name().get(peer).copied().unwrap_or_default()
+    }
+
+    /// Streams served now for one exact identity, and its dials in flight.
+    pub fn identity_use(&self, identity: &str) -> (usize, usize) {
+        self.budgets.use_of(identity)
     }
 
     /// Replaces the per-peer caps (config reload); permits already held stay.
@@ -122,7 +142,7 @@ impl Connector {
     /// Serves one stream opened by `peer`, holding one of its stream permits.
     async fn serve(
         self: Arc<Self>,
-        peer: Arc<str>,
+        peer: PeerId,
         caps: PeerCaps,
         _stream: Permit,
         mut send: SendStream,
@@ -133,22 +153,23 @@ impl Connector {
         let (dst, flow_id, used) = match header {
             Ok(Ok(h)) => h,
             Ok(Err(e)) => {
-                debug!(%peer, error = %e, "bad stream header");
+                debug!(peer = %peer.identity, error = %e, "bad stream header");
                 return self.answer(&mut send, Status::ProtocolError).await;
             }
             Err(_) => {
-                debug!(%peer, "no stream header in time");
+                debug!(peer = %peer.identity, "no stream header in time");
                 return self.answer(&mut send, Status::ProtocolError).await;
             }
         };
-        let span = info_span!("flow", id = flow_id, %peer, %dst);
+        let span = info_span!("flow", id = flow_id, peer = %peer.identity, %dst);
         async move {
-            let target = match self.policy().check(dst, |ip| self.own.contains(ip)) {
+            let target = match self.policy().check_for(&peer, dst, |ip| self.own.contains(ip)) {
                 Ok(t) => t,
-                Err(why) => return self.deny(&mut send, why).await,
+                Err(why) => return self.deny(&mut send, &peer, dst, why).await,
             };
-            let Some(dial) = self.budgets.dial(&peer, &caps, budget::DIAL_QUEUE).await else {
-                return self.refuse(&peer, Status::OverDialCap, send, recv).await;
+            let holder = Holder { name: &peer.name, identity: &peer.identity };
+            let Some(dial) = self.budgets.dial(holder, &caps, budget::DIAL_QUEUE).await else {
+                return self.refuse(&peer.name, Status::OverDialCap, send, recv).await;
             };
             let dialled = tokio::time::timeout(self.dial_timeout, TcpStream::connect(target.addr)).await;
             drop(dial);
@@ -167,7 +188,7 @@ impl Connector {
             {
                 let _ = crate::sockopt::reset_on_close(&tcp);
                 self.own.refresh();
-                return self.deny(&mut send, Denial::OwnAddress).await;
+                return self.deny(&mut send, &peer, dst, Denial::OwnAddress).await;
             }
             let _ = tcp.set_nodelay(true);
             // A destination that vanishes mid-flow is noticed, not held forever.
@@ -186,9 +207,25 @@ impl Connector {
         .await
     }
 
-    async fn deny(&self, send: &mut SendStream, why: Denial) {
+    /// Answers `denied`, counts why, and writes the audit line: who asked
+    /// (the exact identity), who refused, for what and why. Lines are
+    /// rationed (a peer can send refused streams as fast as it likes); the
+    /// counter has them all.
+    async fn deny(&self, send: &mut SendStream, peer: &PeerId, dst: SocketAddr, why: Denial) {
         self.metrics.refusals.get_or_create(&ReasonLabels { reason: why.as_str() }).inc();
-        info!(reason = why.as_str(), "destination refused");
+        if let Some(suppressed) = self.audit_logs.allow(std::time::Instant::now()) {
+            let connector = crate::lock(&self.identity).clone();
+            info!(
+                target: "dataplane::audit",
+                client = %peer.identity,
+                peer = %peer.name,
+                %connector,
+                %dst,
+                reason = why.as_str(),
+                suppressed,
+                "flow denied"
+            );
+        }
         self.answer(send, Status::Denied).await
     }
 
@@ -235,17 +272,17 @@ fn dial_status(e: &io::Error) -> Status {
 }
 
 impl StreamHandler for Connector {
-    fn accept_stream(self: Arc<Self>, peer: &Arc<str>, send: SendStream, recv: RecvStream) {
+    fn accept_stream(self: Arc<Self>, peer: &PeerId, send: SendStream, recv: RecvStream) {
         let caps = self.budgets.caps();
         let tracker = self.streams.clone();
         self.peak.fetch_max(tracker.len() + 1, std::sync::atomic::Ordering::Relaxed);
-        match self.budgets.stream(peer, &caps) {
+        match self.budgets.stream(Holder { name: &peer.name, identity: &peer.identity }, &caps) {
             Some(permit) => tracker.spawn(self.serve(peer.clone(), caps, permit, send, recv)),
             // The refusal is a two-byte write: its task ends as soon as the
             // peer's credit allows it, and QUIC's own stream credit bounds
             // how many can be in flight.
             None => {
-                let peer = peer.clone();
+                let peer = peer.name.clone();
                 tracker.spawn(async move { self.refuse(&peer, Status::OverStreamCap, send, recv).await })
             }
         };

@@ -1,13 +1,15 @@
-//! What a connector may dial: default deny, allowed only inside a served
-//! CIDR on a served port, and never in the ranges no connector dials.
+//! What a connector may dial, and for whom: default deny, allowed only
+//! inside a served CIDR on a served port, never in the ranges no connector
+//! dials, and only for a peer identity the policy rules grant it to.
 
 use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 
 use crate::{
-    config::ValidServe,
+    config::{ValidRule, ValidServe},
     ranges::{self, NEVER_SERVED},
+    tunnel::PeerId,
 };
 
 /// Why a destination was refused, for logs and counters.
@@ -21,11 +23,18 @@ pub enum Denial {
     PortNotServed,
     /// One of the connector's own addresses (it never dials itself).
     OwnAddress,
+    /// Served, but no policy rule grants it to the peer's identity.
+    NotAllowed,
 }
 
 impl Denial {
-    pub const ALL: [Denial; 4] =
-        [Denial::NeverServed, Denial::NotServed, Denial::PortNotServed, Denial::OwnAddress];
+    pub const ALL: [Denial; 5] = [
+        Denial::NeverServed,
+        Denial::NotServed,
+        Denial::PortNotServed,
+        Denial::OwnAddress,
+        Denial::NotAllowed,
+    ];
 
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -33,21 +42,47 @@ impl Denial {
             Denial::NotServed => "not_served",
             Denial::PortNotServed => "port_not_served",
             Denial::OwnAddress => "own_address",
+            Denial::NotAllowed => "not_allowed",
         }
     }
 }
 
-/// What this connector may dial.
+/// What this connector may dial, and for whom.
 #[derive(Clone, Debug)]
 pub struct ServePolicy {
     serve: Vec<ValidServe>,
     never: Vec<IpNet>,
+    rules: Vec<ValidRule>,
 }
 
 impl ServePolicy {
-    pub fn new(serve: Vec<ValidServe>) -> ServePolicy {
+    pub fn new(serve: Vec<ValidServe>, rules: Vec<ValidRule>) -> ServePolicy {
         let never = ranges::parse_table(&NEVER_SERVED).into_iter().map(|(n, _)| n).collect();
-        ServePolicy { serve, never }
+        ServePolicy { serve, never, rules }
+    }
+
+    /// [`ServePolicy::check`], then whether `client` may reach it: without
+    /// rules, a peer configured by its exact identity may reach everything
+    /// served and one admitted by a pattern nothing; with rules, only what
+    /// a rule matching its identity lists.
+    pub fn check_for(
+        &self,
+        client: &PeerId,
+        dst: SocketAddr,
+        own: impl Fn(IpAddr) -> bool,
+    ) -> Result<Target, Denial> {
+        let target = self.check(dst, own)?;
+        let granted = if self.rules.is_empty() {
+            client.exact
+        } else {
+            self.rules.iter().any(|r| {
+                r.identities.iter().any(|p| p.matches(&client.identity))
+                    && r.to.iter().any(|(net, ports)| {
+                        net.contains(&target.addr.ip()) && ports.contains(&target.addr.port())
+                    })
+            })
+        };
+        if granted { Ok(target) } else { Err(Denial::NotAllowed) }
     }
 
     /// Default deny: allowed only inside a served CIDR on a served port, and
@@ -94,7 +129,11 @@ mod tests {
     use super::*;
 
     fn policy() -> ServePolicy {
-        ServePolicy::new(vec![
+        ServePolicy::new(served(), Vec::new())
+    }
+
+    fn served() -> Vec<ValidServe> {
+        vec![
             ValidServe { net: "198.51.100.101/32".parse().expect("net"), ports: vec![6443], own_node: false },
             ValidServe {
                 net: "2001:db8::/64".parse().expect("net"),
@@ -102,7 +141,68 @@ mod tests {
                 own_node: false,
             },
             ValidServe { net: "192.0.2.10/32".parse().expect("net"), ports: vec![6443], own_node: true },
-        ])
+        ]
+    }
+
+    fn peer(identity: &str, exact: bool) -> PeerId {
+        PeerId { name: "nodes".into(), identity: identity.into(), exact }
+    }
+
+    #[test]
+    fn without_rules_only_exact_peers_reach_what_is_served() {
+        let p = policy();
+        let dst = "198.51.100.101:6443".parse().expect("addr");
+        assert!(p.check_for(&peer("spiffe://t/connector/a", true), dst, |_| false).is_ok());
+        assert_eq!(
+            p.check_for(&peer("spiffe://t/node/a", false), dst, |_| false),
+            Err(Denial::NotAllowed),
+            "a pattern grants a connection, not a destination"
+        );
+        // What is not served stays refused as such, for everyone.
+        let unserved = "198.51.100.102:6443".parse().expect("addr");
+        assert_eq!(
+            p.check_for(&peer("spiffe://t/connector/a", true), unserved, |_| false),
+            Err(Denial::NotServed)
+        );
+    }
+
+    #[test]
+    fn rules_grant_destinations_to_identities_by_pattern() {
+        let rule = |name: &str, ids: &[&str], to: &[(&str, &[u16])]| ValidRule {
+            name: name.into(),
+            identities: ids
+                .iter()
+                .map(|i| crate::identity::IdentityPattern::parse(i).expect("pattern"))
+                .collect(),
+            to: to.iter().map(|(n, p)| (n.parse().expect("net"), p.to_vec())).collect(),
+        };
+        let p = ServePolicy::new(
+            served(),
+            vec![
+                rule("ci", &["spiffe://t/node/ci-*"], &[("198.51.100.101/32", &[6443])]),
+                rule(
+                    "ops",
+                    &["spiffe://t/node/ops-*", "spiffe://t/user/admin"],
+                    &[("2001:db8::/64", &[443])],
+                ),
+            ],
+        );
+        let ok = |id: &str, exact: bool, dst: &str| {
+            p.check_for(&peer(id, exact), dst.parse().expect("addr"), |_| false)
+        };
+        assert!(ok("spiffe://t/node/ci-1", false, "198.51.100.101:6443").is_ok());
+        assert_eq!(ok("spiffe://t/node/ci-1", false, "[2001:db8::5]:443"), Err(Denial::NotAllowed));
+        assert!(ok("spiffe://t/node/ops-1", false, "[2001:db8::5]:443").is_ok());
+        assert_eq!(
+            ok("spiffe://t/node/ops-1", false, "[2001:db8::5]:6443"),
+            Err(Denial::NotAllowed),
+            "port too"
+        );
+        assert!(ok("spiffe://t/user/admin", true, "[2001:db8::5]:443").is_ok());
+        // With rules, an exact peer gets only what they grant.
+        assert_eq!(ok("spiffe://t/connector/x", true, "198.51.100.101:6443"), Err(Denial::NotAllowed));
+        // A mapped spelling is checked as the IPv4 it is.
+        assert!(ok("spiffe://t/node/ci-1", false, "[::ffff:198.51.100.101]:6443").is_ok());
     }
 
     fn check(s: &str) -> Result<SocketAddr, Denial> {
@@ -117,11 +217,14 @@ mod tests {
             assert_eq!(p.check(dst.parse().expect("addr"), |ip| ip == own), Err(Denial::OwnAddress), "{dst}");
         }
         // Through a served NAT64 prefix, the IPv4 it embeds is seen.
-        let nat64 = ServePolicy::new(vec![ValidServe {
-            net: "64:ff9b::/96".parse().expect("net"),
-            ports: vec![6443],
-            own_node: false,
-        }]);
+        let nat64 = ServePolicy::new(
+            vec![ValidServe {
+                net: "64:ff9b::/96".parse().expect("net"),
+                ports: vec![6443],
+                own_node: false,
+            }],
+            Vec::new(),
+        );
         let dst = "[64:ff9b::c633:6465]:6443".parse().expect("addr");
         assert_eq!(nat64.check(dst, |ip| ip == own), Err(Denial::OwnAddress));
         assert!(p.check("198.51.100.101:6443".parse().expect("addr"), |_| false).is_ok());

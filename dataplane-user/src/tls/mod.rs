@@ -19,7 +19,7 @@ use rustls::{
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject};
 
-use crate::config::TlsFiles;
+use crate::{config::TlsFiles, identity::IdentityPattern};
 
 pub mod certs;
 
@@ -150,11 +150,11 @@ impl TlsMaterial {
         Ok(config)
     }
 
-    /// Dialing side, for a peer that must present `expected_identity`.
-    pub fn client_config(&self, expected_identity: &str) -> Result<rustls::ClientConfig, TlsError> {
+    /// Dialing side, for a peer whose identity must match `expected`.
+    pub fn client_config(&self, expected: &IdentityPattern) -> Result<rustls::ClientConfig, TlsError> {
         let verifier = Arc::new(PeerVerifier {
             roots: self.roots.clone(),
-            expected: expected_identity.to_owned(),
+            expected: expected.clone(),
             provider: provider(),
         });
         let mut config = rustls::ClientConfig::builder_with_provider(provider())
@@ -224,7 +224,7 @@ pub fn uri_san(cert: &CertificateDer<'_>) -> Option<String> {
 #[derive(Debug)]
 struct PeerVerifier {
     roots: Arc<RootCertStore>,
-    expected: String,
+    expected: IdentityPattern,
     provider: Arc<CryptoProvider>,
 }
 
@@ -246,10 +246,10 @@ impl ServerCertVerifier for PeerVerifier {
             self.provider.signature_verification_algorithms.all,
         )?;
         match uri_san(end_entity) {
-            Some(id) if id == self.expected => Ok(ServerCertVerified::assertion()),
+            Some(id) if self.expected.matches(&id) => Ok(ServerCertVerified::assertion()),
             other => {
                 Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
-                    Arc::new(IdentityMismatch { expected: self.expected.clone(), found: other }),
+                    Arc::new(IdentityMismatch { expected: self.expected.to_string(), found: other }),
                 ))))
             }
         }
@@ -382,7 +382,8 @@ mod tests {
         let server = m.server_config().expect("server");
         assert_eq!(server.send_tls13_tickets, 0);
         assert!(!server.session_storage.can_cache(), "no session cache");
-        let client = m.client_config("spiffe://t/b").expect("client");
+        let client =
+            m.client_config(&IdentityPattern::parse("spiffe://t/b").expect("pattern")).expect("client");
         // rustls exposes the client's store only through Debug.
         let resumption = format!("{:?}", client.resumption);
         assert!(resumption.contains("NoClientSessionStorage"), "{resumption}");

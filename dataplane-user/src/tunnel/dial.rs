@@ -56,7 +56,9 @@ impl Tunnel {
             match result {
                 Ok(conn) => {
                     backoff = BACKOFF_MIN;
-                    self.run_connection(slot.clone(), conn, "dialed").await;
+                    // The verifier checked it against the entry's pattern.
+                    let identity = Arc::from(handshake::peer_identity(&conn).unwrap_or_default());
+                    self.run_connection(slot.clone(), conn, identity, "dialed").await;
                 }
                 Err(_) if *stop.borrow() => return,
                 Err(e) => {

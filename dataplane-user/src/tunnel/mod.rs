@@ -49,6 +49,7 @@ pub use transport::{open_stream_limits, transport, udp_socket};
 
 use crate::{
     config::{Limits, Peer, TunnelSettings},
+    identity::IdentityPattern,
     tls::{TlsError, TlsMaterial},
 };
 
@@ -56,7 +57,7 @@ use crate::{
 /// with the tunnel's transport settings.
 fn crypto_configs<'a>(
     tls: &TlsMaterial,
-    peers: impl IntoIterator<Item = (&'a str, &'a str)>,
+    peers: impl IntoIterator<Item = (&'a str, &'a IdentityPattern)>,
     transport: &Arc<quinn::TransportConfig>,
 ) -> Result<(ServerConfig, HashMap<Arc<str>, ClientConfig>), TunnelError> {
     let quic = |e: &dyn std::fmt::Display| TunnelError::Quic(e.to_string());
@@ -80,13 +81,25 @@ fn crypto_configs<'a>(
     Ok((server, clients))
 }
 
+/// Who opened a stream: the `peers` entry that admitted its connection and
+/// the exact identity the connection's certificate carries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerId {
+    /// The entry's name: the bounded label for metrics.
+    pub name: Arc<str>,
+    /// What logs and policy go by.
+    pub identity: Arc<str>,
+    /// Admitted by an exact identity, not a pattern.
+    pub exact: bool,
+}
+
 /// Takes the streams peers open. Implemented by the roles that serve them
 /// (the connector; a relay next); the tunnel holds one and never learns
 /// which.
 pub trait StreamHandler: Send + Sync {
     /// A stream `peer` opened. Called on the connection's task, so it must
     /// not wait: spawn the work (and track it, for the drain).
-    fn accept_stream(self: Arc<Self>, peer: &Arc<str>, send: SendStream, recv: RecvStream);
+    fn accept_stream(self: Arc<Self>, peer: &PeerId, send: SendStream, recv: RecvStream);
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -110,7 +123,9 @@ pub enum TunnelError {
 pub struct Tunnel {
     endpoint: Endpoint,
     peers: HashMap<Arc<str>, Arc<PeerSlot>>,
-    by_identity: HashMap<String, Arc<PeerSlot>>,
+    /// What admits an accepted connection: exact identities first, then
+    /// patterns in file order.
+    admits: Vec<Arc<PeerSlot>>,
     dial: Vec<(Arc<PeerSlot>, Vec<SocketAddr>, u32)>,
     /// Per peer, the client side's TLS (replaced whole by [`Tunnel::set_tls`]).
     client_configs: std::sync::Mutex<HashMap<Arc<str>, ClientConfig>>,
@@ -122,7 +137,7 @@ pub struct Tunnel {
     /// which is how long any silent connection is given anyway.
     welcome_timeout: Duration,
     admission: Arc<Admission>,
-    handshake_logs: handshake::LogBudget,
+    handshake_logs: crate::log_budget::LogBudget,
     /// `limits.connections_per_peer` and `limits.streams_per_peer`, for
     /// connections that start from now on.
     connections_per_peer: AtomicUsize,
@@ -145,14 +160,14 @@ impl Tunnel {
     pub fn bind(
         settings: &TunnelSettings,
         limits: &Limits,
-        peers: &[Peer],
+        peers: &[(&Peer, &IdentityPattern)],
         tls: &TlsMaterial,
         handler: Option<Arc<dyn StreamHandler>>,
         registry: &mut Registry,
     ) -> Result<Arc<Tunnel>, TunnelError> {
         let transport = Arc::new(transport(settings)?);
         let (server, client_configs) =
-            crypto_configs(tls, peers.iter().map(|p| (p.name.as_str(), p.identity.as_str())), &transport)?;
+            crypto_configs(tls, peers.iter().map(|(p, id)| (p.name.as_str(), *id)), &transport)?;
 
         let (addr, accept) = match settings.listen {
             Some(a) => (a, true),
@@ -169,17 +184,19 @@ impl Tunnel {
         .map_err(|source| TunnelError::Bind { addr, source })?;
 
         let mut slots = HashMap::new();
-        let mut by_identity = HashMap::new();
+        let mut admits = Vec::new();
         let mut dial = Vec::new();
-        for p in peers {
+        for (p, identity) in peers {
             let dialers = if p.dial.is_empty() { 0 } else { p.connections };
-            let slot = Arc::new(PeerSlot::new(&p.name, &p.identity, dialers));
+            let slot = Arc::new(PeerSlot::new(&p.name, identity, dialers));
             if !p.dial.is_empty() {
                 dial.push((slot.clone(), p.dial.clone(), p.connections));
             }
-            by_identity.insert(p.identity.clone(), slot.clone());
+            admits.push(slot.clone());
             slots.insert(slot.name.clone(), slot);
         }
+        // Stable: patterns keep their file order behind the exact entries.
+        admits.sort_by_key(|s| !s.identity.is_exact());
         let metrics = TunnelMetrics::register(registry);
         metrics.udp_buffer.get_or_create(&BufferLabels { direction: "receive" }).set(buffers.0 as i64);
         metrics.udp_buffer.get_or_create(&BufferLabels { direction: "send" }).set(buffers.1 as i64);
@@ -194,7 +211,7 @@ impl Tunnel {
         Ok(Arc::new(Tunnel {
             endpoint,
             peers: slots,
-            by_identity,
+            admits,
             dial,
             client_configs: std::sync::Mutex::new(client_configs),
             transport,
@@ -202,7 +219,7 @@ impl Tunnel {
             handler,
             welcome_timeout: settings.idle_timeout,
             admission: Arc::default(),
-            handshake_logs: handshake::LogBudget::default(),
+            handshake_logs: crate::log_budget::LogBudget::default(),
             connections_per_peer: AtomicUsize::new(limits.connections_per_peer),
             streams_per_peer: AtomicUsize::new(limits.streams_per_peer),
             stop: watch::channel(false).0,
@@ -216,7 +233,7 @@ impl Tunnel {
     /// keep theirs. Both sides' configurations are built before either is
     /// swapped, so a failure changes nothing.
     pub fn set_tls(&self, tls: &TlsMaterial) -> Result<(), TunnelError> {
-        let peers = self.peers.values().map(|s| (&*s.name, s.identity.as_str()));
+        let peers = self.peers.values().map(|s| (&*s.name, &s.identity));
         let (server, clients) = crypto_configs(tls, peers, &self.transport)?;
         if self.accepting {
             self.endpoint.set_server_config(Some(server));
@@ -325,7 +342,8 @@ impl Tunnel {
                 drop(handshake_slot);
                 this.metrics.handshakes_in_flight.set(this.admission.in_flight() as i64);
                 if let Some((slot, conn, held)) = welcomed {
-                    this.run_connection(slot, conn, "accepted").await;
+                    let identity = held.identity();
+                    this.run_connection(slot, conn, identity, "accepted").await;
                     drop(held);
                 }
             });
@@ -352,7 +370,8 @@ impl Tunnel {
             }
         };
         let identity = handshake::peer_identity(&conn);
-        let Some(slot) = identity.as_deref().and_then(|id| self.by_identity.get(id)).cloned() else {
+        let admitted = identity.as_deref().and_then(|id| self.admits.iter().find(|s| s.identity.matches(id)));
+        let (Some(slot), Some(identity)) = (admitted.cloned(), identity.clone()) else {
             self.metrics.failed("unknown_identity");
             if let Some(suppressed) = self.handshake_logs.allow(std::time::Instant::now()) {
                 warn!(%remote, ?identity, suppressed, "peer identity is not configured; closing");
@@ -361,10 +380,11 @@ impl Tunnel {
             return None;
         };
         let cap = self.connections_per_peer.load(Relaxed);
-        let Some(held) = slot.try_accept(cap) else {
+        let identity: Arc<str> = Arc::from(identity);
+        let Some(held) = slot.try_accept(&identity, cap) else {
             self.metrics.failed("over_connection_cap");
             if let Some(suppressed) = self.handshake_logs.allow(std::time::Instant::now()) {
-                warn!(%remote, peer = %slot.name, cap, suppressed, "peer holds limits.connections_per_peer connections; closing");
+                warn!(%remote, peer = %slot.name, %identity, cap, suppressed, "peer holds limits.connections_per_peer connections; closing");
             }
             conn.close(handshake::CLOSE_OVER_CAP, b"limits.connections_per_peer reached");
             return None;
@@ -378,7 +398,14 @@ impl Tunnel {
 
     /// Registers a live connection and serves the streams the peer opens on it
     /// until it closes.
-    async fn run_connection(&self, slot: Arc<PeerSlot>, conn: quinn::Connection, direction: &'static str) {
+    async fn run_connection(
+        &self,
+        slot: Arc<PeerSlot>,
+        conn: quinn::Connection,
+        identity: Arc<str>,
+        direction: &'static str,
+    ) {
+        let peer = PeerId { name: slot.name.clone(), exact: slot.identity.is_exact(), identity };
         // Authenticated now (the welcome was sent or received): lift the
         // stream limit the handshake ran under to the working one.
         transport::open_stream_limits(&conn, self.streams_per_peer.load(Relaxed));
@@ -392,7 +419,7 @@ impl Tunnel {
         let expires_in = handshake::peer_certificate_expiry(&conn)
             .map_or(Duration::MAX, |t| t.duration_since(std::time::SystemTime::now()).unwrap_or_default());
         async {
-            info!(identity = %slot.identity, ?expires_in, "tunnel connection up");
+            info!(identity = %peer.identity, ?expires_in, "tunnel connection up");
             let mut stop = self.stop.subscribe();
             let expiry = tokio::time::sleep(expires_in.min(Duration::from_secs(100 * 365 * 86_400)));
             tokio::pin!(expiry);
@@ -408,7 +435,7 @@ impl Tunnel {
                 };
                 match accepted {
                     Ok((mut send, recv)) => match &self.handler {
-                        Some(h) => h.clone().accept_stream(&slot.name, send, recv),
+                        Some(h) => h.clone().accept_stream(&peer, send, recv),
                         None => {
                             debug!("stream from a peer, but this agent serves nothing; resetting");
                             let _ = send.reset(handshake::RESET_NOT_SERVED);

@@ -1,10 +1,15 @@
 //! The pool of live connections to each peer: registered when a connection
 //! comes up, removed when it closes, picked round-robin for new streams.
 
-use std::sync::{
-    Arc, Mutex,
-    atomic::{AtomicUsize, Ordering::Relaxed},
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering::Relaxed},
+    },
 };
+
+use crate::identity::IdentityPattern;
 
 /// Totals of connections that closed, so per-peer counters stay monotonic.
 #[derive(Debug, Default)]
@@ -14,48 +19,70 @@ pub(super) struct Retired {
     pub received: u64,
 }
 
-/// Live connections to one peer.
+/// Live connections to one peer (a `peers` entry: with a pattern, every
+/// identity it admits).
 #[derive(Debug)]
 pub(super) struct PeerSlot {
     pub name: Arc<str>,
-    pub identity: String,
+    pub identity: IdentityPattern,
     conns: Mutex<Vec<quinn::Connection>>,
     next: AtomicUsize,
     /// Connections this agent keeps dialled to the peer (0: it dials us).
     pub dialers: u32,
-    /// Connections this agent accepted from the peer and holds now.
-    accepted: AtomicUsize,
+    /// Connections this agent accepted and holds now, per exact identity
+    /// (an entry exists only while it holds one, so a pattern admitting
+    /// any number of identities keeps no more entries than connections).
+    accepted: Mutex<HashMap<Arc<str>, usize>>,
     pub retired: Mutex<Retired>,
 }
 
-/// One of a peer's accepted connections, counted against
+/// One of an identity's accepted connections, counted against
 /// `limits.connections_per_peer` until dropped.
 #[derive(Debug)]
-pub(super) struct Accepted(Arc<PeerSlot>);
+pub(super) struct Accepted(Arc<PeerSlot>, Arc<str>);
+
+impl Accepted {
+    /// The exact identity this connection is counted for.
+    pub fn identity(&self) -> Arc<str> {
+        self.1.clone()
+    }
+}
 
 impl Drop for Accepted {
     fn drop(&mut self) {
-        self.0.accepted.fetch_sub(1, Relaxed);
+        let mut held = crate::lock(&self.0.accepted);
+        if let Some(n) = held.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.1);
+            }
+        }
     }
 }
 
 impl PeerSlot {
-    pub fn new(name: &str, identity: &str, dialers: u32) -> PeerSlot {
+    pub fn new(name: &str, identity: &IdentityPattern, dialers: u32) -> PeerSlot {
         PeerSlot {
             name: Arc::from(name),
-            identity: identity.to_owned(),
+            identity: identity.clone(),
             conns: Mutex::new(Vec::new()),
             next: AtomicUsize::new(0),
             dialers,
-            accepted: AtomicUsize::new(0),
+            accepted: Mutex::default(),
             retired: Mutex::default(),
         }
     }
 
-    /// Counts one more accepted connection, unless the peer holds `cap`.
-    pub fn try_accept(self: &Arc<Self>, cap: usize) -> Option<Accepted> {
-        self.accepted.fetch_update(Relaxed, Relaxed, |n| (n < cap).then_some(n + 1)).ok()?;
-        Some(Accepted(self.clone()))
+    /// Counts one more accepted connection from `identity`, unless it
+    /// holds `cap` already.
+    pub fn try_accept(self: &Arc<Self>, identity: &Arc<str>, cap: usize) -> Option<Accepted> {
+        let mut held = crate::lock(&self.accepted);
+        let n = held.entry(identity.clone()).or_insert(0);
+        if *n >= cap {
+            return None;
+        }
+        *n += 1;
+        Some(Accepted(self.clone(), identity.clone()))
     }
 
     pub fn add(&self, c: &quinn::Connection) {

@@ -101,7 +101,9 @@ async fn run(args: Args) -> Result<Report> {
     // certificate it has, valid now or not.
     let read = |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
     let tls = TlsMaterial::from_pem(&read(&args.tls.ca)?, &read(&args.tls.cert)?, &read(&args.tls.key)?)?;
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls.client_config(&args.expect)?)?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(
+        tls.client_config(&dataplane::identity::IdentityPattern::parse(&args.expect)?)?,
+    )?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     transport.max_idle_timeout(Some(Duration::from_secs(30).try_into()?));
