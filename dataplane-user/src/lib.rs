@@ -10,10 +10,12 @@
 //!   streams and knows no roles (inbound streams go to a `StreamHandler`);
 //! - `connector`: serving streams peers open: policy, dial, splice;
 //! - `tls`: mutual-TLS material, verifiers, identities, certificates;
+//! - `identity`: identity patterns (`spiffe://example.org/node/*`), which
+//!   peers entries and policy rules admit;
 //! - `admin`: the HTTP admin API over a narrow read interface;
 //! - `app`: the composition root: start, reload, drain and shutdown order;
 //! - `config`, `ranges`, `routes`, `process`, `memory`, `sockopt`,
-//!   `traffic`: what they say.
+//!   `traffic`, `log_budget`: what they say.
 
 pub mod admin;
 pub mod app;

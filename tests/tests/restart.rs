@@ -379,3 +379,61 @@ fn sigterm_restarts_of_a_tunnel_client_fail_no_connect() {
     assert!(ticks.ok > 0, "{ticks:?}");
     assert_eq!((ticks.refused, ticks.failed, ticks.broken), (0, 0, 0), "{ticks:?}");
 }
+
+/// A client agent the connector dials (the connector allows no inbound
+/// traffic, the client node does) serves again soon after it restarts,
+/// however it went, with an idle timeout far longer than the test may take:
+/// killed, the new agent answers the connector's keep-alives on the dead
+/// connections with stateless resets (its reset key is derived from the
+/// node's private key, so it is its predecessor's) and the connector drops
+/// them at once; stopped, its CONNECTION_CLOSE does that, and the
+/// connector's next attempts (each started over after 2 s unanswered)
+/// reach the new agent as soon as it listens. Waiting out the idle timeout
+/// would miss the start deadline.
+#[test]
+fn a_restarted_client_agent_is_served_again_long_before_the_idle_timeout() {
+    if !require_root() {
+        return;
+    }
+    use tests::tunnel_env::{CLIENT_ID, CONNECTOR_ID, Mode, TunnelEnv};
+    let env = TunnelEnv::new().expect("environment");
+    let idle = Duration::from_secs(60 * tests::time_scale());
+    let long_idle = |yaml: String| {
+        let at = yaml.find("idle_timeout: ").expect("an idle timeout") + "idle_timeout: ".len();
+        let end = at + yaml[at..].find("ms").expect("in ms") + 2;
+        format!("{}{}s{}", &yaml[..at], idle.as_secs(), &yaml[end..])
+    };
+    let tls = env.tls("connector", CONNECTOR_ID, None).expect("tls");
+    let connector_yaml = long_idle(env.connector_config_text(Mode::ConnectorDialsOut, &tls));
+    let _connector = tests::topology::RunningAgent::start(
+        &env.topo.remote,
+        dataplane::config::Config::parse(&connector_yaml).expect("connector config"),
+    )
+    .expect("connector");
+    let tls = env.tls("client", CLIENT_ID, None).expect("tls");
+    let yaml = long_idle(env.client_config_text(Mode::ConnectorDialsOut, &tls));
+    let dir = tempfile::tempdir().expect("tmp");
+    // Ready means a live tunnel connection for every routed peer.
+    let start =
+        |i: usize| AgentProcess::start(&env.topo.node, &format!("client{i}"), &yaml, admin(0), dir.path());
+    let mut agent = start(0).expect("client agent");
+    let pod = env.topo.pod_probe();
+    for (i, how) in [(1, "SIGKILL"), (2, "SIGTERM"), (3, "SIGKILL")] {
+        let down = Instant::now();
+        if how == "SIGKILL" {
+            agent.kill();
+        } else {
+            agent.terminate();
+            assert!(agent.wait_exit(Duration::from_secs(40)).expect("exits").success());
+        }
+        let spawned = Instant::now();
+        agent = start(i).expect("served again: the tunnel is up before the start deadline");
+        let a = pod.connect(addr(tests::topology::OTHER_V4)).expect("probe");
+        assert!(a.ok, "after {how}: served through the tunnel: {a:?}");
+        let (since_down, since_start) = (down.elapsed(), spawned.elapsed());
+        eprintln!(
+            "client restart after {how}: served again {since_start:?} after the new agent started ({since_down:?} after the old one went)"
+        );
+        assert!(since_down < idle / 4, "after {how}: {since_down:?}");
+    }
+}

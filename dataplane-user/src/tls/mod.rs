@@ -150,6 +150,22 @@ impl TlsMaterial {
         Ok(config)
     }
 
+    /// The secret behind the tunnel's QUIC stateless resets, derived from
+    /// this node's private key (HMAC-SHA256 over a fixed label): as secret
+    /// as the key, and the same after a restart. A restarted agent then
+    /// answers its predecessor's connections with a stateless reset, so a
+    /// peer drops them at its next packet (one keep-alive) instead of
+    /// waiting out the idle timeout. A rotated key changes it: connections
+    /// made before such a rotation fall back to the idle timeout.
+    pub fn stateless_reset_secret(&self) -> [u8; 32] {
+        use aws_lc_rs::hmac;
+        let key = hmac::Key::new(hmac::HMAC_SHA256, self.key.secret_der());
+        let tag = hmac::sign(&key, b"dataplane/quic/stateless-reset/v1");
+        let mut out = [0u8; 32];
+        out.copy_from_slice(tag.as_ref());
+        out
+    }
+
     /// Dialing side, for a peer whose identity must match `expected`.
     pub fn client_config(&self, expected: &IdentityPattern) -> Result<rustls::ClientConfig, TlsError> {
         let verifier = Arc::new(PeerVerifier {
@@ -373,6 +389,16 @@ mod tests {
         let p = key_mode_problem(0o100644).expect("a problem");
         assert!(p.contains("644") && p.contains("0600"), "{p}");
         assert!(key_mode_problem(0o100640).is_some());
+    }
+
+    #[test]
+    fn the_reset_secret_follows_the_private_key() {
+        let ca = certs::new_ca("test CA", Duration::from_secs(3600)).expect("ca");
+        let a = node(&ca, "spiffe://t/a");
+        let b = node(&ca, "spiffe://t/b");
+        assert_eq!(a.stateless_reset_secret(), a.clone().stateless_reset_secret(), "stable for one key");
+        assert_ne!(a.stateless_reset_secret(), b.stateless_reset_secret(), "another key, another secret");
+        assert_ne!(a.stateless_reset_secret(), [0; 32]);
     }
 
     #[test]

@@ -17,6 +17,10 @@ use super::{Tunnel, handshake, pool::PeerSlot};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// A handshake the peer has not answered within this is started over: a
+/// peer that was restarting gets a fresh Initial soon after it is back,
+/// not whenever the abandoned attempt's doubling retransmits come round.
+const ATTEMPT: Duration = Duration::from_secs(2);
 
 impl Tunnel {
     /// Dials `slot`'s peer, cycling through `addrs` (starting at `index`, so
@@ -43,7 +47,7 @@ impl Tunnel {
             // The SNI name is unused: the verifier goes by the URI SAN.
             let connecting = self.endpoint.connect_with(config, addr, "dataplane.peer");
             let result = match connecting {
-                Ok(c) => c.await,
+                Ok(c) => tokio::time::timeout(ATTEMPT, c).await.unwrap_or(Err(ConnectionError::TimedOut)),
                 Err(e) => {
                     warn!(peer = %slot.name, %addr, error = %e, "cannot dial");
                     Err(ConnectionError::LocallyClosed)

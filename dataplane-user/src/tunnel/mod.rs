@@ -35,7 +35,7 @@ use std::{
 
 use prometheus_client::registry::Registry;
 use quinn::{
-    ClientConfig, ConnectionError, Endpoint, EndpointConfig, RecvStream, SendStream, ServerConfig,
+    ClientConfig, ConnectionError, Endpoint, RecvStream, SendStream, ServerConfig,
     crypto::rustls::{QuicClientConfig, QuicServerConfig},
 };
 use tokio::{sync::watch, task::JoinSet};
@@ -45,7 +45,7 @@ use admission::{Admission, Verdict};
 pub use handshake::{HANDSHAKE_REASONS, failure_reason};
 use metrics::{BufferLabels, PeerDirectionLabels, PeerLabels, TunnelCollector, TunnelMetrics};
 use pool::PeerSlot;
-pub use transport::{open_stream_limits, transport, udp_socket};
+pub use transport::{endpoint_config, open_stream_limits, transport, udp_socket};
 
 use crate::{
     config::{Limits, Peer, TunnelSettings},
@@ -176,7 +176,7 @@ impl Tunnel {
         let (socket, buffers) = udp_socket(addr, settings.udp_buffer_bytes)
             .map_err(|source| TunnelError::Bind { addr, source })?;
         let endpoint = Endpoint::new(
-            EndpointConfig::default(),
+            transport::endpoint_config(tls),
             accept.then_some(server),
             socket,
             Arc::new(quinn::TokioRuntime),

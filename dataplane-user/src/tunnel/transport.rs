@@ -2,10 +2,19 @@
 //! transport parameters sized for a tunnel, and a UDP socket with forced
 //! buffers.
 
-use quinn::{IdleTimeout, TransportConfig, VarInt};
+use std::{sync::Arc, time::Duration};
+
+use quinn::{EndpointConfig, IdleTimeout, TransportConfig, VarInt};
 
 use super::TunnelError;
-use crate::config::TunnelSettings;
+use crate::{config::TunnelSettings, tls::TlsMaterial};
+
+/// The RTT assumed before the first sample. It sets the first handshake
+/// retransmit (three times it): quinn's 333 ms default put it at 1 s and a
+/// dial towards a peer that was restarting waited 1 s, then 2 s, then 4 s
+/// for its next Initial. Tunnel peers are a data centre apart at most; on a
+/// longer path the cost is one early retransmit of a small packet.
+const INITIAL_RTT: Duration = Duration::from_millis(100);
 
 /// Streams a peer may open while the handshake runs. quinn sets up state for
 /// every stream the limit allows when it creates a connection (about 80
@@ -31,11 +40,51 @@ pub fn transport(settings: &TunnelSettings) -> Result<TransportConfig, TunnelErr
         .stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
         .receive_window(VarInt::from_u32(CONNECTION_WINDOW))
         .send_window(u64::from(CONNECTION_WINDOW))
+        .initial_rtt(INITIAL_RTT)
         .keep_alive_interval(Some(settings.keep_alive))
         .max_idle_timeout(Some(
             IdleTimeout::try_from(settings.idle_timeout).map_err(|e| TunnelError::Quic(e.to_string()))?,
         ));
     Ok(t)
+}
+
+/// The endpoint's settings: a stateless-reset key that survives restarts
+/// ([`TlsMaterial::stateless_reset_secret`]), so peers of a restarted
+/// agent drop its predecessor's connections at once.
+pub fn endpoint_config(tls: &TlsMaterial) -> EndpointConfig {
+    let secret = tls.stateless_reset_secret();
+    let mut config = EndpointConfig::new(Arc::new(ResetKey(aws_lc_rs::hmac::Key::new(
+        aws_lc_rs::hmac::HMAC_SHA256,
+        &secret,
+    ))));
+    // quinn's connection IDs carry a keyed check, and a packet whose ID
+    // fails it is dropped without a reset: the key must survive the
+    // restart too. The secret's last 8 bytes, which the reset key also
+    // holds; both are only ever used inside keyed hashes.
+    let cid_key = u64::from_le_bytes(secret[24..].try_into().expect("8 bytes"));
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+            as Box<dyn quinn::ConnectionIdGenerator>
+    });
+    config
+}
+
+/// HMAC-SHA256 for quinn's reset tokens (quinn implements its trait for
+/// one crypto library's key type, which one depending on its features).
+struct ResetKey(aws_lc_rs::hmac::Key);
+
+impl quinn::crypto::HmacKey for ResetKey {
+    fn sign(&self, data: &[u8], signature_out: &mut [u8]) {
+        signature_out.copy_from_slice(aws_lc_rs::hmac::sign(&self.0, data).as_ref());
+    }
+
+    fn signature_len(&self) -> usize {
+        32
+    }
+
+    fn verify(&self, data: &[u8], signature: &[u8]) -> Result<(), quinn::crypto::CryptoError> {
+        aws_lc_rs::hmac::verify(&self.0, data, signature).map_err(|_| quinn::crypto::CryptoError)
+    }
 }
 
 /// Raises an authenticated connection's stream limit to the working one,
