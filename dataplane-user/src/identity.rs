@@ -33,7 +33,7 @@ pub enum PatternError {
     DoubleWildcard(String),
     #[error("`{0}`: at most {MAX_WILDCARDS} `*`")]
     TooManyWildcards(String),
-    #[error("longer than {MAX_IDENTITY_LEN} characters")]
+    #[error("longer than {MAX_IDENTITY_LEN} bytes")]
     TooLong,
 }
 
@@ -45,7 +45,7 @@ impl IdentityPattern {
         let Some((scheme, rest)) = text.split_once("://") else {
             return Err(PatternError::NotUri(text.to_owned()));
         };
-        if scheme.is_empty() || rest.is_empty() || text.chars().any(char::is_whitespace) {
+        if scheme.is_empty() || rest.is_empty() || text.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(PatternError::NotUri(text.to_owned()));
         }
         let authority = rest.split('/').next().unwrap_or_default();
@@ -76,7 +76,11 @@ impl IdentityPattern {
 
     /// Whether `identity` is one this pattern admits.
     pub fn matches(&self, identity: &str) -> bool {
-        if identity.len() > MAX_IDENTITY_LEN {
+        // A certificate may carry control characters in its URI SAN; such
+        // an identity is admitted by nothing (and so never reaches a log
+        // line unescaped).
+        if identity.len() > MAX_IDENTITY_LEN || identity.chars().any(|c| c.is_control() || c.is_whitespace())
+        {
             return false;
         }
         let (first, rest) = self.pieces.split_first().expect("split yields at least one piece");
@@ -146,6 +150,8 @@ mod tests {
         assert!(nodes.matches("spiffe://example.org/node/worker-1"));
         assert!(!nodes.matches("spiffe://example.org/node/"), "one character at least");
         assert!(!nodes.matches("spiffe://example.org/node/a/b"), "never across a `/`");
+        assert!(!nodes.matches("spiffe://example.org/node/a\nforged"), "no control characters");
+        assert!(!nodes.matches("spiffe://example.org/node/a b"), "no spaces");
         assert!(!nodes.matches("spiffe://example.org/nodes/a"));
         assert!(!nodes.matches("spiffe://evil.org/node/a"));
         let ci = p("spiffe://example.org/node/ci-*");

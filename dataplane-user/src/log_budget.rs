@@ -3,7 +3,11 @@
 //! and the next line says how many were left out. The counters carry the
 //! full count; the log never becomes a flood an attacker controls.
 
-use std::time::Duration;
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 /// At most [`LOG_BURST`] lines per [`LOG_WINDOW`]; the
 /// first line of the next window says how many were left out. A flood of
@@ -35,6 +39,47 @@ impl LogBudget {
     }
 }
 
+impl LogBudget {
+    /// Nothing pending: its window is over and it left nothing out, so
+    /// forgetting it loses nothing.
+    fn idle(&self, now: Instant) -> bool {
+        let s = crate::lock(&self.state);
+        s.2 == 0 && s.0.is_none_or(|t| now.duration_since(t) >= LOG_WINDOW)
+    }
+}
+
+/// Most keys a [`KeyedLogBudget`] tracks; beyond, new keys share one budget.
+const MAX_KEYS: usize = 256;
+
+/// A [`LogBudget`] per key (a peer's identity), so one noisy peer cannot
+/// use up the lines that would name another. At most [`MAX_KEYS`] keys:
+/// when full, the idle ones are forgotten, and keys that still find no
+/// room share one budget.
+#[derive(Debug, Default)]
+pub struct KeyedLogBudget {
+    keys: Mutex<HashMap<Arc<str>, Arc<LogBudget>>>,
+    shared: LogBudget,
+}
+
+impl KeyedLogBudget {
+    /// `Some(suppressed for this key since its last line)` if a line about
+    /// `key` may be written now.
+    pub fn allow(&self, key: &Arc<str>, now: Instant) -> Option<u64> {
+        let budget = {
+            let mut keys = crate::lock(&self.keys);
+            if !keys.contains_key(key) && keys.len() >= MAX_KEYS {
+                keys.retain(|_, b| !b.idle(now));
+            }
+            match keys.get(key) {
+                Some(b) => b.clone(),
+                None if keys.len() < MAX_KEYS => keys.entry(key.clone()).or_default().clone(),
+                None => return self.shared.allow(now),
+            }
+        };
+        budget.allow(now)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -51,5 +96,24 @@ mod tests {
         // The next window's first line reports the two left out.
         assert_eq!(budget.allow(t0 + LOG_WINDOW), Some(2));
         assert_eq!(budget.allow(t0 + LOG_WINDOW), Some(0));
+    }
+
+    #[test]
+    fn one_noisy_key_does_not_silence_another_and_keys_are_bounded() {
+        let budget = KeyedLogBudget::default();
+        let t0 = Instant::now();
+        let (noisy, quiet): (Arc<str>, Arc<str>) = ("spiffe://t/a".into(), "spiffe://t/b".into());
+        for _ in 0..100 {
+            let _ = budget.allow(&noisy, t0);
+        }
+        assert_eq!(budget.allow(&quiet, t0), Some(0), "the quiet key still gets its line");
+        for i in 0..(2 * MAX_KEYS) {
+            let _ = budget.allow(&Arc::from(format!("spiffe://t/n{i}")), t0);
+        }
+        assert!(crate::lock(&budget.keys).len() <= MAX_KEYS);
+        // A window later the idle keys make room again.
+        let later = t0 + LOG_WINDOW;
+        assert_eq!(budget.allow(&Arc::from("spiffe://t/new"), later), Some(0));
+        assert!(crate::lock(&budget.keys).contains_key("spiffe://t/new"));
     }
 }

@@ -155,6 +155,7 @@ impl Agent {
                 Some(Tunnel::bind(
                     &config.tunnel,
                     &config.limits,
+                    &config.node,
                     &config.valid_peers(),
                     tls,
                     handler,

@@ -426,6 +426,12 @@ fn bad_patterns_and_policies_are_refused_by_field() {
     let twice = "{ name: a, identities: ['spiffe://t/a'], to: [{ cidr: 198.51.100.1/32, ports: [6443] }] }";
     let e = rule(&format!("{twice}\n  - {twice}"));
     assert!(e.contains("policy[1].name") && e.contains("also policy[0]"), "{e}");
+    // A route trusts one peer: never whoever matches a pattern.
+    let e = err(&format!(
+        "{TLS}peers: [{{ name: p, dial: ['10.0.0.2:1'], identity: 'spiffe://t/connector/*' }}]\n\
+         routes: [{{ cidr: 198.51.100.101/32, via: p }}]\n"
+    ));
+    assert!(e.contains("routes[0].via") && e.contains("one exact identity"), "{e}");
     // A policy on an agent that serves nothing is a mistake, said so.
     let e = err(&format!(
         "{TLS}peers: [{{ name: p, dial: ['10.0.0.2:1'], identity: 'spiffe://t/p' }}]\n\

@@ -398,6 +398,17 @@ impl Config {
                     format!("unknown upstream `{}` (known: {})", r.via, known.join(", ")),
                 ));
             }
+            // A route trusts one peer with its flows: under a pattern, any
+            // certificate that matches could stand in for the connector.
+            if let Some(p) = self.peers.iter().find(|p| p.name == r.via && p.identity.contains('*')) {
+                return Err(ConfigError::invalid(
+                    format!("routes[{i}].via"),
+                    format!(
+                        "`{}` has an identity pattern ({}): a route needs a peer with one exact identity",
+                        p.name, p.identity
+                    ),
+                ));
+            }
             let field = || format!("routes[{i}].cidr");
             // Any spelling: ::ffff:127.0.0.1 is loopback too.
             if let Some((range, why)) = ranges::overlapped(net, &never_routed) {

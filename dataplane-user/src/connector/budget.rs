@@ -184,15 +184,16 @@ impl PeerBudgets {
             })
             .clone();
         let count = if dial { &of.dials } else { &of.streams };
-        let n = count.load(Ordering::Acquire);
-        if n >= cap {
+        // An atomic step, not a load and a store: a permit dropping
+        // meanwhile decrements outside the lock, and its decrement must
+        // not be overwritten.
+        if count.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < cap).then_some(n + 1)).is_err() {
             // Not left behind empty: a refused stream holds nothing.
             if of.streams.load(Ordering::Acquire) == 0 && of.dials.load(Ordering::Acquire) == 0 {
                 in_use.remove(holder.identity);
             }
             return Err(of);
         }
-        count.store(n + 1, Ordering::Release);
         drop(in_use);
         Ok(Permit { budgets: self.clone(), identity: holder.identity.clone(), of, dial })
     }
@@ -255,6 +256,35 @@ mod tests {
         let zero = PeerCaps { streams: 0, ..caps };
         assert!(b.stream(holder(&name, &noisy), &zero).is_none());
         assert!(crate::lock(&b.in_use).is_empty());
+    }
+
+    /// Permits taken and dropped from many threads at once: every count
+    /// returns to zero and no entry is left (a lost decrement would leave
+    /// one, and shrink the identity's cap for good).
+    #[test]
+    fn concurrent_permits_leave_exact_counts() {
+        let caps = PeerCaps { streams: 4, dials: 4, header_timeout: Duration::from_secs(1) };
+        let b = Arc::new(PeerBudgets::new(["p"], caps));
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let b = b.clone();
+                std::thread::spawn(move || {
+                    let name: Arc<str> = "p".into();
+                    let id: Arc<str> = format!("spiffe://t/node/{}", t % 2).into();
+                    let mut granted = 0;
+                    for _ in 0..20_000 {
+                        if let Some(p) = b.stream(holder(&name, &id), &caps) {
+                            granted += 1;
+                            drop(p);
+                        }
+                    }
+                    granted
+                })
+            })
+            .collect();
+        let granted: usize = threads.into_iter().map(|t| t.join().expect("thread")).sum();
+        assert!(granted > 0);
+        assert!(crate::lock(&b.in_use).is_empty(), "every count back to zero, every entry gone");
     }
 
     #[test]

@@ -30,7 +30,7 @@ use own::OwnAddrs;
 pub use policy::{Denial, ServePolicy};
 
 use crate::{
-    log_budget::LogBudget,
+    log_budget::KeyedLogBudget,
     tunnel::{PeerId, StreamHandler, splice},
 };
 
@@ -50,7 +50,8 @@ pub struct Connector {
     peak: std::sync::atomic::AtomicUsize,
     /// This connector's own identity, for the audit lines.
     identity: Mutex<Arc<str>>,
-    audit_logs: LogBudget,
+    /// Audit lines rationed per client identity.
+    audit_logs: KeyedLogBudget,
     pub metrics: ConnectorMetrics,
 }
 
@@ -75,7 +76,7 @@ impl Connector {
             streams: TaskTracker::new(),
             peak: std::sync::atomic::AtomicUsize::new(0),
             identity: Mutex::new(Arc::from(identity)),
-            audit_logs: LogBudget::default(),
+            audit_logs: KeyedLogBudget::default(),
         }
     }
 
@@ -209,11 +210,12 @@ impl Connector {
 
     /// Answers `denied`, counts why, and writes the audit line: who asked
     /// (the exact identity), who refused, for what and why. Lines are
-    /// rationed (a peer can send refused streams as fast as it likes); the
-    /// counter has them all.
+    /// rationed per identity (a peer can send refused streams as fast as it
+    /// likes, and must not crowd out the lines about others); the counter
+    /// has them all.
     async fn deny(&self, send: &mut SendStream, peer: &PeerId, dst: SocketAddr, why: Denial) {
         self.metrics.refusals.get_or_create(&ReasonLabels { reason: why.as_str() }).inc();
-        if let Some(suppressed) = self.audit_logs.allow(std::time::Instant::now()) {
+        if let Some(suppressed) = self.audit_logs.allow(&peer.identity, std::time::Instant::now()) {
             let connector = crate::lock(&self.identity).clone();
             info!(
                 target: "dataplane::audit",

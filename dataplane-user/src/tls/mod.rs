@@ -151,18 +151,23 @@ impl TlsMaterial {
     }
 
     /// The secret behind the tunnel's QUIC stateless resets, derived from
-    /// this node's private key (HMAC-SHA256 over a fixed label): as secret
-    /// as the key, and the same after a restart. A restarted agent then
-    /// answers its predecessor's connections with a stateless reset, so a
-    /// peer drops them at its next packet (one keep-alive) instead of
-    /// waiting out the idle timeout. A rotated key changes it: connections
-    /// made before such a rotation fall back to the idle timeout.
-    pub fn stateless_reset_secret(&self) -> [u8; 32] {
+    /// this node's private key and `node` (HMAC-SHA256 over a fixed label
+    /// and the node name): as secret as the key, and the same after a
+    /// restart. A restarted agent then answers its predecessor's
+    /// connections with a stateless reset, so a peer drops them at its next
+    /// packet (one keep-alive) instead of waiting out the idle timeout. The
+    /// node name keeps replicas that share one key (a Deployment mounting
+    /// one Secret) from resetting each other's connections behind a load
+    /// balancer. A rotated key changes it: connections made before such a
+    /// rotation fall back to the idle timeout.
+    pub fn stateless_reset_secret(&self, node: &str) -> [u8; 32] {
         use aws_lc_rs::hmac;
         let key = hmac::Key::new(hmac::HMAC_SHA256, self.key.secret_der());
-        let tag = hmac::sign(&key, b"dataplane/quic/stateless-reset/v1");
+        let mut ctx = hmac::Context::with_key(&key);
+        ctx.update(b"dataplane/quic/stateless-reset/v1\0");
+        ctx.update(node.as_bytes());
         let mut out = [0u8; 32];
-        out.copy_from_slice(tag.as_ref());
+        out.copy_from_slice(ctx.sign().as_ref());
         out
     }
 
@@ -396,9 +401,11 @@ mod tests {
         let ca = certs::new_ca("test CA", Duration::from_secs(3600)).expect("ca");
         let a = node(&ca, "spiffe://t/a");
         let b = node(&ca, "spiffe://t/b");
-        assert_eq!(a.stateless_reset_secret(), a.clone().stateless_reset_secret(), "stable for one key");
-        assert_ne!(a.stateless_reset_secret(), b.stateless_reset_secret(), "another key, another secret");
-        assert_ne!(a.stateless_reset_secret(), [0; 32]);
+        let secret = |m: &TlsMaterial, node: &str| m.stateless_reset_secret(node);
+        assert_eq!(secret(&a, "n1"), secret(&a.clone(), "n1"), "stable for one key and node");
+        assert_ne!(secret(&a, "n1"), secret(&b, "n1"), "another key, another secret");
+        assert_ne!(secret(&a, "n1"), secret(&a, "n2"), "replicas sharing a key differ by node");
+        assert_ne!(secret(&a, "n1"), [0; 32]);
     }
 
     #[test]

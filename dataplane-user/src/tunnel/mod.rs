@@ -160,6 +160,7 @@ impl Tunnel {
     pub fn bind(
         settings: &TunnelSettings,
         limits: &Limits,
+        node: &str,
         peers: &[(&Peer, &IdentityPattern)],
         tls: &TlsMaterial,
         handler: Option<Arc<dyn StreamHandler>>,
@@ -176,7 +177,7 @@ impl Tunnel {
         let (socket, buffers) = udp_socket(addr, settings.udp_buffer_bytes)
             .map_err(|source| TunnelError::Bind { addr, source })?;
         let endpoint = Endpoint::new(
-            transport::endpoint_config(tls),
+            transport::endpoint_config(tls, node),
             accept.then_some(server),
             socket,
             Arc::new(quinn::TokioRuntime),

@@ -51,23 +51,24 @@ pub fn transport(settings: &TunnelSettings) -> Result<TransportConfig, TunnelErr
 /// The endpoint's settings: a stateless-reset key that survives restarts
 /// ([`TlsMaterial::stateless_reset_secret`]), so peers of a restarted
 /// agent drop its predecessor's connections at once.
-pub fn endpoint_config(tls: &TlsMaterial) -> EndpointConfig {
-    let secret = tls.stateless_reset_secret();
+pub fn endpoint_config(tls: &TlsMaterial, node: &str) -> EndpointConfig {
+    let secret = tls.stateless_reset_secret(node);
     let mut config = EndpointConfig::new(Arc::new(ResetKey(aws_lc_rs::hmac::Key::new(
         aws_lc_rs::hmac::HMAC_SHA256,
         &secret,
     ))));
-    // quinn's connection IDs carry a keyed check, and a packet whose ID
-    // fails it is dropped without a reset: the key must survive the
-    // restart too. The secret's last 8 bytes, which the reset key also
-    // holds; both are only ever used inside keyed hashes.
-    let cid_key = u64::from_le_bytes(secret[24..].try_into().expect("8 bytes"));
-    config.cid_generator(move || {
-        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
-            as Box<dyn quinn::ConnectionIdGenerator>
-    });
+    // Connection IDs of 8 random bytes. quinn's default keeps 3 random
+    // bytes and a 5-byte check keyed per process, and drops packets whose
+    // check fails without a reset: a new agent would ignore its
+    // predecessor's connections. With a stable reset key, 3 random bytes
+    // would also repeat IDs (and so reset tokens, which resets carry in
+    // the clear) across restarts; 8 do not.
+    config.cid_generator(|| Box::new(quinn_proto::RandomConnectionIdGenerator::new(CID_LEN)));
     config
 }
+
+/// Bytes of a connection ID, all random.
+const CID_LEN: usize = 8;
 
 /// HMAC-SHA256 for quinn's reset tokens (quinn implements its trait for
 /// one crypto library's key type, which one depending on its features).
