@@ -140,8 +140,8 @@ pub struct Recovered {
 pub struct Steering {
     /// Owns the programs (and, unpinned, their links); `None` once detached.
     programs: Mutex<Option<Ebpf>>,
-    routes_v4: Mutex<LpmTrie<MapData, u32, RouteValue>>,
-    routes_v6: Mutex<LpmTrie<MapData, [u32; 4], RouteValue>>,
+    routes_v4: Mutex<RoutesV4>,
+    routes_v6: Mutex<RoutesV6>,
     redirect: Mutex<Array<MapData, RedirectTarget>>,
     flows: Mutex<HashMap<MapData, FlowKey, OrigDst>>,
     bypass: Mutex<HashMap<MapData, u64, u32>>,
@@ -411,49 +411,28 @@ impl Steering {
             return Ok(());
         }
         let fault = self.fault_after.swap(usize::MAX, std::sync::atomic::Ordering::Relaxed);
-        let mut budget = trie::Budget(fault);
-        let applied =
-            trie::write(&mut v4, &old4, &new4, common::MAP_ROUTES_V4, trie::Order::GapFree, &mut budget)
-                .and_then(|()| {
-                    trie::write(
-                        &mut v6,
-                        &old6,
-                        &new6,
-                        common::MAP_ROUTES_V6,
-                        trie::Order::GapFree,
-                        &mut budget,
-                    )
-                })
-                .and_then(|()| trie::verify(&v4, &new4, common::MAP_ROUTES_V4))
-                .and_then(|()| trie::verify(&v6, &new6, common::MAP_ROUTES_V6));
-        let Err(failed) = applied else { return Ok(()) };
-        // Back to what was there: removals first (a full trie takes no
-        // insert), then the old values.
-        let mut unlimited = trie::Budget(usize::MAX);
+        let Err(failed) = write_tries(
+            (&mut v4, &mut v6),
+            (&old4, &old6),
+            (&new4, &new6),
+            trie::Order::GapFree,
+            &mut trie::Budget(fault),
+        ) else {
+            return Ok(());
+        };
+        // Back to what was there, from what the tries hold now: removals
+        // first (a full trie takes no insert), then the old values.
         let rolled_back = trie::read(&v4, common::MAP_ROUTES_V4)
-            .and_then(|now| {
-                trie::write(
-                    &mut v4,
-                    &now,
-                    &old4,
-                    common::MAP_ROUTES_V4,
+            .and_then(|now4| Ok((now4, trie::read(&v6, common::MAP_ROUTES_V6)?)))
+            .and_then(|(now4, now6)| {
+                write_tries(
+                    (&mut v4, &mut v6),
+                    (&now4, &now6),
+                    (&old4, &old6),
                     trie::Order::RemoveFirst,
-                    &mut unlimited,
+                    &mut trie::Budget(usize::MAX),
                 )
-            })
-            .and_then(|()| trie::read(&v6, common::MAP_ROUTES_V6))
-            .and_then(|now| {
-                trie::write(
-                    &mut v6,
-                    &now,
-                    &old6,
-                    common::MAP_ROUTES_V6,
-                    trie::Order::RemoveFirst,
-                    &mut unlimited,
-                )
-            })
-            .and_then(|()| trie::verify(&v4, &old4, common::MAP_ROUTES_V4))
-            .and_then(|()| trie::verify(&v6, &old6, common::MAP_ROUTES_V6));
+            });
         match rolled_back {
             Ok(()) => Err(failed),
             Err(rollback) => {
@@ -517,6 +496,24 @@ impl Drop for BypassGuard<'_> {
     fn drop(&mut self) {
         let _ = lock(&self.steering.bypass).remove(&self.cookie);
     }
+}
+
+type RoutesV4 = LpmTrie<MapData, u32, RouteValue>;
+type RoutesV6 = LpmTrie<MapData, [u32; 4], RouteValue>;
+
+/// Changes both route tries from `from` to `to` in `order`, then checks
+/// that they hold exactly `to`.
+fn write_tries(
+    (v4, v6): (&mut RoutesV4, &mut RoutesV6),
+    from: (&trie::Entries<u32>, &trie::Entries<[u32; 4]>),
+    to: (&trie::Entries<u32>, &trie::Entries<[u32; 4]>),
+    order: trie::Order,
+    budget: &mut trie::Budget,
+) -> Result<(), SteeringError> {
+    trie::write(v4, from.0, to.0, common::MAP_ROUTES_V4, order, budget)?;
+    trie::write(v6, from.1, to.1, common::MAP_ROUTES_V6, order, budget)?;
+    trie::verify(v4, to.0, common::MAP_ROUTES_V4)?;
+    trie::verify(v6, to.1, common::MAP_ROUTES_V6)
 }
 
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, SteeringError> {
