@@ -272,6 +272,26 @@ impl TunnelEnv {
     }
 }
 
+/// A command's stdout and stderr, as text.
+pub fn output_text(o: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// The real kubectl in the pod gets the stand-in API server's version and
+/// its pod list through the tunnel.
+pub fn kubectl_works(env: &TunnelEnv) {
+    use crate::apiserver::{POD_NAME, SERVER_VERSION};
+    let text = output_text;
+    let v = env.kubectl(&["version"]).expect("kubectl runs");
+    assert!(v.status.success(), "kubectl version: {}", text(&v));
+    assert!(text(&v).contains(&format!("Server Version: {SERVER_VERSION}")), "{}", text(&v));
+    let pods = env.kubectl(&["get", "pods"]).expect("kubectl runs");
+    assert!(pods.status.success(), "kubectl get pods: {}", text(&pods));
+    let out = text(&pods);
+    assert!(out.contains("NAME") && out.contains(POD_NAME) && out.contains("Running"), "{out}");
+    eprintln!("$ kubectl version\n{}$ kubectl get pods\n{out}", text(&v));
+}
+
 /// Tunnel connections each side keeps (the config's default).
 pub const CONNECTIONS: usize = 2;
 
