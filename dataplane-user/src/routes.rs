@@ -14,6 +14,9 @@ pub enum Upstream {
     Direct,
     /// Carry the flow through the tunnel to the named peer, which dials it.
     Peer(std::sync::Arc<str>),
+    /// A learned route: carry the flow to a peer that advertises the
+    /// destination (any of them, spread; none draining while one is not).
+    Advertised,
 }
 
 impl Upstream {
@@ -57,23 +60,35 @@ impl RouteTable {
     /// Builds a table, keeping the ids `previous` gave to the same CIDRs; a
     /// CIDR new to it gets an id no earlier table has used.
     pub fn build(routes: &[ValidRoute], previous: &RouteTable) -> RouteTable {
+        RouteTable::with_learned(routes, &[], previous)
+    }
+
+    /// [`RouteTable::build`] with `learned` networks after the configured
+    /// routes (the caller has checked they overlap none of them).
+    pub fn with_learned(routes: &[ValidRoute], learned: &[IpNet], previous: &RouteTable) -> RouteTable {
         let known: HashMap<IpNet, u32> = previous.entries.iter().map(|e| (e.net, e.id)).collect();
         let mut next_id = previous.next_id;
-        let entries = routes
-            .iter()
-            .map(|r| {
-                let id = known.get(&r.net).copied().unwrap_or_else(|| {
-                    next_id += 1;
-                    next_id - 1
-                });
-                RouteEntry {
-                    id,
-                    net: r.net,
-                    upstream: Upstream::of(&r.via),
-                    pass_without_peer: r.on_no_peer == crate::config::OnNoPeer::Pass,
-                }
+        let mut id_for = |net: &IpNet| {
+            known.get(net).copied().unwrap_or_else(|| {
+                next_id += 1;
+                next_id - 1
             })
-            .collect();
+        };
+        let configured = routes.iter().map(|r| RouteEntry {
+            id: id_for(&r.net),
+            net: r.net,
+            upstream: Upstream::of(&r.via),
+            pass_without_peer: r.on_no_peer == crate::config::OnNoPeer::Pass,
+        });
+        let mut entries: Vec<RouteEntry> = configured.collect();
+        // A learned route rejects while nothing advertises it: it is gone
+        // from the table by then, unless its last advertiser just left.
+        entries.extend(learned.iter().map(|net| RouteEntry {
+            id: id_for(net),
+            net: *net,
+            upstream: Upstream::Advertised,
+            pass_without_peer: false,
+        }));
         RouteTable { entries, next_id }
     }
 
@@ -158,6 +173,18 @@ mod tests {
         let t = RouteTable::build(&r, &RouteTable::default());
         assert_eq!(t.entries()[0].upstream, Upstream::Direct);
         assert_eq!(t.entries()[1].upstream, Upstream::Peer("private".into()));
+    }
+
+    #[test]
+    fn learned_routes_follow_the_configured_ones_and_keep_their_ids() {
+        let learned: Vec<IpNet> = vec!["203.0.113.0/24".parse().expect("net")];
+        let a = RouteTable::with_learned(&routes(&["10.0.0.0/8"]), &learned, &RouteTable::default());
+        assert_eq!(a.entries()[1].upstream, Upstream::Advertised);
+        // Withdrawn, then advertised again: a new id, never the old one.
+        let b = RouteTable::with_learned(&routes(&["10.0.0.0/8"]), &[], &a);
+        let c = RouteTable::with_learned(&routes(&["10.0.0.0/8"]), &learned, &b);
+        let again = RouteTable::with_learned(&routes(&["10.0.0.0/8"]), &learned, &c);
+        assert_eq!((a.entries()[1].id, c.entries()[1].id, again.entries()[1].id), (1, 2, 2));
     }
 
     #[test]

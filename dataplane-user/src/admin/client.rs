@@ -96,10 +96,21 @@ pub fn render(s: &Status) -> String {
         }
     }
     if !s.routes.is_empty() {
-        out += &format!("\n{:<24} {:<20} {}\n", "ROUTE", "VIA", "READY");
+        out +=
+            &format!("\n{:<24} {:<20} {:<8} {:<6} {}\n", "ROUTE", "VIA", "SOURCE", "READY", "ADVERTISED BY");
         for r in &s.routes {
-            out += &format!("{:<24} {:<20} {}\n", r.cidr, r.via, if r.ready { "yes" } else { "NO" });
+            out += &format!(
+                "{:<24} {:<20} {:<8} {:<6} {}\n",
+                r.cidr,
+                r.via,
+                r.source,
+                if r.ready { "yes" } else { "NO" },
+                r.advertisers.join(", ")
+            );
         }
+    }
+    for r in &s.refused_routes {
+        out += &format!("refused learned route {}: {}\n", r.what, r.reason);
     }
     if !s.serves.is_empty() {
         out += &format!("\nSERVES\n{}\n", s.serves.join("\n"));

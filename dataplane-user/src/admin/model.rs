@@ -35,8 +35,22 @@ pub struct PeerStatus {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RouteStatus {
     pub cidr: String,
+    /// A peer's name, `direct`, or `advertised` (a learned route).
     pub via: String,
     pub ready: bool,
+    /// `config` or `learned` (advertised by peers).
+    #[serde(default)]
+    pub source: String,
+    /// A learned route: the peers whose live connections advertise it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub advertisers: Vec<String>,
+}
+
+/// An advertised route (or a whole advertisement) not steered, and why.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RefusedRoute {
+    pub what: String,
+    pub reason: String,
 }
 
 /// Everything `dataplane status` shows.
@@ -47,6 +61,9 @@ pub struct Status {
     pub readiness: Readiness,
     pub steering: Option<SteeringStatus>,
     pub routes: Vec<RouteStatus>,
+    /// Learned routes refused now.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused_routes: Vec<RefusedRoute>,
     pub peers: Vec<PeerStatus>,
     pub serves: Vec<String>,
     pub flows: FlowSnapshot,

@@ -5,6 +5,7 @@
 //! are in `reload`, what the admin API reads in `report`, file watching in
 //! `watch`.
 
+mod learned;
 mod reload;
 mod report;
 mod route_state;
@@ -36,7 +37,7 @@ use crate::{
         probe::{self, KernelError},
     },
     lock, memory, process,
-    routes::{RouteTable, Upstream},
+    routes::RouteTable,
     steer::{
         FlowServer,
         listener::{self, BindError},
@@ -84,6 +85,8 @@ struct Shared {
     reloads: reload::ReloadLog,
     /// The tunnel liveness generation the route actions were last synced to.
     routes_synced: std::sync::atomic::AtomicU64,
+    /// Learned routes refused at the last sync, and why (logged on change).
+    learned_refused: Arc<Mutex<std::collections::BTreeMap<String, String>>>,
     /// The one drain signal: fired when shutdown begins, obeyed by every
     /// role (steering detaches and stops accepting, reloads are refused,
     /// readiness turns false); the grace period that follows is the same for
@@ -166,7 +169,8 @@ impl Agent {
         };
 
         let table = RouteTable::build(config.valid_routes(), &RouteTable::default());
-        let (steering, parts) = if table.entries().is_empty() {
+        // A node that only learns routes steers too: they arrive later.
+        let (steering, parts) = if table.entries().is_empty() && !config.learns_routes() {
             (None, None)
         } else {
             let (steering, parts) = start_steering(&config, &table).await?;
@@ -180,9 +184,11 @@ impl Agent {
             reloads.tls_in_force(tls);
         }
         let routes = Arc::new(Mutex::new(table));
+        let learned_refused = Arc::default();
         registry.register_collector(Box::new(report::RouteReadiness {
             routes: routes.clone(),
             tunnel: tunnel.clone(),
+            refused: Arc::clone(&learned_refused),
         }));
         let flow_server = steering.as_ref().map(|s| {
             let f = Arc::new(FlowServer::new(
@@ -210,6 +216,7 @@ impl Agent {
             flows,
             reloads,
             routes_synced: std::sync::atomic::AtomicU64::new(0),
+            learned_refused,
             drain: CancellationToken::new(),
         });
         let tunnel_tasks = shared.tunnel.as_ref().map(|t| t.start()).unwrap_or_default();
@@ -263,6 +270,11 @@ impl Agent {
 
         shutdown.await;
         shared.drain.cancel();
+        // Peers stop sending new streams here at once, before the grace
+        // period: they go to another replica while these finish.
+        if let Some(t) = &shared.tunnel {
+            t.announce_draining();
+        }
         let mut flows = match steered {
             Some(task) => match task.await {
                 Ok(flows) => flows,
@@ -422,12 +434,7 @@ async fn take_over_when_ready(shared: Arc<Shared>, v4: Option<SocketAddr>, v6: O
     let wait = lock(&shared.config).steering.handover_wait;
     let deadline = Instant::now() + wait;
     let tunnel = shared.tunnel.clone();
-    let ready = || {
-        lock(&shared.routes).entries().iter().all(|e| match &e.upstream {
-            Upstream::Direct => true,
-            Upstream::Peer(p) => tunnel.as_ref().is_some_and(|t| t.live_connections(p) > 0),
-        })
-    };
+    let ready = || lock(&shared.routes).entries().iter().all(|e| route_state::serving(e, tunnel.as_deref()));
     let mut changes = tunnel.as_ref().map(|t| t.liveness());
     while !ready() && Instant::now() < deadline && steering.current_target().is_some() {
         let changed = async {

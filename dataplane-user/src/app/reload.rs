@@ -20,7 +20,6 @@ use crate::{
     connector::{PeerCaps, ServePolicy},
     kernel::SteeringError,
     lock,
-    routes::RouteTable,
 };
 
 /// Why a reload was not applied. Nothing of a refused reload takes effect.
@@ -175,18 +174,15 @@ impl AgentHandle {
             return Err(ReloadError::RestartRequired(restart));
         }
         let mut table = lock(&shared.routes);
-        let new_table = RouteTable::build(next.valid_routes(), &table);
-        let diff = table.diff(&new_table);
-        if let Some(s) = &shared.steering {
-            let tunnel = shared.tunnel.as_deref();
-            s.sync(&new_table, |e| super::route_state::action(e, tunnel))?;
-        }
+        let diff = super::route_state::resync(shared, &next, &mut table)?;
         if let Some(c) = &shared.connector {
             c.set_policy(ServePolicy::new(next.valid_serve().to_vec(), next.valid_policy().to_vec()));
             c.set_caps(PeerCaps::from(&next.limits));
         }
         if let Some(t) = &shared.tunnel {
             t.set_limits(&next.limits);
+            // What each peer may reach may have changed with serve or policy.
+            t.readvertise();
         }
         if let Some(f) = &shared.flow_server {
             f.set_connect_timeout(next.timeouts.connect);
@@ -194,7 +190,6 @@ impl AgentHandle {
             f.set_flow_idle_timeout(next.limits.flow_idle_timeout);
         }
         info!(added = diff.upsert.len(), removed = diff.remove.len(), "configuration reloaded");
-        *table = new_table;
         *config = next;
         Ok(())
     }

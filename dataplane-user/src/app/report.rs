@@ -8,7 +8,7 @@ use std::{
 
 use prometheus_client::{collector::Collector, encoding::DescriptorEncoder, metrics::MetricType};
 
-use super::{AgentHandle, Summary};
+use super::{AgentHandle, Summary, route_state};
 use crate::{
     admin::{self, AdminSource},
     connector::Connector,
@@ -111,6 +111,15 @@ impl AgentHandle {
                     reason: "no live tunnel connection".into(),
                 });
             }
+            // A learned route leaves the table with its last advertiser;
+            // this is the moment in between.
+            if r.upstream == Upstream::Advertised && !route_state::serving(r, s.tunnel.as_deref()) {
+                missing.push(admin::Missing {
+                    what: r.net.to_string(),
+                    peer: None,
+                    reason: "no live connection advertises it".into(),
+                });
+            }
         }
         let config = lock(&s.config);
         for p in config.peers.iter().filter(|p| !p.dial.is_empty()) {
@@ -131,16 +140,38 @@ impl AgentHandle {
         let readiness = self.readiness();
         let config = lock(&s.config).config().clone();
         let tunnel = s.tunnel.as_ref();
+        let advertised_by = |net: &ipnet::IpNet| {
+            let ads = tunnel.map(|t| t.advertisements()).unwrap_or_default();
+            let mut peers: Vec<String> = ads
+                .iter()
+                .filter(|(_, a)| a.iter().any(|a| a.net == *net))
+                .map(|(p, _)| p.to_string())
+                .collect();
+            peers.dedup();
+            peers
+        };
         let routes = lock(&s.routes)
             .entries()
             .iter()
             .map(|r| {
-                let (via, ready) = match &r.upstream {
-                    Upstream::Direct => ("direct".to_owned(), true),
-                    Upstream::Peer(p) => (p.to_string(), tunnel.is_some_and(|t| t.live_connections(p) > 0)),
+                let ready = route_state::serving(r, tunnel.map(|t| &**t));
+                let (via, source, advertisers) = match &r.upstream {
+                    Upstream::Direct => ("direct".to_owned(), "config", Vec::new()),
+                    Upstream::Peer(p) => (p.to_string(), "config", Vec::new()),
+                    Upstream::Advertised => ("advertised".to_owned(), "learned", advertised_by(&r.net)),
                 };
-                admin::RouteStatus { cidr: r.net.to_string(), via, ready }
+                admin::RouteStatus {
+                    cidr: r.net.to_string(),
+                    via,
+                    ready,
+                    source: source.to_owned(),
+                    advertisers,
+                }
             })
+            .collect();
+        let refused_routes = lock(&s.learned_refused)
+            .iter()
+            .map(|(what, why)| admin::RefusedRoute { what: what.clone(), reason: why.clone() })
             .collect();
         let peers = config
             .peers
@@ -178,6 +209,7 @@ impl AgentHandle {
             readiness,
             steering,
             routes,
+            refused_routes,
             peers,
             serves: config.serve.iter().map(|v| format!("{} ports {:?}", v.cidr, v.ports)).collect(),
             flows: self.flow_stats(),
@@ -205,38 +237,58 @@ impl AdminSource for AgentHandle {
     }
 }
 
-/// `dataplane_route_ready{route, via}`: 1 while a route can be served (a
-/// direct route always; a peer route while the peer has a live connection).
+/// `dataplane_route_ready{route, via, source}`: 1 while a route can be
+/// served (a direct route always; a peer route while the peer has a live
+/// connection; a learned one while a connection advertises it), and
+/// `dataplane_route_advertisers{route}` for the learned ones. Labels are
+/// bounded by the routes: configured, or learned inside `peers[].learn`.
 #[derive(Debug)]
 pub(super) struct RouteReadiness {
     pub routes: Arc<Mutex<RouteTable>>,
     pub tunnel: Option<Arc<Tunnel>>,
+    pub refused: Arc<Mutex<std::collections::BTreeMap<String, String>>>,
 }
 
 impl Collector for RouteReadiness {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let rows: Vec<(String, String, bool)> = lock(&self.routes)
-            .entries()
-            .iter()
-            .map(|r| match &r.upstream {
-                Upstream::Direct => (r.net.to_string(), "direct".to_owned(), true),
-                Upstream::Peer(p) => (
-                    r.net.to_string(),
-                    p.to_string(),
-                    self.tunnel.as_ref().is_some_and(|t| t.live_connections(p) > 0),
-                ),
-            })
-            .collect();
+        let tunnel = self.tunnel.as_deref();
+        let entries = lock(&self.routes).entries().to_vec();
         let mut m = encoder.encode_descriptor(
             "route_ready",
-            "1 while the route can be served (its peer has a live tunnel connection)",
+            "1 while the route can be served (its peer has a live tunnel connection, or one advertises it)",
             None,
             MetricType::Gauge,
         )?;
-        for (route, via, ready) in &rows {
-            m.encode_family(&[("route", route.as_str()), ("via", via.as_str())])?
-                .encode_gauge(&i64::from(*ready))?;
+        for r in &entries {
+            let route = r.net.to_string();
+            let (via, source) = match &r.upstream {
+                Upstream::Direct => ("direct".to_owned(), "config"),
+                Upstream::Peer(p) => (p.to_string(), "config"),
+                Upstream::Advertised => ("advertised".to_owned(), "learned"),
+            };
+            m.encode_family(&[("route", route.as_str()), ("via", via.as_str()), ("source", source)])?
+                .encode_gauge(&i64::from(route_state::serving(r, tunnel)))?;
         }
+        let mut m = encoder.encode_descriptor(
+            "route_advertisers",
+            "Live tunnel connections whose peer advertises the learned route",
+            None,
+            MetricType::Gauge,
+        )?;
+        for r in entries.iter().filter(|r| r.upstream == Upstream::Advertised) {
+            let n = tunnel.map_or(0, |t| t.advertisers(&r.net).0);
+            m.encode_family(&[("route", r.net.to_string().as_str())])?.encode_gauge(&(n as i64))?;
+        }
+        let refused = lock(&self.refused).len();
+        encoder
+            .encode_descriptor(
+                "learned_routes_refused",
+                "Advertised routes (or whole advertisements) refused now: outside peers[].learn, \
+                 overlapping a configured or learned route (see /status for why)",
+                None,
+                MetricType::Gauge,
+            )?
+            .encode_gauge(&(refused as i64))?;
         Ok(())
     }
 }

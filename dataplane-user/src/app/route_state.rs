@@ -1,20 +1,23 @@
-//! Route actions follow the peers: a route through a peer with no live
-//! tunnel connection is set to refuse in the kernel (`on_no_peer: reject`,
-//! the default) or to pass (`on_no_peer: pass`), and back to redirect as
-//! soon as a connection is up. A routed connect then fails at once with
-//! ECONNREFUSED instead of reaching the agent only to be reset, and nothing
-//! it sends leaves the node by its default route.
+//! Routes follow the peers. A route through a peer with no live tunnel
+//! connection is set to refuse in the kernel (`on_no_peer: reject`, the
+//! default) or to pass (`on_no_peer: pass`), and back to redirect as soon
+//! as a connection is up; learned routes come and go with the peers that
+//! advertise them. A routed connect then fails at once with ECONNREFUSED
+//! instead of reaching the agent only to be reset, and nothing it sends
+//! leaves the node by its default route.
 
 use std::sync::{Arc, atomic::Ordering::Relaxed};
 
 use dataplane_common::{ACTION_REDIRECT, ACTION_REJECT};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
-use super::Shared;
+use super::{Shared, learned};
 use crate::{
+    config::ValidConfig,
+    kernel::SteeringError,
     lock,
-    routes::{RouteEntry, Upstream},
+    routes::{RouteDiff, RouteEntry, RouteTable, Upstream},
     tunnel::Tunnel,
 };
 
@@ -27,18 +30,66 @@ const ACTION_PASS: u32 = 0;
 /// write its refusal after this agent's target).
 const KEEP_TARGET_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// The kernel action for `entry` given the tunnel's live connections now.
-pub(super) fn action(entry: &RouteEntry, tunnel: Option<&Tunnel>) -> u32 {
+/// Whether `entry` can be served now: a direct route always, a route via a
+/// peer while the peer has a live connection, a learned route while a live
+/// connection advertises it.
+pub(super) fn serving(entry: &RouteEntry, tunnel: Option<&Tunnel>) -> bool {
     match &entry.upstream {
-        Upstream::Direct => ACTION_REDIRECT,
-        Upstream::Peer(p) if tunnel.is_some_and(|t| t.live_connections(p) > 0) => ACTION_REDIRECT,
-        Upstream::Peer(_) if entry.pass_without_peer => ACTION_PASS,
-        Upstream::Peer(_) => ACTION_REJECT,
+        Upstream::Direct => true,
+        Upstream::Peer(p) => tunnel.is_some_and(|t| t.live_connections(p) > 0),
+        Upstream::Advertised => tunnel.is_some_and(|t| t.advertisers(&entry.net).0 > 0),
     }
 }
 
-/// Re-syncs the route actions whenever a tunnel connection comes up or
-/// goes, and keeps the redirect target this agent's, until `stop`.
+/// The kernel action for `entry` given the tunnel's live connections now.
+pub(super) fn action(entry: &RouteEntry, tunnel: Option<&Tunnel>) -> u32 {
+    if serving(entry, tunnel) {
+        ACTION_REDIRECT
+    } else if entry.pass_without_peer {
+        ACTION_PASS
+    } else {
+        ACTION_REJECT
+    }
+}
+
+/// The table for `config`'s routes and what the peers advertise now,
+/// synced into the kernel (all of it or, on failure, none: the tries keep
+/// their state and `table` stays as it was). Returns what changed.
+pub(super) fn resync(
+    shared: &Shared,
+    config: &ValidConfig,
+    table: &mut RouteTable,
+) -> Result<RouteDiff, SteeringError> {
+    let tunnel = shared.tunnel.as_deref();
+    let learned = learned::learned_routes(config, tunnel);
+    let next = RouteTable::with_learned(config.valid_routes(), &learned.nets, table);
+    if let Some(s) = &shared.steering {
+        s.sync(&next, |e| action(e, tunnel))?;
+    }
+    let diff = table.diff(&next);
+    *table = next;
+    let mut refused = lock(&shared.learned_refused);
+    if *refused != learned.refused {
+        for (what, why) in learned.refused.iter().filter(|(k, v)| refused.get(*k) != Some(*v)) {
+            warn!(route = %what, reason = %why, "learned route refused");
+        }
+        *refused = learned.refused;
+    }
+    let learned_changes = diff.upsert.iter().filter(|e| e.upstream == Upstream::Advertised).count();
+    if learned_changes > 0 || !diff.remove.is_empty() {
+        info!(
+            learned = learned.nets.len(),
+            added = diff.upsert.len(),
+            removed = diff.remove.len(),
+            "routes follow the peers' advertisements"
+        );
+    }
+    Ok(diff)
+}
+
+/// Re-syncs the routes whenever a tunnel connection comes up or goes or a
+/// peer advertises or drains, and keeps the redirect target this agent's,
+/// until `stop`.
 pub(super) async fn follow_peers(shared: Arc<Shared>, stop: CancellationToken) {
     let Some(steering) = shared.steering.clone() else { return };
     let tunnel = shared.tunnel.clone();
@@ -59,12 +110,13 @@ pub(super) async fn follow_peers(shared: Arc<Shared>, stop: CancellationToken) {
             }
             () = stop.cancelled() => return,
         }
-        let (Some(changes), Some(tunnel)) = (changes.as_mut(), tunnel.as_deref()) else { continue };
+        let Some(changes) = changes.as_mut() else { continue };
         let seen = *changes.borrow_and_update();
-        let table = lock(&shared.routes);
-        match steering.sync(&table, |e| action(e, Some(tunnel))) {
-            Ok(()) => debug!("route actions follow the peers"),
-            Err(e) => warn!(error = %e, "updating route actions failed; the tries keep their last state"),
+        let config = lock(&shared.config);
+        let mut table = lock(&shared.routes);
+        match resync(&shared, &config, &mut table) {
+            Ok(_) => debug!("route actions follow the peers"),
+            Err(e) => warn!(error = %e, "updating routes failed; the tries keep their last state"),
         }
         shared.routes_synced.store(seen, Relaxed);
     }

@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 mod validate;
 
-pub use validate::{ValidConfig, ValidRoute, ValidRule, ValidServe, parse_cidr};
+pub use validate::{RouteGuard, ValidConfig, ValidRoute, ValidRule, ValidServe, parse_cidr};
 
 /// Exit code for a bad configuration (EX_USAGE from sysexits.h).
 pub const EXIT_BAD_CONFIG: i32 = 64;
@@ -192,6 +192,14 @@ pub struct Peer {
     /// Connections to keep to it (when dialing).
     #[serde(default = "default_connections")]
     pub connections: u32,
+    /// CIDRs within which this agent steers the routes the peer advertises
+    /// (a connector's `serve`, as its policy grants it to this node). A
+    /// learned route outside all of them is refused, so a peer can never
+    /// take more of this node's traffic than the operator allowed; empty
+    /// (the default): nothing is learned from it. Only for a peer with an
+    /// exact identity.
+    #[serde(default)]
+    pub learn: Vec<String>,
 }
 
 /// Destinations a connector dials for its peers.

@@ -80,8 +80,31 @@ fn overlapping_routes_are_rejected_in_either_order() {
 
 #[test]
 fn an_agent_that_does_nothing_is_rejected() {
-    assert!(err("routes: []").contains("routes and serve are both empty"));
+    assert!(err("routes: []").contains("routes, serve and every peer's learn are empty"));
     assert!(err("node: a").contains("routes"));
+}
+
+#[test]
+fn a_node_may_only_learn_routes_within_bounds() {
+    let peer = |learn: &str, identity: &str| {
+        format!(
+            "{TLS}peers:\n  - {{ name: relay, dial: ['192.0.2.1:4433'], identity: '{identity}', learn: {learn} }}\n"
+        )
+    };
+    let c = Config::parse(&peer("['198.51.100.0/24', '2001:db8::/32']", "spiffe://t/relay"))
+        .expect("learn-only node");
+    assert!(c.learns_routes());
+    assert_eq!(c.valid_learn("relay").len(), 2);
+    assert!(c.valid_learn("other").is_empty());
+    let e = err(&peer("['127.0.0.0/8']", "spiffe://t/relay"));
+    assert!(e.contains("peers[0].learn[0]") && e.contains("loop"), "{e}");
+    let e = err(&peer("['198.51.100.1/24']", "spiffe://t/relay"));
+    assert!(e.contains("peers[0].learn[0]") && e.contains("host bits"), "{e}");
+    // The default redirect listener is 169.254.77.1: no learned route may cover it.
+    let e = err(&peer("['169.254.0.0/16']", "spiffe://t/relay"));
+    assert!(e.contains("peers[0].learn[0]"), "{e}");
+    let e = err(&peer("['198.51.100.0/24']", "spiffe://t/relay/*"));
+    assert!(e.contains("peers[0].learn") && e.contains("exact identity"), "{e}");
 }
 
 #[test]

@@ -35,6 +35,9 @@ pub struct ValidConfig {
     /// `peers[i].identity`, parsed.
     peer_identities: Vec<IdentityPattern>,
     policy: Vec<ValidRule>,
+    /// `peers[i].learn`, parsed.
+    learn: Vec<Vec<IpNet>>,
+    guard: RouteGuard,
 }
 
 impl ValidConfig {
@@ -56,6 +59,22 @@ impl ValidConfig {
     /// The connector's policy rules, parsed.
     pub fn valid_policy(&self) -> &[ValidRule] {
         &self.policy
+    }
+
+    /// Where routes advertised by `peer` may lie (`peers[].learn`).
+    pub fn valid_learn(&self, peer: &str) -> &[IpNet] {
+        let i = self.config.peers.iter().position(|p| p.name == peer);
+        i.and_then(|i| self.learn.get(i)).map_or(&[], Vec::as_slice)
+    }
+
+    /// Some peer's advertised routes may be steered.
+    pub fn learns_routes(&self) -> bool {
+        self.learn.iter().any(|l| !l.is_empty())
+    }
+
+    /// What no route, configured or learned, may cover.
+    pub fn route_guard(&self) -> &RouteGuard {
+        &self.guard
     }
 
     pub fn config(&self) -> &Config {
@@ -93,6 +112,34 @@ pub struct ValidRule {
     pub name: String,
     pub identities: Vec<IdentityPattern>,
     pub to: Vec<(IpNet, Vec<u16>)>,
+}
+
+/// What no route may cover, configured or learned: ranges whose steering
+/// would loop or break the node (loopback, the redirect listeners, ...).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RouteGuard {
+    never_routed: Vec<(IpNet, &'static str)>,
+    reserved: Vec<(&'static str, IpAddr)>,
+}
+
+impl RouteGuard {
+    fn new(config: &Config) -> RouteGuard {
+        RouteGuard { never_routed: ranges::parse_table(&NEVER_ROUTED), reserved: config.reserved_addresses() }
+    }
+
+    /// Why `net` must not be steered, if it must not.
+    pub fn check(&self, net: IpNet) -> Result<(), String> {
+        // Any spelling: ::ffff:127.0.0.1 is loopback too.
+        if let Some((range, why)) = ranges::overlapped(net, &self.never_routed) {
+            return Err(format!("{net} covers {range} ({why}); steering it would loop or break the node"));
+        }
+        for spelling in ranges::spellings(net) {
+            if let Some((what, addr)) = self.reserved.iter().find(|(_, a)| spelling.contains(a)) {
+                return Err(format!("{net} covers {what} {addr}; steering it would loop or break the node"));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Limits {
@@ -161,12 +208,14 @@ impl Config {
         self.validate_pinning()?;
         self.limits.validate()?;
         let peer_identities = self.validate_peers()?;
-        let routes = self.parse_routes()?;
+        let guard = RouteGuard::new(&self);
+        let routes = self.parse_routes(&guard)?;
+        let learn = self.parse_learn(&guard)?;
         let serve = self.parse_serve()?;
-        if routes.is_empty() && serve.is_empty() {
+        if routes.is_empty() && serve.is_empty() && learn.iter().all(Vec::is_empty) {
             return Err(ConfigError::invalid(
                 "routes",
-                "routes and serve are both empty: the agent would do nothing",
+                "routes, serve and every peer's learn are empty: the agent would do nothing",
             ));
         }
         for (i, s) in serve.iter().enumerate() {
@@ -194,7 +243,7 @@ impl Config {
             ));
         }
         let policy = self.parse_policy(&serve)?;
-        Ok(ValidConfig { config: self, routes, serve, peer_identities, policy })
+        Ok(ValidConfig { config: self, routes, serve, peer_identities, policy, learn, guard })
     }
 
     fn validate_pinning(&self) -> Result<(), ConfigError> {
@@ -382,10 +431,34 @@ impl Config {
     }
 
     /// The routes, parsed and checked against each other and the listeners.
-    fn parse_routes(&self) -> Result<Vec<ValidRoute>, ConfigError> {
-        let never_routed = ranges::parse_table(&NEVER_ROUTED);
+    /// `peers[].learn`, parsed: CIDRs no route could cover refused, and
+    /// only for peers with one exact identity.
+    fn parse_learn(&self, guard: &RouteGuard) -> Result<Vec<Vec<IpNet>>, ConfigError> {
+        let mut out = Vec::with_capacity(self.peers.len());
+        for (i, p) in self.peers.iter().enumerate() {
+            if !p.learn.is_empty() && p.identity.contains('*') {
+                return Err(ConfigError::invalid(
+                    format!("peers[{i}].learn"),
+                    format!(
+                        "`{}` has an identity pattern ({}): routes are learned only from a peer with one exact identity",
+                        p.name, p.identity
+                    ),
+                ));
+            }
+            let mut nets = Vec::with_capacity(p.learn.len());
+            for (j, c) in p.learn.iter().enumerate() {
+                let field = || format!("peers[{i}].learn[{j}]");
+                let net = parse_cidr(c).map_err(|e| ConfigError::invalid(field(), e))?;
+                guard.check(net).map_err(|e| ConfigError::invalid(field(), e))?;
+                nets.push(net);
+            }
+            out.push(nets);
+        }
+        Ok(out)
+    }
+
+    fn parse_routes(&self, guard: &RouteGuard) -> Result<Vec<ValidRoute>, ConfigError> {
         let never_served = ranges::parse_table(&NEVER_SERVED);
-        let reserved = self.reserved_addresses();
         let mut out: Vec<ValidRoute> = Vec::with_capacity(self.routes.len());
         for (i, r) in self.routes.iter().enumerate() {
             let net =
@@ -410,21 +483,7 @@ impl Config {
                 ));
             }
             let field = || format!("routes[{i}].cidr");
-            // Any spelling: ::ffff:127.0.0.1 is loopback too.
-            if let Some((range, why)) = ranges::overlapped(net, &never_routed) {
-                return Err(ConfigError::invalid(
-                    field(),
-                    format!("{net} covers {range} ({why}); steering it would loop or break the node"),
-                ));
-            }
-            for spelling in ranges::spellings(net) {
-                if let Some((what, addr)) = reserved.iter().find(|(_, a)| spelling.contains(a)) {
-                    return Err(ConfigError::invalid(
-                        field(),
-                        format!("{net} covers {what} {addr}; steering it would loop or break the node"),
-                    ));
-                }
-            }
+            guard.check(net).map_err(|e| ConfigError::invalid(field(), e))?;
             if r.via == VIA_DIRECT
                 && let Some((range, why)) = ranges::overlapped(net, &never_served)
             {

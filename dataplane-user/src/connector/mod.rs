@@ -289,6 +289,10 @@ impl StreamHandler for Connector {
             }
         };
     }
+
+    fn advertised_to(&self, peer: &PeerId) -> Vec<crate::tunnel::Advert> {
+        self.policy().granted_to(peer)
+    }
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use ipnet::IpNet;
 use crate::{
     config::{ValidRule, ValidServe},
     ranges::{self, NEVER_SERVED},
-    tunnel::PeerId,
+    tunnel::{Advert, PeerId},
 };
 
 /// Why a destination was refused, for logs and counters.
@@ -83,6 +83,31 @@ impl ServePolicy {
             })
         };
         if granted { Ok(target) } else { Err(Denial::NotAllowed) }
+    }
+
+    /// What `client` may reach, as routes to advertise to it: everything
+    /// served for a peer listed by its exact identity when there are no
+    /// rules (nothing for one admitted by a pattern), else what the rules
+    /// matching its identity list. A few addresses inside (the connector's
+    /// own, the ranges no connector dials) are still refused per flow.
+    pub fn granted_to(&self, client: &PeerId) -> Vec<Advert> {
+        let mut out: Vec<Advert> = if self.rules.is_empty() {
+            if !client.exact {
+                return Vec::new();
+            }
+            self.serve.iter().map(|s| Advert { net: s.net, ports: s.ports.clone() }).collect()
+        } else {
+            let rules =
+                self.rules.iter().filter(|r| r.identities.iter().any(|p| p.matches(&client.identity)));
+            rules.flat_map(|r| &r.to).map(|(net, ports)| Advert { net: *net, ports: ports.clone() }).collect()
+        };
+        for a in &mut out {
+            a.ports.sort_unstable();
+            a.ports.dedup();
+        }
+        out.sort();
+        out.dedup();
+        out
     }
 
     /// Default deny: allowed only inside a served CIDR on a served port, and
@@ -203,6 +228,27 @@ mod tests {
         assert_eq!(ok("spiffe://t/connector/x", true, "198.51.100.101:6443"), Err(Denial::NotAllowed));
         // A mapped spelling is checked as the IPv4 it is.
         assert!(ok("spiffe://t/node/ci-1", false, "[::ffff:198.51.100.101]:6443").is_ok());
+
+        // What is advertised to each is what it is granted, no more.
+        let granted = |id: &str, exact: bool| {
+            p.granted_to(&peer(id, exact))
+                .iter()
+                .map(|a| (a.net.to_string(), a.ports.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(granted("spiffe://t/node/ci-1", false), vec![("198.51.100.101/32".into(), vec![6443])]);
+        assert_eq!(granted("spiffe://t/user/admin", true), vec![("2001:db8::/64".into(), vec![443])]);
+        assert_eq!(granted("spiffe://t/connector/x", true), vec![]);
+    }
+
+    #[test]
+    fn without_rules_exact_peers_are_advertised_everything_served() {
+        let p = policy();
+        let all = p.granted_to(&peer("spiffe://t/connector/a", true));
+        let nets: Vec<String> = all.iter().map(|a| a.net.to_string()).collect();
+        assert_eq!(nets, ["192.0.2.10/32", "198.51.100.101/32", "2001:db8::/64"]);
+        assert_eq!(all[2].ports, [443, 6443]);
+        assert!(p.granted_to(&peer("spiffe://t/node/a", false)).is_empty(), "a pattern peer: nothing");
     }
 
     fn check(s: &str) -> Result<SocketAddr, Denial> {

@@ -81,7 +81,13 @@ pub(super) async fn serve(
         }
         Upstream::Peer(name) => {
             span.record("via", &*name);
-            let to = via_peer::Target { peer: &name, dst: flow.dst, id, accepted, route: &record.route };
+            let to =
+                via_peer::Target { peer: Some(&name), dst: flow.dst, id, accepted, route: &record.route };
+            via_peer::serve(&server, &mut client, peer, to).await
+        }
+        Upstream::Advertised => {
+            span.record("via", "advertised");
+            let to = via_peer::Target { peer: None, dst: flow.dst, id, accepted, route: &record.route };
             via_peer::serve(&server, &mut client, peer, to).await
         }
     };

@@ -14,7 +14,8 @@ use crate::tunnel::splice::{self, SpliceError};
 
 /// Where a tunnelled flow goes, and what to record about it.
 pub(super) struct Target<'a> {
-    pub peer: &'a str,
+    /// The route's peer; `None`: any peer advertising the destination.
+    pub peer: Option<&'a str>,
     pub dst: SocketAddr,
     pub id: u64,
     pub accepted: Instant,
@@ -32,7 +33,11 @@ pub(super) async fn serve(
         return FlowResult::failed;
     };
     let dst = to.dst;
-    let (mut send, mut recv) = match tunnel.open(to.peer, server.connect_timeout()).await {
+    let opened = match to.peer {
+        Some(peer) => tunnel.open(peer, server.connect_timeout()).await,
+        None => tunnel.open_to(to.dst, server.connect_timeout()).await.map(|(_, send, recv)| (send, recv)),
+    };
+    let (mut send, mut recv) = match opened {
         Ok(s) => s,
         Err(e) => {
             info!(%dst, error = %e, "no tunnel to the route's peer; resetting");

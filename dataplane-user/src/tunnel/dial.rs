@@ -58,11 +58,12 @@ impl Tunnel {
                 Err(e) => Err(e),
             };
             match result {
-                Ok(conn) => {
+                Ok((conn, control)) => {
                     backoff = BACKOFF_MIN;
                     // The verifier checked it against the entry's pattern.
                     let identity = Arc::from(handshake::peer_identity(&conn).unwrap_or_default());
-                    self.run_connection(slot.clone(), conn, identity, "dialed").await;
+                    let control = super::Control::Dialed(control);
+                    self.run_connection(slot.clone(), conn, identity, "dialed", control).await;
                 }
                 Err(_) if *stop.borrow() => return,
                 Err(e) => {

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use quinn::{ConnectionError, VarInt};
+use quinn::{ConnectionError, RecvStream, SendStream, VarInt};
 use rustls_pki_types::CertificateDer;
 
 use crate::tls::uri_san;
@@ -22,34 +22,38 @@ const CLOSE_NO_WELCOME: VarInt = VarInt::from_u32(4);
 pub(super) const CLOSE_CERT_EXPIRED: VarInt = VarInt::from_u32(5);
 /// Close code for a peer that holds `limits.connections_per_peer` already.
 pub(super) const CLOSE_OVER_CAP: VarInt = VarInt::from_u32(6);
+/// Close code for a peer that broke the control protocol.
+pub(super) const CLOSE_CONTROL: VarInt = VarInt::from_u32(7);
 /// The acceptor's first message: "your certificate and identity are accepted".
 /// In TLS 1.3 a client finishes its handshake before the server has checked
 /// the client certificate, so without this a dialer would count a connection
 /// the peer is about to refuse as live.
 const WELCOME: u8 = 1;
 
-/// Acceptor: tells the peer it was accepted.
-pub(super) async fn send_welcome(conn: &quinn::Connection) -> Result<(), String> {
+/// Acceptor: tells the peer it was accepted. The stream stays open: it is
+/// the acceptor's control stream from then on.
+pub(super) async fn send_welcome(conn: &quinn::Connection) -> Result<SendStream, String> {
     let mut s = conn.open_uni().await.map_err(|e| e.to_string())?;
     s.write_all(&[WELCOME]).await.map_err(|e| e.to_string())?;
-    s.finish().map_err(|e| e.to_string())
+    Ok(s)
 }
 
 /// Dialer: waits up to `within` for the acceptor's welcome: only then did it
 /// accept our certificate and identity. A refusal surfaces as its close
-/// reason.
+/// reason. Returns the stream the welcome came on: the acceptor's control
+/// stream.
 pub(super) async fn await_welcome(
     conn: quinn::Connection,
     within: Duration,
-) -> Result<quinn::Connection, ConnectionError> {
+) -> Result<(quinn::Connection, RecvStream), ConnectionError> {
     let welcome = async {
         let mut r = conn.accept_uni().await?;
         let mut b = [0u8; 1];
         r.read_exact(&mut b).await.map_err(|_| ConnectionError::Reset)?;
-        Ok::<_, ConnectionError>(b[0])
+        Ok::<_, ConnectionError>((b[0], r))
     };
     match tokio::time::timeout(within, welcome).await {
-        Ok(Ok(WELCOME)) => Ok(conn),
+        Ok(Ok((WELCOME, control))) => Ok((conn, control)),
         Ok(Ok(_)) => {
             conn.close(CLOSE_NO_WELCOME, b"unexpected welcome");
             Err(ConnectionError::Reset)

@@ -46,6 +46,7 @@ pub struct TunnelMetrics {
     pub(super) connections_opened: Family<PeerDirectionLabels, Counter>,
     pub(super) streams_opened: Family<PeerLabels, Counter>,
     pub(super) udp_buffer: Family<BufferLabels, Gauge>,
+    pub(super) control_errors: Counter,
 }
 
 impl TunnelMetrics {
@@ -57,7 +58,13 @@ impl TunnelMetrics {
             connections_opened: Family::default(),
             streams_opened: Family::default(),
             udp_buffer: Family::default(),
+            control_errors: Counter::default(),
         };
+        registry.register(
+            "tunnel_control_errors",
+            "Tunnel connections closed because the peer broke the control protocol",
+            m.control_errors.clone(),
+        );
         registry.register(
             "tunnel_handshake_failures",
             "Failed tunnel handshakes in either direction, by reason",

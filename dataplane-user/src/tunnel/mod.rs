@@ -10,12 +10,19 @@
 //! allows no inbound traffic dials out to the agents that use it and still
 //! receives their flows, the way cloudflared serves its edge.
 //!
+//! Besides the flows' streams, each connection carries a control stream
+//! each way (`control`): what the peer's handler advertises (the routes a
+//! connector serves this node) and its draining notice. The tunnel keeps
+//! them per connection and opens streams by them ([`Tunnel::open_to`]);
+//! what they mean for routing is the caller's business.
+//!
 //! Inside: `transport` (socket and QUIC settings), `handshake` (welcome,
 //! failure reasons), `dial` (reconnecting with backoff), `pool` (live
-//! connections per peer), `metrics`, and `splice` (a stream to and from a
-//! TCP socket).
+//! connections per peer), `control`, `metrics`, and `splice` (a stream to
+//! and from a TCP socket).
 
 pub mod admission;
+mod control;
 mod dial;
 mod handshake;
 pub mod metrics;
@@ -42,6 +49,7 @@ use tokio::{sync::watch, task::JoinSet};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use admission::{Admission, Verdict};
+pub use control::Advert;
 pub use handshake::{HANDSHAKE_REASONS, failure_reason};
 use metrics::{BufferLabels, PeerDirectionLabels, PeerLabels, TunnelCollector, TunnelMetrics};
 use pool::PeerSlot;
@@ -100,6 +108,20 @@ pub trait StreamHandler: Send + Sync {
     /// A stream `peer` opened. Called on the connection's task, so it must
     /// not wait: spawn the work (and track it, for the drain).
     fn accept_stream(self: Arc<Self>, peer: &PeerId, send: SendStream, recv: RecvStream);
+
+    /// What to advertise to `peer` on its control stream: the destinations
+    /// it may send streams for. Asked again on [`Tunnel::readvertise`].
+    fn advertised_to(&self, _peer: &PeerId) -> Vec<Advert> {
+        Vec::new()
+    }
+}
+
+/// This side's end of a new connection's control stream.
+enum Control {
+    /// Accepted: the stream the welcome went out on (the peer opens its own).
+    Accepted(SendStream),
+    /// Dialled: the stream the welcome came in on (this side opens its own).
+    Dialed(RecvStream),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -143,8 +165,15 @@ pub struct Tunnel {
     connections_per_peer: AtomicUsize,
     streams_per_peer: AtomicUsize,
     stop: watch::Sender<bool>,
-    /// Bumped whenever a connection comes up or goes: routes follow it.
+    /// Bumped whenever a connection comes up or goes, or a peer advertises
+    /// or drains: routes follow it.
     liveness: watch::Sender<u64>,
+    /// Bumped to make every connection's advertisement be asked again.
+    readvertise: watch::Sender<u64>,
+    /// Set once this agent drains: every peer is told.
+    draining: watch::Sender<bool>,
+    /// Round-robin over the connections that advertise a destination.
+    next_covering: AtomicUsize,
     pub metrics: TunnelMetrics,
 }
 
@@ -225,6 +254,9 @@ impl Tunnel {
             streams_per_peer: AtomicUsize::new(limits.streams_per_peer),
             stop: watch::channel(false).0,
             liveness: watch::channel(0).0,
+            readvertise: watch::channel(0).0,
+            draining: watch::channel(false).0,
+            next_covering: AtomicUsize::new(0),
             metrics,
         }))
     }
@@ -300,6 +332,78 @@ impl Tunnel {
     pub async fn open(&self, peer: &str, within: Duration) -> Result<(SendStream, RecvStream), TunnelError> {
         let slot = self.peers.get(peer).ok_or_else(|| TunnelError::NoConnection(peer.to_owned()))?;
         let conn = slot.pick().ok_or_else(|| TunnelError::NoConnection(peer.to_owned()))?;
+        self.open_on(&conn, peer, within).await
+    }
+
+    /// Opens a stream for `dst` on a live connection whose peer advertises
+    /// it, round-robin over them (a draining one only while no other does).
+    /// Returns the peer's name with the stream.
+    pub async fn open_to(
+        &self,
+        dst: SocketAddr,
+        within: Duration,
+    ) -> Result<(Arc<str>, SendStream, RecvStream), TunnelError> {
+        let mut covering = Vec::new();
+        for slot in self.peers.values() {
+            for (conn, state) in slot.live_states() {
+                if state.covers(dst) {
+                    covering.push((conn, state, slot.name.clone()));
+                }
+            }
+        }
+        let states: Vec<_> = covering.iter().map(|(c, s, _)| (c.clone(), s.clone())).collect();
+        let conn = pool::pick_from(&states, &self.next_covering, |_| true)
+            .ok_or_else(|| TunnelError::NoConnection(format!("any peer advertising {dst}")))?;
+        let peer = covering.iter().find(|(c, ..)| c.stable_id() == conn.stable_id()).map(|(.., p)| p.clone());
+        let peer = peer.unwrap_or_else(|| Arc::from(""));
+        let (send, recv) = self.open_on(&conn, &peer, within).await?;
+        Ok((peer, send, recv))
+    }
+
+    /// What each live connection's peer advertises now, by peer name.
+    pub fn advertisements(&self) -> Vec<(Arc<str>, Arc<[Advert]>)> {
+        let mut out = Vec::new();
+        for slot in self.peers.values() {
+            for (_, state) in slot.live_states() {
+                out.push((slot.name.clone(), lock_advertised(&state)));
+            }
+        }
+        out
+    }
+
+    /// Live connections whose peer advertises exactly `net`, and of those
+    /// the ones draining.
+    pub fn advertisers(&self, net: &ipnet::IpNet) -> (usize, usize) {
+        let mut n = (0, 0);
+        for slot in self.peers.values() {
+            for (_, state) in slot.live_states() {
+                if lock_advertised(&state).iter().any(|a| a.net == *net) {
+                    n.0 += 1;
+                    n.1 += usize::from(state.draining.load(Relaxed));
+                }
+            }
+        }
+        n
+    }
+
+    /// Asks every connection's handler for its advertisement again (the
+    /// served destinations or the policy changed); changed ones are sent.
+    pub fn readvertise(&self) {
+        self.readvertise.send_modify(|n| *n += 1);
+    }
+
+    /// Tells every peer this agent takes no new streams (it drains); open
+    /// streams go on.
+    pub fn announce_draining(&self) {
+        self.draining.send_replace(true);
+    }
+
+    async fn open_on(
+        &self,
+        conn: &quinn::Connection,
+        peer: &str,
+        within: Duration,
+    ) -> Result<(SendStream, RecvStream), TunnelError> {
         let streams = tokio::time::timeout(within, conn.open_bi())
             .await
             .map_err(|_| TunnelError::OpenTimeout { peer: peer.to_owned(), within })?
@@ -342,9 +446,9 @@ impl Tunnel {
                 let welcomed = this.handshake(incoming).await;
                 drop(handshake_slot);
                 this.metrics.handshakes_in_flight.set(this.admission.in_flight() as i64);
-                if let Some((slot, conn, held)) = welcomed {
+                if let Some((slot, conn, held, control)) = welcomed {
                     let identity = held.identity();
-                    this.run_connection(slot, conn, identity, "accepted").await;
+                    this.run_connection(slot, conn, identity, "accepted", Control::Accepted(control)).await;
                     drop(held);
                 }
             });
@@ -357,7 +461,7 @@ impl Tunnel {
     async fn handshake(
         &self,
         incoming: quinn::Incoming,
-    ) -> Option<(Arc<PeerSlot>, quinn::Connection, pool::Accepted)> {
+    ) -> Option<(Arc<PeerSlot>, quinn::Connection, pool::Accepted, SendStream)> {
         let remote = incoming.remote_address();
         let conn = match incoming.await {
             Ok(c) => c,
@@ -390,11 +494,13 @@ impl Tunnel {
             conn.close(handshake::CLOSE_OVER_CAP, b"limits.connections_per_peer reached");
             return None;
         };
-        if let Err(e) = handshake::send_welcome(&conn).await {
-            debug!(%remote, error = %e, "could not welcome the peer");
-            return None;
+        match handshake::send_welcome(&conn).await {
+            Ok(control) => Some((slot, conn, held, control)),
+            Err(e) => {
+                debug!(%remote, error = %e, "could not welcome the peer");
+                None
+            }
         }
-        Some((slot, conn, held))
     }
 
     /// Registers a live connection and serves the streams the peer opens on it
@@ -405,14 +511,16 @@ impl Tunnel {
         conn: quinn::Connection,
         identity: Arc<str>,
         direction: &'static str,
+        control: Control,
     ) {
         let peer = PeerId { name: slot.name.clone(), exact: slot.identity.is_exact(), identity };
+        let state = Arc::new(control::ConnState::default());
         // Authenticated now (the welcome was sent or received): lift the
         // stream limit the handshake ran under to the working one.
         transport::open_stream_limits(&conn, self.streams_per_peer.load(Relaxed));
         let labels = PeerDirectionLabels { peer: slot.name.to_string(), direction };
         self.metrics.connections_opened.get_or_create(&labels).inc();
-        slot.add(&conn);
+        slot.add(&conn, state.clone());
         self.liveness.send_modify(|n| *n += 1);
         let span = info_span!("tunnel", peer = %slot.name, remote = %conn.remote_address());
         // The peer's certificate was checked once, at the handshake: the
@@ -424,9 +532,33 @@ impl Tunnel {
             let mut stop = self.stop.subscribe();
             let expiry = tokio::time::sleep(expires_in.min(Duration::from_secs(100 * 365 * 86_400)));
             tokio::pin!(expiry);
+            // Both halves of the control stream run beside the stream
+            // accept loop, on this task, and end with the connection.
+            let control = async {
+                let (send, recv) = match control {
+                    Control::Accepted(send) => (Some(send), conn.accept_uni().await.ok()),
+                    Control::Dialed(recv) => (conn.open_uni().await.ok(), Some(recv)),
+                };
+                let write = async {
+                    if let Some(send) = send {
+                        self.write_control(send, &peer).await;
+                    }
+                };
+                let read = async {
+                    if let Some(recv) = recv {
+                        self.read_control(&conn, recv, &peer, &state).await;
+                    }
+                };
+                tokio::join!(write, read);
+                // Past here: the connection is going (or the peer has no
+                // control stream and never will advertise).
+                std::future::pending::<()>().await;
+            };
+            tokio::pin!(control);
             loop {
                 let accepted = tokio::select! {
                     a = conn.accept_bi() => a,
+                    () = &mut control => break,
                     _ = stop.changed() => break,
                     _ = &mut expiry => {
                         info!("the peer's certificate expired; closing the connection");
@@ -454,4 +586,8 @@ impl Tunnel {
         slot.remove(&conn);
         self.liveness.send_modify(|n| *n += 1);
     }
+}
+
+fn lock_advertised(state: &control::ConnState) -> Arc<[Advert]> {
+    crate::lock(&state.advertised).clone()
 }

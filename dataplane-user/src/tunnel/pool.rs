@@ -1,5 +1,6 @@
 //! The pool of live connections to each peer: registered when a connection
-//! comes up, removed when it closes, picked round-robin for new streams.
+//! comes up, removed when it closes, picked round-robin for new streams
+//! (a draining one only while no other is up).
 
 use std::{
     collections::HashMap,
@@ -9,6 +10,7 @@ use std::{
     },
 };
 
+use super::control::ConnState;
 use crate::identity::IdentityPattern;
 
 /// Totals of connections that closed, so per-peer counters stay monotonic.
@@ -25,7 +27,7 @@ pub(super) struct Retired {
 pub(super) struct PeerSlot {
     pub name: Arc<str>,
     pub identity: IdentityPattern,
-    conns: Mutex<Vec<quinn::Connection>>,
+    conns: Mutex<Vec<(quinn::Connection, Arc<ConnState>)>>,
     next: AtomicUsize,
     /// Connections this agent keeps dialled to the peer (0: it dials us).
     pub dialers: u32,
@@ -85,12 +87,12 @@ impl PeerSlot {
         Some(Accepted(self.clone(), identity.clone()))
     }
 
-    pub fn add(&self, c: &quinn::Connection) {
-        crate::lock(&self.conns).push(c.clone());
+    pub fn add(&self, c: &quinn::Connection, state: Arc<ConnState>) {
+        crate::lock(&self.conns).push((c.clone(), state));
     }
 
     pub fn remove(&self, c: &quinn::Connection) {
-        crate::lock(&self.conns).retain(|x| x.stable_id() != c.stable_id());
+        crate::lock(&self.conns).retain(|(x, _)| x.stable_id() != c.stable_id());
         let st = c.stats();
         let mut r = crate::lock(&self.retired);
         r.lost_packets += st.path.lost_packets;
@@ -100,16 +102,36 @@ impl PeerSlot {
 
     pub fn live(&self) -> Vec<quinn::Connection> {
         let conns = crate::lock(&self.conns);
-        conns.iter().filter(|c| c.close_reason().is_none()).cloned().collect()
+        conns.iter().filter(|(c, _)| c.close_reason().is_none()).map(|(c, _)| c.clone()).collect()
     }
 
-    /// Round-robin over the live connections.
-    pub fn pick(&self) -> Option<quinn::Connection> {
+    /// The live connections with what their peer said on them.
+    pub fn live_states(&self) -> Vec<(quinn::Connection, Arc<ConnState>)> {
         let conns = crate::lock(&self.conns);
-        let live: Vec<&quinn::Connection> = conns.iter().filter(|c| c.close_reason().is_none()).collect();
-        if live.is_empty() {
-            return None;
-        }
-        Some(live[self.next.fetch_add(1, Relaxed) % live.len()].clone())
+        conns.iter().filter(|(c, _)| c.close_reason().is_none()).cloned().collect()
     }
+
+    /// Round-robin over the live connections that are not draining, or
+    /// over the draining ones while no other is up (they still serve until
+    /// their grace period ends).
+    pub fn pick(&self) -> Option<quinn::Connection> {
+        pick_from(&self.live_states(), &self.next, |_| true)
+    }
+}
+
+/// Round-robin over `conns` that pass `want`, preferring those not draining.
+pub(super) fn pick_from(
+    conns: &[(quinn::Connection, Arc<ConnState>)],
+    next: &AtomicUsize,
+    want: impl Fn(&ConnState) -> bool,
+) -> Option<quinn::Connection> {
+    let wanted: Vec<&(quinn::Connection, Arc<ConnState>)> = conns.iter().filter(|(_, s)| want(s)).collect();
+    let serving: Vec<&quinn::Connection> =
+        wanted.iter().filter(|(_, s)| !s.draining.load(Relaxed)).map(|(c, _)| c).collect();
+    let pool: Vec<&quinn::Connection> =
+        if serving.is_empty() { wanted.iter().map(|(c, _)| c).collect() } else { serving };
+    if pool.is_empty() {
+        return None;
+    }
+    Some(pool[next.fetch_add(1, Relaxed) % pool.len()].clone())
 }

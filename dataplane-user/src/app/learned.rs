@@ -1,0 +1,151 @@
+//! Learned routes: what peers advertise on their control streams, turned
+//! into routes this node steers. A peer's advertisement counts only inside
+//! its `peers[].learn` CIDRs and only whole: one route outside them (or one
+//! no route may cover, such as loopback) refuses the whole advertisement,
+//! so a peer never gets half of what it asked for. Then the merge with the
+//! configured routes: a learned route that overlaps one of them is refused
+//! (the configured route wins), as is one overlapping a learned route
+//! already taken; every refusal is kept with its reason, for the log and
+//! `/status`. Replicas advertising the same network make one route.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ipnet::IpNet;
+
+use crate::{
+    config::ValidConfig,
+    ranges::overlaps,
+    tunnel::{Advert, Tunnel},
+};
+use dataplane_common::ROUTES_MAX_ENTRIES;
+
+/// The learned routes to steer, and what was refused, by what it is.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct Learned {
+    pub nets: Vec<IpNet>,
+    pub refused: BTreeMap<String, String>,
+}
+
+/// What `tunnel`'s live connections advertise, as learned routes.
+pub(super) fn learned_routes(config: &ValidConfig, tunnel: Option<&Tunnel>) -> Learned {
+    let Some(tunnel) = tunnel else { return Learned::default() };
+    merge(config, &tunnel.advertisements())
+}
+
+/// [`learned_routes`] over advertisements given as (peer, routes).
+pub(super) fn merge(
+    config: &ValidConfig,
+    ads: &[(std::sync::Arc<str>, std::sync::Arc<[Advert]>)],
+) -> Learned {
+    let guard = config.route_guard();
+    let mut candidates = BTreeSet::new();
+    let mut refused = BTreeMap::new();
+    for (peer, routes) in ads {
+        let allowed = config.valid_learn(peer);
+        if allowed.is_empty() {
+            // Not learning from this peer: nothing to refuse.
+            continue;
+        }
+        let bad = routes.iter().find_map(|a| {
+            if !allowed.iter().any(|l| l.contains(&a.net)) {
+                return Some(format!("{} lies outside peers[{peer}].learn", a.net));
+            }
+            guard.check(a.net).err()
+        });
+        match bad {
+            Some(why) => {
+                refused.insert(format!("advertisement from {peer}"), format!("refused whole: {why}"));
+            }
+            None => candidates.extend(routes.iter().map(|a| a.net)),
+        }
+    }
+    let configured = config.valid_routes();
+    let mut nets: Vec<IpNet> = Vec::new();
+    for net in candidates {
+        if let Some(r) = configured.iter().find(|r| overlaps(&r.net, &net)) {
+            refused.insert(net.to_string(), format!("overlaps the configured route {}, which wins", r.net));
+            continue;
+        }
+        if let Some(o) = nets.iter().find(|o| overlaps(o, &net)) {
+            refused.insert(net.to_string(), format!("overlaps the learned route {o}"));
+            continue;
+        }
+        let family = |n: &IpNet| n.addr().is_ipv4() == net.addr().is_ipv4();
+        let used =
+            configured.iter().filter(|r| family(&r.net)).count() + nets.iter().filter(|n| family(n)).count();
+        if used >= ROUTES_MAX_ENTRIES as usize {
+            refused
+                .insert(net.to_string(), format!("the kernel route trie holds {ROUTES_MAX_ENTRIES} routes"));
+            continue;
+        }
+        nets.push(net);
+    }
+    Learned { nets, refused }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::config::Config;
+
+    fn config(routes: &str) -> ValidConfig {
+        let text = format!(
+            "tls: {{ ca: /c, cert: /c, key: /k }}\npeers:\n  - {{ name: a, dial: ['192.0.2.1:4433'], identity: 'spiffe://t/a', learn: ['198.51.100.0/24', '2001:db8::/32'] }}\n  \
+             - {{ name: b, dial: ['192.0.2.2:4433'], identity: 'spiffe://t/b', learn: ['198.51.100.0/24'] }}\n  \
+             - {{ name: c, dial: ['192.0.2.3:4433'], identity: 'spiffe://t/c' }}\n{routes}"
+        );
+        Config::parse(&text).expect("valid")
+    }
+
+    fn ad(peer: &str, nets: &[&str]) -> (Arc<str>, Arc<[Advert]>) {
+        let routes: Vec<Advert> =
+            nets.iter().map(|n| Advert { net: n.parse().expect("net"), ports: vec![6443] }).collect();
+        (peer.into(), routes.into())
+    }
+
+    fn nets(l: &Learned) -> Vec<String> {
+        l.nets.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn replicas_make_one_route_and_unlisted_peers_teach_nothing() {
+        let c = config("");
+        let l = merge(
+            &c,
+            &[
+                ad("a", &["198.51.100.101/32", "2001:db8::101/128"]),
+                ad("b", &["198.51.100.101/32"]),
+                ad("c", &["203.0.113.0/24"]),
+            ],
+        );
+        assert_eq!(nets(&l), ["198.51.100.101/32", "2001:db8::101/128"]);
+        assert!(l.refused.is_empty(), "{:?}", l.refused);
+    }
+
+    #[test]
+    fn an_advertisement_outside_learn_is_refused_whole() {
+        let c = config("");
+        // b may not teach IPv6: none of its advertisement counts.
+        let l = merge(&c, &[ad("b", &["198.51.100.101/32", "2001:db8::101/128"])]);
+        assert!(l.nets.is_empty());
+        let why = &l.refused["advertisement from b"];
+        assert!(why.contains("2001:db8::101/128 lies outside peers[b].learn"), "{why}");
+    }
+
+    #[test]
+    fn configured_routes_win_and_overlapping_learned_routes_are_refused() {
+        let c = config("routes:\n  - { cidr: 198.51.100.101/32, via: a }\n");
+        let l =
+            merge(&c, &[ad("a", &["198.51.100.101/32", "198.51.100.0/28"]), ad("b", &["198.51.100.0/25"])]);
+        // The /32 and the /25 overlap the configured /32; the /28 does not.
+        assert_eq!(nets(&l), ["198.51.100.0/28"]);
+        assert!(l.refused["198.51.100.101/32"].contains("configured route 198.51.100.101/32"));
+        assert!(l.refused["198.51.100.0/25"].contains("configured route"));
+        let c = config("");
+        let l = merge(&c, &[ad("a", &["198.51.100.0/28"]), ad("b", &["198.51.100.0/25"])]);
+        assert_eq!(nets(&l), ["198.51.100.0/25"]);
+        assert_eq!(l.refused["198.51.100.0/28"], "overlaps the learned route 198.51.100.0/25");
+    }
+}

@@ -1,0 +1,139 @@
+//! Routes advertised by connectors, end to end: a client node configured
+//! with no route to the API server learns it from two connector replicas
+//! on their control streams, steers it into its kernel tries, spreads new
+//! flows over the replicas, sends none to a replica from the moment it says
+//! it drains, and removes the routes when the last replica is gone.
+
+use std::time::Duration;
+
+use tests::{
+    agent_process::AgentProcess,
+    require_root,
+    topology::{OTHER_V4, addr},
+    tunnel_env::{CLIENT_ID, CONNECTOR_ID, Mode, PEER, TunnelEnv, kubectl_works},
+    wait_for,
+};
+
+const STREAMS_OK: &str = r#"dataplane_connector_streams_total{status="ok"}"#;
+
+#[test]
+fn connectors_advertise_routes_that_clients_steer_spread_drain_and_withdraw() {
+    if !require_root() {
+        return;
+    }
+    let env = TunnelEnv::new().expect("environment");
+    let client_tls = env.tls("client", CLIENT_ID, None).expect("tls");
+    let text = env.client_config_text(Mode::ConnectorDialsOut, &client_tls);
+    // No route to the API server in the file: only one configured route
+    // (which a learned one may not override), and where learning may happen.
+    let (head, _) = text.split_once("routes:\n").expect("routes section");
+    let peer = format!("identity: '{CONNECTOR_ID}' }}");
+    assert!(head.contains(&peer), "{head}");
+    let learn = format!("identity: '{CONNECTOR_ID}', learn: ['198.51.100.0/24', '2001:db8::/64'] }}");
+    let yaml =
+        format!("{}routes:\n  - {{ cidr: '198.51.100.102/32', via: {PEER} }}\n", head.replace(&peer, &learn));
+    let client = env
+        .topo
+        .start_agent(dataplane::config::Config::parse(&yaml).expect("client config"))
+        .expect("client");
+    assert_eq!(client.handle.route_entries(), (1, 0), "only the configured route before any connector");
+
+    let connector_tls = env.tls("connector", CONNECTOR_ID, None).expect("tls");
+    let connector_yaml = env.connector_config_text(Mode::ConnectorDialsOut, &connector_tls);
+    assert!(connector_yaml.contains("shutdown_grace: 1s"), "{connector_yaml}");
+    // A grace long enough to watch a draining replica.
+    let connector_yaml = connector_yaml.replace("shutdown_grace: 1s", "shutdown_grace: 20s");
+    let replica = |n: u16| {
+        // Each replica its own node name: it keys the stateless-reset secret.
+        let yaml = connector_yaml.replace("node: connector-1", &format!("node: connector-{n}"));
+        AgentProcess::start_with_env(
+            &env.topo.remote,
+            &format!("connector-{n}"),
+            &yaml,
+            addr(&format!("10.201.0.2:{}", 9478 + n)),
+            env.dir(),
+            &[("DATAPLANE_LOG", "info")],
+        )
+        .expect("connector")
+    };
+    let (a, b) = (replica(1), replica(2));
+
+    let tunnel = client.handle.tunnel().expect("tunnel").clone();
+    let api: ipnet::IpNet = "198.51.100.101/32".parse().expect("net");
+    wait_for("both replicas advertise to the client", Duration::from_secs(15), || {
+        tunnel.advertisers(&api).0 == 4 && client.handle.routes_follow_peers()
+    });
+    assert_eq!(client.handle.route_entries(), (2, 2), "learned 198.51.100.101, 2001:db8::101 and ::102");
+    let status = client.handle.status();
+    let route = |cidr: &str| status.routes.iter().find(|r| r.cidr == cidr).cloned().expect(cidr);
+    let learned = route("198.51.100.101/32");
+    assert_eq!(
+        (learned.source.as_str(), learned.via.as_str(), learned.ready),
+        ("learned", "advertised", true)
+    );
+    assert_eq!(learned.advertisers, [PEER]);
+    assert_eq!(route("198.51.100.102/32").source, "config", "the configured route wins");
+    assert!(
+        status
+            .refused_routes
+            .iter()
+            .any(|r| r.what == "198.51.100.102/32" && r.reason.contains("configured")),
+        "{:?}",
+        status.refused_routes
+    );
+    let metrics = client.handle.encode_metrics();
+    assert!(
+        metrics.contains(
+            r#"dataplane_route_ready{route="198.51.100.101/32",via="advertised",source="learned"} 1"#
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"dataplane_route_advertisers{route="198.51.100.101/32"} 4"#), "{metrics}");
+    assert!(metrics.contains("dataplane_learned_routes_refused 1"), "{metrics}");
+
+    // The real kubectl through a route no client config names.
+    kubectl_works(&env);
+
+    // New flows spread over the replicas.
+    let before = (a.metric(STREAMS_OK).expect("metric"), b.metric(STREAMS_OK).expect("metric"));
+    let probes = env.topo.pod_probe().repeat(addr(OTHER_V4), 20).expect("probes");
+    assert_eq!((probes.ok, probes.failed), (20, 0), "{probes:?}");
+    let spread =
+        (a.metric(STREAMS_OK).expect("metric") - before.0, b.metric(STREAMS_OK).expect("metric") - before.1);
+    assert!(spread.0 >= 5.0 && spread.1 >= 5.0, "20 flows over two replicas: {spread:?}");
+
+    // Flows held open, one per connection, keep replica a in its grace
+    // period once it drains.
+    let held = env.topo.pod_probe().hold(addr(OTHER_V4), 4).expect("held flows");
+    wait_for("connector-1 serves a held flow", Duration::from_secs(5), || {
+        a.metric(r#"dataplane_connector_peer_streams{peer="worker-1"}"#).is_ok_and(|n| n >= 1.0)
+    });
+    let a_before = a.metric(STREAMS_OK).expect("metric");
+    a.terminate();
+    wait_for("the client hears connector-1 drain", Duration::from_secs(5), || {
+        tunnel.advertisers(&api).1 == 2
+    });
+    let probes = env.topo.pod_probe().repeat(addr(OTHER_V4), 10).expect("probes");
+    assert_eq!((probes.ok, probes.failed), (10, 0), "new flows while a replica drains: {probes:?}");
+    assert_eq!(
+        a.metric(STREAMS_OK).expect("draining replica still up"),
+        a_before,
+        "no new flow to the draining replica"
+    );
+    drop(held);
+    a.wait_exit(Duration::from_secs(20)).expect("connector-1 exits once its flows end");
+    wait_for("connector-1's connections gone", Duration::from_secs(5), || tunnel.advertisers(&api) == (2, 0));
+    assert_eq!(client.handle.route_entries(), (2, 2), "connector-2 still advertises the routes");
+    kubectl_works(&env);
+
+    // The last advertiser dies without a word: the learned routes go with
+    // its connections (at the idle timeout), the configured one stays.
+    b.kill();
+    wait_for("learned routes withdrawn", Duration::from_secs(15), || {
+        client.handle.route_entries() == (1, 0) && client.handle.routes_follow_peers()
+    });
+    let status = client.handle.status();
+    assert_eq!(status.routes.len(), 1, "{:?}", status.routes);
+    assert!(status.refused_routes.is_empty(), "{:?}", status.refused_routes);
+    client.stop();
+}
