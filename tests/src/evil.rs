@@ -34,6 +34,9 @@ pub struct Report {
     /// presented stops being valid (Unix seconds).
     #[serde(default)]
     pub acceptor_not_after: Option<u64>,
+    /// With `control_garbage`: how the connection was closed.
+    #[serde(default)]
+    pub control_closed: Option<String>,
 }
 
 /// What to make the evil peer do.
@@ -44,13 +47,23 @@ pub struct Attack<'a> {
     pub stalled: usize,
     pub streams: usize,
     pub dst: Option<SocketAddr>,
+    /// After the streams, break the control protocol on the first connection.
+    pub control_garbage: bool,
 }
 
 impl Attack<'_> {
     /// A peer that dials once: one connection, and one stream to `dst` if
     /// given (tests of a single handshake or a single dial).
     pub fn dial_once<'a>(connect: SocketAddr, expect: &'a str, dst: Option<SocketAddr>) -> Attack<'a> {
-        Attack { connect, expect, connections: 1, stalled: 0, streams: usize::from(dst.is_some()), dst }
+        Attack {
+            connect,
+            expect,
+            connections: 1,
+            stalled: 0,
+            streams: usize::from(dst.is_some()),
+            dst,
+            control_garbage: false,
+        }
     }
 }
 
@@ -75,6 +88,9 @@ pub fn spawn(netns: &Path, tls: &TlsPaths, attack: &Attack<'_>) -> Result<std::p
     cmd.args(["--stalled", &attack.stalled.to_string(), "--streams", &attack.streams.to_string()]);
     if let Some(dst) = attack.dst {
         cmd.args(["--dst", &dst.to_string()]);
+    }
+    if attack.control_garbage {
+        cmd.arg("--control-garbage");
     }
     cmd.stdout(std::process::Stdio::piped()).spawn().context("spawning evil-peer")
 }

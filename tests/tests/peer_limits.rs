@@ -98,6 +98,7 @@ fn a_peer_at_its_caps_is_refused_and_another_peer_is_not() {
         stalled,
         streams,
         dst: Some(addr(SILENT_V4)),
+        control_garbage: false,
     };
     let evil_tls = env.tls("evil", EVIL_ID, None).expect("tls");
     let before = ProcessStats::read();

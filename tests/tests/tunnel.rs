@@ -536,3 +536,27 @@ fn a_route_without_a_live_peer_is_refused_in_the_kernel() {
     assert!(!a.ok && !a.error.as_deref().unwrap_or_default().contains("refused"), "passed on: {a:?}");
     assert_eq!(client.handle.kernel_counters().expect("counters").get(Counter::ConnectNoPeer), 0);
 }
+
+/// A configured peer that breaks the control protocol (a frame longer than
+/// any allowed) has its connection closed with the control error code and
+/// counted; nothing is buffered for the frame, and the other peer's flows
+/// go on.
+#[test]
+fn a_peer_that_breaks_the_control_protocol_is_closed_and_counted() {
+    if !require_root() {
+        return;
+    }
+    let env = TunnelEnv::new().expect("environment");
+    let (client, connector) = env.start(Mode::ConnectorListens).expect("agents");
+    let peer = env.tls("peer", CLIENT_ID, None).expect("tls");
+    let mut attack = tests::evil::Attack::dial_once(CONNECTOR.parse().expect("addr"), CONNECTOR_ID, None);
+    attack.control_garbage = true;
+    let report = tests::evil::run(&env.topo.node.path(), &peer, &attack).expect("report");
+    assert_eq!(report.connections_welcomed, 1, "{report:?}");
+    assert_eq!(report.control_closed.as_deref(), Some("application_7"), "{report:?}");
+    let scrape = connector.handle.encode_metrics();
+    assert_eq!(tests::metric_sample(&scrape, "dataplane_tunnel_control_errors_total"), Some(1.0), "{scrape}");
+    let a = env.topo.pod_probe().connect(addr(OTHER_V4)).expect("probe");
+    assert!(a.ok, "the well-behaved client's flows go on: {a:?}");
+    client.stop();
+}

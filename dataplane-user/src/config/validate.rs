@@ -576,8 +576,10 @@ impl Config {
         if self.peers != other.peers {
             v.push("peers");
         }
-        // Steering is set up at start only for an agent that routes something.
-        if self.routes.is_empty() && !other.routes.is_empty() {
+        // Steering is set up at start only for an agent that routes or
+        // learns something.
+        let learns = self.peers.iter().any(|p| !p.learn.is_empty());
+        if self.routes.is_empty() && !learns && !other.routes.is_empty() {
             v.push("routes (the first route needs steering, set up at start)");
         }
         v

@@ -12,6 +12,8 @@
 //! 2. `--stalled`: streams that send one byte of a header and then nothing.
 //! 3. `--streams`: streams with a whole header for `--dst`; each waits for
 //!    its status and ends.
+//! 4. `--control-garbage`: a control stream that declares a frame longer
+//!    than any allowed; reports how the acceptor closed the connection.
 //!
 //! Every phase is bounded: at most 4,096 streams in flight, and every wait
 //! has a timeout.
@@ -44,6 +46,7 @@ struct Args {
     stalled: usize,
     streams: usize,
     dst: Option<SocketAddr>,
+    control_garbage: bool,
 }
 
 fn parse() -> Result<Args> {
@@ -51,9 +54,11 @@ fn parse() -> Result<Args> {
     let (mut netns, mut connect, mut ca, mut cert, mut key, mut expect) =
         (None, None, None, None, None, None);
     let (mut connections, mut stalled, mut streams, mut dst) = (1, 0, 0, None);
+    let mut control_garbage = false;
     while let Some(flag) = a.next() {
         let mut value = || a.next().with_context(|| format!("{flag} needs a value"));
         match flag.as_str() {
+            "--control-garbage" => control_garbage = true,
             "--netns" => netns = Some(PathBuf::from(value()?)),
             "--connect" => connect = Some(value()?.parse()?),
             "--ca" => ca = Some(PathBuf::from(value()?)),
@@ -80,6 +85,7 @@ fn parse() -> Result<Args> {
         stalled,
         streams,
         dst,
+        control_garbage,
     })
 }
 
@@ -158,6 +164,14 @@ async fn run(args: Args) -> Result<Report> {
             }
         })
         .await;
+    }
+    // 4. A control stream that breaks the protocol at its first frame.
+    if args.control_garbage {
+        let conn = &live[0];
+        let mut uni = conn.open_uni().await?;
+        uni.write_all(&[0xff, 0xff, 0xff, 0xff]).await?;
+        let closed = tokio::time::timeout(ANSWER_WITHIN, conn.closed()).await;
+        report.control_closed = Some(closed.map_or_else(|_| "still_open".to_owned(), |e| close_reason(&e)));
     }
     for c in &live {
         c.close(0u32.into(), b"done");
