@@ -21,6 +21,10 @@ pub const RESPONSE_LEN: usize = 2;
 /// can be added without a version bump.
 pub const META_SOURCE_NODE: u8 = 1;
 pub const META_WORKLOAD: u8 = 2;
+/// The exact identity of the client agent a relay forwards the stream for,
+/// attested by the relay; a connector believes it only from a peer it has
+/// configured as a relay.
+pub const META_CLIENT_IDENTITY: u8 = 3;
 
 /// Why bytes are not a valid header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -5,10 +5,13 @@
 //! - `kernel`: what the kernel offers, the cgroup, the redirect interface,
 //!   and the eBPF programs and maps that steer routed connects;
 //! - `steer`: the redirect listeners, accepting and serving each steered
-//!   flow through its route's upstream (`direct`, or a tunnel peer);
+//!   flow through its route's upstream (`direct`, a tunnel peer, or the
+//!   peers advertising a learned route);
 //! - `tunnel`: QUIC endpoint, peer pool, handshake, dialing; it carries
 //!   streams and knows no roles (inbound streams go to a `StreamHandler`);
 //! - `connector`: serving streams peers open: policy, dial, splice;
+//! - `relay`: forwarding client streams to the connectors that advertise
+//!   their destinations, stream to stream, attesting the client's identity;
 //! - `tls`: mutual-TLS material, verifiers, identities, certificates;
 //! - `identity`: identity patterns (`spiffe://example.org/node/*`), which
 //!   peers entries and policy rules admit;
@@ -27,6 +30,7 @@ pub mod log_budget;
 pub mod memory;
 pub mod process;
 pub mod ranges;
+pub mod relay;
 pub mod routes;
 pub mod sockopt;
 pub mod steer;

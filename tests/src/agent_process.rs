@@ -55,6 +55,32 @@ impl AgentProcess {
         dir: &Path,
         env: &[(&str, &str)],
     ) -> Result<AgentProcess> {
+        Self::launch(ns, name, config, admin, dir, env, "/ready")
+    }
+
+    /// [`AgentProcess::start_with_env`] returning once the agent is up
+    /// (`/healthz`), ready or not: a relay or connector that waits for the
+    /// other to come up.
+    pub fn spawn(
+        ns: &Netns,
+        name: &str,
+        config: &str,
+        admin: SocketAddr,
+        dir: &Path,
+        env: &[(&str, &str)],
+    ) -> Result<AgentProcess> {
+        Self::launch(ns, name, config, admin, dir, env, "/healthz")
+    }
+
+    fn launch(
+        ns: &Netns,
+        name: &str,
+        config: &str,
+        admin: SocketAddr,
+        dir: &Path,
+        env: &[(&str, &str)],
+        until: &'static str,
+    ) -> Result<AgentProcess> {
         let path = dir.join(format!("{name}.yaml"));
         std::fs::write(&path, format!("{config}admin: '{admin}'\n"))?;
         // DATAPLANE_BENCH_LOGS keeps the agents' logs (at DATAPLANE_LOG's
@@ -86,13 +112,13 @@ impl AgentProcess {
             if let Some(status) = agent.child.try_wait()? {
                 bail!("agent {name} exited with {status}: {}", agent.log_tail());
             }
-            let ready = agent.get("/ready");
+            let ready = agent.get(until);
             if ready.as_ref().is_ok_and(|(code, _)| *code == 200) {
                 return Ok(agent);
             }
             ensure!(
                 start.elapsed() < Duration::from_secs(20 * crate::time_scale()),
-                "agent {name} not ready ({ready:?}): {}",
+                "agent {name}: no 200 from {until} ({ready:?}): {}",
                 agent.log_tail()
             );
             std::thread::sleep(Duration::from_millis(50));
@@ -125,6 +151,11 @@ impl AgentProcess {
             ensure!(start.elapsed() < within, "agent still running after {within:?}: {}", self.log_tail());
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Whether `/ready` answers 200 now.
+    pub fn is_ready(&self) -> bool {
+        self.get("/ready").is_ok_and(|(code, _)| code == 200)
     }
 
     /// `/status`, as JSON.

@@ -151,14 +151,14 @@ impl TunnelEnv {
         Ok(paths)
     }
 
-    fn tls_yaml(t: &TlsPaths) -> String {
+    pub fn tls_yaml(t: &TlsPaths) -> String {
         format!("tls: {{ ca: {}, cert: {}, key: {} }}\n", t.ca.display(), t.cert.display(), t.key.display())
     }
 
     /// Short keep-alive and idle timeout: the tests wait for dead tunnels.
     /// Scaled like the latency bounds ([`crate::fast_us`]): on a starved
     /// emulated CPU a 1.5 s idle timeout can expire mid-transfer.
-    fn tunnel_timers() -> String {
+    pub fn tunnel_timers() -> String {
         let (keep_alive, idle) = (crate::fast_us(300_000) / 1000, crate::fast_us(1_500_000) / 1000);
         format!("keep_alive: {keep_alive}ms, idle_timeout: {idle}ms")
     }

@@ -8,14 +8,14 @@
 //! already taken; every refusal is kept with its reason, for the log and
 //! `/status`. Replicas advertising the same network make one route.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use ipnet::IpNet;
 
 use crate::{
     config::ValidConfig,
     ranges::overlaps,
-    tunnel::{Advert, Tunnel},
+    tunnel::{Advert, Advertisement, Tunnel},
 };
 use dataplane_common::ROUTES_MAX_ENTRIES;
 
@@ -24,6 +24,12 @@ use dataplane_common::ROUTES_MAX_ENTRIES;
 pub(super) struct Learned {
     pub nets: Vec<IpNet>,
     pub refused: BTreeMap<String, String>,
+    /// The connections whose advertisements were taken: streams for
+    /// learned routes go only to these.
+    pub trusted: HashSet<usize>,
+    /// What the trusted connections serve in the learned routes (a relay
+    /// advertises it on).
+    pub served: Vec<Advert>,
 }
 
 /// What `tunnel`'s live connections advertise, as learned routes.
@@ -32,15 +38,13 @@ pub(super) fn learned_routes(config: &ValidConfig, tunnel: Option<&Tunnel>) -> L
     merge(config, &tunnel.advertisements())
 }
 
-/// [`learned_routes`] over advertisements given as (peer, routes).
-pub(super) fn merge(
-    config: &ValidConfig,
-    ads: &[(std::sync::Arc<str>, std::sync::Arc<[Advert]>)],
-) -> Learned {
+/// [`learned_routes`] over the advertisements given.
+pub(super) fn merge(config: &ValidConfig, ads: &[Advertisement]) -> Learned {
     let guard = config.route_guard();
     let mut candidates = BTreeSet::new();
     let mut refused = BTreeMap::new();
-    for (peer, routes) in ads {
+    let mut taken = Vec::new();
+    for Advertisement { peer, connection, routes } in ads {
         let allowed = config.valid_learn(peer);
         if allowed.is_empty() {
             // Not learning from this peer: nothing to refuse.
@@ -56,7 +60,10 @@ pub(super) fn merge(
             Some(why) => {
                 refused.insert(format!("advertisement from {peer}"), format!("refused whole: {why}"));
             }
-            None => candidates.extend(routes.iter().map(|a| a.net)),
+            None => {
+                candidates.extend(routes.iter().map(|a| a.net));
+                taken.push((*connection, routes));
+            }
         }
     }
     let configured = config.valid_routes();
@@ -80,13 +87,16 @@ pub(super) fn merge(
         }
         nets.push(net);
     }
-    Learned { nets, refused }
+    let trusted = taken.iter().map(|(c, _)| *c).collect();
+    let mut served: Vec<Advert> =
+        taken.iter().flat_map(|(_, r)| r.iter()).filter(|a| nets.contains(&a.net)).cloned().collect();
+    served.sort();
+    served.dedup();
+    Learned { nets, refused, trusted, served }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
     use crate::config::Config;
 
@@ -99,10 +109,12 @@ mod tests {
         Config::parse(&text).expect("valid")
     }
 
-    fn ad(peer: &str, nets: &[&str]) -> (Arc<str>, Arc<[Advert]>) {
+    fn ad(peer: &str, nets: &[&str]) -> Advertisement {
         let routes: Vec<Advert> =
             nets.iter().map(|n| Advert { net: n.parse().expect("net"), ports: vec![6443] }).collect();
-        (peer.into(), routes.into())
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let connection = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Advertisement { peer: peer.into(), connection, routes: routes.into() }
     }
 
     fn nets(l: &Learned) -> Vec<String> {
@@ -122,6 +134,8 @@ mod tests {
         );
         assert_eq!(nets(&l), ["198.51.100.101/32", "2001:db8::101/128"]);
         assert!(l.refused.is_empty(), "{:?}", l.refused);
+        assert_eq!(l.trusted.len(), 2, "a's and b's connections, not c's");
+        assert_eq!(l.served.len(), 2, "the replicas' identical entries merged");
     }
 
     #[test]
@@ -129,7 +143,7 @@ mod tests {
         let c = config("");
         // b may not teach IPv6: none of its advertisement counts.
         let l = merge(&c, &[ad("b", &["198.51.100.101/32", "2001:db8::101/128"])]);
-        assert!(l.nets.is_empty());
+        assert!(l.nets.is_empty() && l.trusted.is_empty());
         let why = &l.refused["advertisement from b"];
         assert!(why.contains("2001:db8::101/128 lies outside peers[b].learn"), "{why}");
     }

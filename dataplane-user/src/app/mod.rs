@@ -37,6 +37,7 @@ use crate::{
         probe::{self, KernelError},
     },
     lock, memory, process,
+    relay::Relay,
     routes::RouteTable,
     steer::{
         FlowServer,
@@ -79,6 +80,7 @@ struct Shared {
     flow_server: Option<Arc<FlowServer>>,
     tunnel: Option<Arc<Tunnel>>,
     connector: Option<Arc<Connector>>,
+    relay: Option<Arc<Relay>>,
     config: Mutex<ValidConfig>,
     routes: Arc<Mutex<RouteTable>>,
     flows: Arc<FlowMetrics>,
@@ -145,8 +147,18 @@ impl Agent {
             Arc::new(Connector::new(
                 ServePolicy::new(serve.to_vec(), config.valid_policy().to_vec()),
                 config.timeouts.connect,
-                config.peers.iter().map(|p| p.name.as_str()),
+                config.peers.iter().map(|p| (p.name.as_str(), p.relay)),
                 PeerCaps::from(&config.limits),
+                tls.as_ref().map_or("", |t| t.identity.as_str()),
+                &mut registry,
+            ))
+        });
+        let relay = config.relay.as_ref().map(|_| {
+            let sources = config.peers.iter().filter(|p| !p.learn.is_empty()).map(|p| p.name.as_str());
+            Arc::new(Relay::new(
+                config.valid_policy().to_vec(),
+                sources,
+                (config.limits.stream_header_timeout, config.timeouts.connect),
                 tls.as_ref().map_or("", |t| t.identity.as_str()),
                 &mut registry,
             ))
@@ -154,7 +166,11 @@ impl Agent {
         let tunnel = match &tls {
             Some(tls) => {
                 info!(identity = %tls.identity, "tunnel identity loaded");
-                let handler = connector.clone().map(|c| c as Arc<dyn StreamHandler>);
+                let handler = match (&connector, &relay) {
+                    (Some(c), _) => Some(c.clone() as Arc<dyn StreamHandler>),
+                    (None, Some(r)) => Some(r.clone() as Arc<dyn StreamHandler>),
+                    (None, None) => None,
+                };
                 Some(Tunnel::bind(
                     &config.tunnel,
                     &config.limits,
@@ -167,10 +183,14 @@ impl Agent {
             }
             None => None,
         };
+        if let (Some(r), Some(t)) = (&relay, &tunnel) {
+            r.attach(t);
+        }
 
         let table = RouteTable::build(config.valid_routes(), &RouteTable::default());
-        // A node that only learns routes steers too: they arrive later.
-        let (steering, parts) = if table.entries().is_empty() && !config.learns_routes() {
+        // A node that only learns routes steers too (they arrive later); a
+        // relay never does.
+        let (steering, parts) = if !config.steers() {
             (None, None)
         } else {
             let (steering, parts) = start_steering(&config, &table).await?;
@@ -211,6 +231,7 @@ impl Agent {
             flow_server,
             tunnel,
             connector,
+            relay,
             config: Mutex::new(config),
             routes,
             flows,
@@ -300,6 +321,14 @@ impl Agent {
             info!(streams = c.streams_open(), ?grace, "waiting for connector streams");
             if tokio::time::timeout_at(deadline, c.drained()).await.is_err() {
                 warn!(streams = c.streams_open(), "grace period over; closing the remaining streams");
+            }
+        }
+        if let Some(r) = &shared.relay
+            && r.streams_open() > 0
+        {
+            info!(streams = r.streams_open(), ?grace, "waiting for relayed streams");
+            if tokio::time::timeout_at(deadline, r.drained()).await.is_err() {
+                warn!(streams = r.streams_open(), "grace period over; closing the remaining streams");
             }
         }
         if let Some(t) = &shared.tunnel {

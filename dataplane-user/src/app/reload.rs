@@ -153,6 +153,9 @@ impl AgentHandle {
                 if let Some(c) = &shared.connector {
                     c.set_identity(&tls.identity);
                 }
+                if let Some(r) = &shared.relay {
+                    r.set_identity(&tls.identity);
+                }
                 info!(identity = %tls.identity, cert = %files.cert.display(), "TLS material reloaded");
                 Ok(())
             }
@@ -178,6 +181,13 @@ impl AgentHandle {
         if let Some(c) = &shared.connector {
             c.set_policy(ServePolicy::new(next.valid_serve().to_vec(), next.valid_policy().to_vec()));
             c.set_caps(PeerCaps::from(&next.limits));
+        }
+        if let Some(r) = &shared.relay {
+            r.set_policy(
+                next.valid_policy().to_vec(),
+                next.limits.stream_header_timeout,
+                next.timeouts.connect,
+            );
         }
         if let Some(t) = &shared.tunnel {
             t.set_limits(&next.limits);

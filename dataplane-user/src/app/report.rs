@@ -68,6 +68,10 @@ impl AgentHandle {
         self.0.connector.as_ref()
     }
 
+    pub fn relay(&self) -> Option<&Arc<crate::relay::Relay>> {
+        self.0.relay.as_ref()
+    }
+
     /// The Prometheus text of every metric this agent exports.
     pub fn encode_metrics(&self) -> String {
         process::encode(&self.0.registry)
@@ -92,6 +96,15 @@ impl AgentHandle {
             if let Some(reason) = reason {
                 missing.push(admin::Missing { what: "steering".into(), peer: None, reason: reason.into() });
             }
+        }
+        if let Some(r) = &s.relay
+            && r.routes() == 0
+        {
+            missing.push(admin::Missing {
+                what: "relay".into(),
+                peer: None,
+                reason: "no connector advertises a route to forward for".into(),
+            });
         }
         if !self.routes_follow_peers() {
             missing.push(admin::Missing {
@@ -144,9 +157,10 @@ impl AgentHandle {
             let ads = tunnel.map(|t| t.advertisements()).unwrap_or_default();
             let mut peers: Vec<String> = ads
                 .iter()
-                .filter(|(_, a)| a.iter().any(|a| a.net == *net))
-                .map(|(p, _)| p.to_string())
+                .filter(|a| a.routes.iter().any(|r| r.net == *net))
+                .map(|a| a.peer.to_string())
                 .collect();
+            peers.sort();
             peers.dedup();
             peers
         };

@@ -62,12 +62,24 @@ pub(super) fn resync(
 ) -> Result<RouteDiff, SteeringError> {
     let tunnel = shared.tunnel.as_deref();
     let learned = learned::learned_routes(config, tunnel);
+    // Before the kernel steers a new learned route: its flows need a
+    // connection to go to.
+    if let Some(t) = tunnel {
+        t.trust_advertisements(&learned.trusted);
+    }
     let next = RouteTable::with_learned(config.valid_routes(), &learned.nets, table);
     if let Some(s) = &shared.steering {
         s.sync(&next, |e| action(e, tunnel))?;
     }
     let diff = table.diff(&next);
     *table = next;
+    // A relay advertises what its connectors serve on to its clients.
+    if let Some(r) = &shared.relay
+        && r.set_routes(learned.served.clone())
+        && let Some(t) = tunnel
+    {
+        t.readvertise();
+    }
     let mut refused = lock(&shared.learned_refused);
     if *refused != learned.refused {
         for (what, why) in learned.refused.iter().filter(|(k, v)| refused.get(*k) != Some(*v)) {
@@ -91,7 +103,10 @@ pub(super) fn resync(
 /// peer advertises or drains, and keeps the redirect target this agent's,
 /// until `stop`.
 pub(super) async fn follow_peers(shared: Arc<Shared>, stop: CancellationToken) {
-    let Some(steering) = shared.steering.clone() else { return };
+    let steering = shared.steering.clone();
+    if steering.is_none() && shared.relay.is_none() {
+        return;
+    }
     let tunnel = shared.tunnel.clone();
     let mut changes = tunnel.as_ref().map(|t| t.liveness());
     let mut keep = tokio::time::interval(KEEP_TARGET_EVERY);
@@ -105,7 +120,9 @@ pub(super) async fn follow_peers(shared: Arc<Shared>, stop: CancellationToken) {
         tokio::select! {
             alive = changed => if !alive { return },
             _ = keep.tick() => {
-                steering.keep_target();
+                if let Some(s) = &steering {
+                    s.keep_target();
+                }
                 continue;
             }
             () = stop.cancelled() => return,

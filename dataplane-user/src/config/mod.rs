@@ -84,7 +84,19 @@ pub struct Config {
     /// alone decide. Reloadable.
     #[serde(default)]
     pub policy: Vec<PolicyRule>,
+    /// As a relay: forward the streams of client agents to the connectors
+    /// that advertise their destinations (both dial this agent). A relay
+    /// learns routes from its connector peers (`peers[].learn`), advertises
+    /// them on to its clients as `policy` grants them, steers nothing and
+    /// needs no root.
+    #[serde(default)]
+    pub relay: Option<RelaySettings>,
 }
+
+/// The relay role (`relay: {}`); nothing to set yet.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RelaySettings {}
 
 /// "Identities matching one of `identities` may reach `to`."
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -200,6 +212,12 @@ pub struct Peer {
     /// exact identity.
     #[serde(default)]
     pub learn: Vec<String>,
+    /// On a connector: this peer is a relay, so the client identity each of
+    /// its streams attests is the one policy, budgets and audit go by (an
+    /// attested identity counts as admitted by pattern: without policy
+    /// rules it reaches nothing). Only for a peer with an exact identity.
+    #[serde(default)]
+    pub relay: bool,
 }
 
 /// Destinations a connector dials for its peers.

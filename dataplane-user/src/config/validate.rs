@@ -72,6 +72,12 @@ impl ValidConfig {
         self.learn.iter().any(|l| !l.is_empty())
     }
 
+    /// This agent steers connects: it routes or learns something, and is
+    /// not a relay (which forwards what it learns, never steers).
+    pub fn steers(&self) -> bool {
+        self.config.relay.is_none() && (!self.routes.is_empty() || self.learns_routes())
+    }
+
     /// What no route, configured or learned, may cover.
     pub fn route_guard(&self) -> &RouteGuard {
         &self.guard
@@ -242,7 +248,8 @@ impl Config {
                 "needs at least one entry in peers: only configured peers may send flows",
             ));
         }
-        let policy = self.parse_policy(&serve)?;
+        self.validate_relay(&routes, &serve, &learn)?;
+        let policy = self.parse_policy(&serve, &learn)?;
         Ok(ValidConfig { config: self, routes, serve, peer_identities, policy, learn, guard })
     }
 
@@ -341,11 +348,58 @@ impl Config {
         Ok(identities)
     }
 
+    /// A relay listens, learns, and does nothing else; `peers[].relay`
+    /// names a relay peer of a connector, by exact identity.
+    fn validate_relay(
+        &self,
+        routes: &[ValidRoute],
+        serve: &[ValidServe],
+        learn: &[Vec<IpNet>],
+    ) -> Result<(), ConfigError> {
+        for (i, p) in self.peers.iter().enumerate() {
+            if p.relay && p.identity.contains('*') {
+                return Err(ConfigError::invalid(
+                    format!("peers[{i}].relay"),
+                    format!("`{}` has an identity pattern: a relay is trusted by one exact identity", p.name),
+                ));
+            }
+            if p.relay && self.relay.is_some() {
+                return Err(ConfigError::invalid(
+                    format!("peers[{i}].relay"),
+                    "a relay does not forward through another relay",
+                ));
+            }
+        }
+        if self.relay.is_none() {
+            return Ok(());
+        }
+        let refuse = |field: &str, why: &str| Err(ConfigError::invalid(field, why));
+        if self.tunnel.listen.is_none() {
+            return refuse("tunnel.listen", "a relay needs it: client agents and connectors dial the relay");
+        }
+        if !routes.is_empty() {
+            return refuse("routes", "a relay steers nothing (it forwards tunnel streams)");
+        }
+        if !serve.is_empty() {
+            return refuse("serve", "a relay dials nothing (run a connector for that)");
+        }
+        if learn.iter().all(Vec::is_empty) {
+            return refuse("peers", "a relay needs at least one peer with learn: its connectors");
+        }
+        Ok(())
+    }
+
     /// The policy rules, parsed; each destination must lie inside what
-    /// `serve` allows (a rule granting more than is served grants nothing,
-    /// and says so now rather than at the first refused flow).
-    fn parse_policy(&self, serve: &[ValidServe]) -> Result<Vec<ValidRule>, ConfigError> {
-        if !self.policy.is_empty() && serve.is_empty() {
+    /// `serve` allows, or on a relay inside what it learns (a rule granting
+    /// more grants nothing, and says so now rather than at the first
+    /// refused flow).
+    fn parse_policy(
+        &self,
+        serve: &[ValidServe],
+        learn: &[Vec<IpNet>],
+    ) -> Result<Vec<ValidRule>, ConfigError> {
+        let relay = self.relay.is_some();
+        if !self.policy.is_empty() && serve.is_empty() && !relay {
             return Err(ConfigError::invalid(
                 "policy",
                 "set, but this agent serves nothing (serve is empty)",
@@ -384,6 +438,18 @@ impl Config {
                 let net = parse_cidr(&t.cidr).map_err(|e| ConfigError::invalid(at("cidr"), e))?;
                 if t.ports.is_empty() || t.ports.contains(&0) {
                     return Err(ConfigError::invalid(at("ports"), "list at least one port, none of them 0"));
+                }
+                if relay {
+                    if !learn.iter().flatten().any(|l| l.contains(&net)) {
+                        return Err(ConfigError::invalid(
+                            at("cidr"),
+                            format!(
+                                "{net} is not inside any peer's learn: the relay would never forward there"
+                            ),
+                        ));
+                    }
+                    to.push((net, t.ports.clone()));
+                    continue;
                 }
                 for &port in &t.ports {
                     let served = serve.iter().any(|s| {
@@ -575,6 +641,9 @@ impl Config {
         }
         if self.peers != other.peers {
             v.push("peers");
+        }
+        if self.relay != other.relay {
+            v.push("relay");
         }
         // Steering is set up at start only for an agent that routes or
         // learns something.

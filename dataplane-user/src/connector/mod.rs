@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use dataplane_proto::stream::{self, Decoded, MAX_REQUEST, Response, Status};
+use dataplane_proto::stream::{self, Decoded, MAX_REQUEST, META_CLIENT_IDENTITY, Response, Status};
 use prometheus_client::registry::Registry;
 use quinn::{RecvStream, SendStream};
 use tokio::net::TcpStream;
@@ -52,21 +52,27 @@ pub struct Connector {
     identity: Mutex<Arc<str>>,
     /// Audit lines rationed per client identity.
     audit_logs: KeyedLogBudget,
+    /// The `peers` entries that are relays: their streams' attested client
+    /// identities are believed (nobody else's are).
+    relays: std::collections::HashSet<Arc<str>>,
     pub metrics: ConnectorMetrics,
 }
 
 impl Connector {
     /// A connector with the identity `identity` for the configured `peers`
-    /// (by name), each identity they admit with `caps`.
+    /// (by name, and whether each is a relay), each identity they admit
+    /// with `caps`.
     pub fn new<'a>(
         policy: ServePolicy,
         dial_timeout: Duration,
-        peers: impl IntoIterator<Item = &'a str>,
+        peers: impl IntoIterator<Item = (&'a str, bool)>,
         caps: PeerCaps,
         identity: &str,
         registry: &mut Registry,
     ) -> Connector {
-        let budgets = Arc::new(PeerBudgets::new(peers, caps));
+        let peers: Vec<(&str, bool)> = peers.into_iter().collect();
+        let relays = peers.iter().filter(|(_, relay)| *relay).map(|(n, _)| Arc::from(*n)).collect();
+        let budgets = Arc::new(PeerBudgets::new(peers.iter().map(|(n, _)| *n), caps));
         Connector {
             policy: Mutex::new(Arc::new(policy)),
             dial_timeout,
@@ -77,6 +83,7 @@ impl Connector {
             peak: std::sync::atomic::AtomicUsize::new(0),
             identity: Mutex::new(Arc::from(identity)),
             audit_logs: KeyedLogBudget::default(),
+            relays,
         }
     }
 
@@ -140,17 +147,20 @@ impl Connector {
         crate::lock(&self.policy).clone()
     }
 
-    /// Serves one stream opened by `peer`, holding one of its stream permits.
+    /// Serves one stream opened by `peer`, holding one of its stream
+    /// permits; for a relay's stream (`permit` none) the permit is taken
+    /// once the header said whose stream it is.
     async fn serve(
         self: Arc<Self>,
         peer: PeerId,
         caps: PeerCaps,
-        _stream: Permit,
+        permit: Option<Permit>,
         mut send: SendStream,
         mut recv: RecvStream,
     ) {
         let mut buf = Vec::with_capacity(MAX_REQUEST);
-        let header = tokio::time::timeout(caps.header_timeout, read_request(&mut recv, &mut buf)).await;
+        let header =
+            tokio::time::timeout(caps.header_timeout, splice::read_request(&mut recv, &mut buf)).await;
         let (dst, flow_id, used) = match header {
             Ok(Ok(h)) => h,
             Ok(Err(e)) => {
@@ -160,6 +170,16 @@ impl Connector {
             Err(_) => {
                 debug!(peer = %peer.identity, "no stream header in time");
                 return self.answer(&mut send, Status::ProtocolError).await;
+            }
+        };
+        let (peer, _stream) = match permit {
+            Some(p) => (peer, p),
+            None => {
+                let peer = attested(peer, &buf[..used]);
+                match self.budgets.stream(Holder { name: &peer.name, identity: &peer.identity }, &caps) {
+                    Some(p) => (peer, p),
+                    None => return self.refuse(&peer.name, Status::OverStreamCap, send, recv).await,
+                }
             }
         };
         let span = info_span!("flow", id = flow_id, peer = %peer.identity, %dst);
@@ -247,21 +267,17 @@ impl Connector {
     }
 }
 
-/// Reads until a complete request is buffered; returns its destination, flow
-/// id and length (bytes after it are payload).
-async fn read_request(recv: &mut RecvStream, buf: &mut Vec<u8>) -> Result<(SocketAddr, u64, usize), String> {
-    let mut chunk = [0u8; 2048];
-    loop {
-        match stream::decode_request(buf).map_err(|e| e.to_string())? {
-            Decoded::Complete(req, n) => return Ok((req.dst, req.flow_id, n)),
-            Decoded::Incomplete(_) => {}
-        }
-        let n = recv
-            .read(&mut chunk)
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or("stream ended inside the header")?;
-        buf.extend_from_slice(&chunk[..n]);
+/// Whose stream a relay forwarded: the client identity the relay attests
+/// in the header, admitted as by a pattern (policy rules must grant it
+/// something); a stream without one is the relay's own.
+fn attested(relay: PeerId, header: &[u8]) -> PeerId {
+    let identity = match stream::decode_request(header) {
+        Ok(Decoded::Complete(req, _)) => req.metadata.get(META_CLIENT_IDENTITY).map(<[u8]>::to_vec),
+        _ => None,
+    };
+    match identity.and_then(|v| String::from_utf8(v).ok()) {
+        Some(identity) => PeerId { name: relay.name, identity: Arc::from(identity), exact: false },
+        None => relay,
     }
 }
 
@@ -278,8 +294,14 @@ impl StreamHandler for Connector {
         let caps = self.budgets.caps();
         let tracker = self.streams.clone();
         self.peak.fetch_max(tracker.len() + 1, std::sync::atomic::Ordering::Relaxed);
+        if self.relays.contains(&peer.name) {
+            // The budget is the attested client's, known after the header;
+            // QUIC's stream credit bounds the relay's streams meanwhile.
+            tracker.spawn(self.serve(peer.clone(), caps, None, send, recv));
+            return;
+        }
         match self.budgets.stream(Holder { name: &peer.name, identity: &peer.identity }, &caps) {
-            Some(permit) => tracker.spawn(self.serve(peer.clone(), caps, permit, send, recv)),
+            Some(permit) => tracker.spawn(self.serve(peer.clone(), caps, Some(permit), send, recv)),
             // The refusal is a two-byte write: its task ends as soon as the
             // peer's credit allows it, and QUIC's own stream credit bounds
             // how many can be in flight.
@@ -291,6 +313,11 @@ impl StreamHandler for Connector {
     }
 
     fn advertised_to(&self, peer: &PeerId) -> Vec<crate::tunnel::Advert> {
+        if self.relays.contains(&peer.name) {
+            // A relay forwards for many identities; each stream is checked
+            // against the one it attests.
+            return self.policy().served();
+        }
         self.policy().granted_to(peer)
     }
 }

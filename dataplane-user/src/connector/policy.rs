@@ -91,22 +91,23 @@ impl ServePolicy {
     /// matching its identity list. A few addresses inside (the connector's
     /// own, the ranges no connector dials) are still refused per flow.
     pub fn granted_to(&self, client: &PeerId) -> Vec<Advert> {
-        let mut out: Vec<Advert> = if self.rules.is_empty() {
-            if !client.exact {
-                return Vec::new();
-            }
-            self.serve.iter().map(|s| Advert { net: s.net, ports: s.ports.clone() }).collect()
-        } else {
+        if self.rules.is_empty() {
+            return if client.exact { self.served() } else { Vec::new() };
+        }
+        let mut out: Vec<Advert> = {
             let rules =
                 self.rules.iter().filter(|r| r.identities.iter().any(|p| p.matches(&client.identity)));
             rules.flat_map(|r| &r.to).map(|(net, ports)| Advert { net: *net, ports: ports.clone() }).collect()
         };
-        for a in &mut out {
-            a.ports.sort_unstable();
-            a.ports.dedup();
-        }
-        out.sort();
-        out.dedup();
+        tidy(&mut out);
+        out
+    }
+
+    /// Everything served, as routes to advertise.
+    pub fn served(&self) -> Vec<Advert> {
+        let mut out: Vec<Advert> =
+            self.serve.iter().map(|s| Advert { net: s.net, ports: s.ports.clone() }).collect();
+        tidy(&mut out);
         out
     }
 
@@ -139,6 +140,16 @@ impl ServePolicy {
         }
         Err(if in_cidr { Denial::PortNotServed } else { Denial::NotServed })
     }
+}
+
+/// Ports sorted and unique, routes sorted and unique.
+fn tidy(routes: &mut Vec<Advert>) {
+    for a in routes.iter_mut() {
+        a.ports.sort_unstable();
+        a.ports.dedup();
+    }
+    routes.sort();
+    routes.dedup();
 }
 
 /// Where a checked stream may be dialled.

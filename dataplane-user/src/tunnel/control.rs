@@ -45,11 +45,15 @@ pub(super) struct ConnState {
     pub draining: AtomicBool,
     /// The peer's latest advertisement (empty until one arrives).
     pub advertised: Mutex<Arc<[Advert]>>,
+    /// The caller accepted this advertisement ([`Tunnel::trust_advertisements`]):
+    /// only then are streams opened by it. A changed advertisement is
+    /// untrusted until looked at again.
+    pub trusted: AtomicBool,
 }
 
 impl ConnState {
     pub fn covers(&self, dst: SocketAddr) -> bool {
-        crate::lock(&self.advertised).iter().any(|a| a.covers(dst))
+        self.trusted.load(Relaxed) && crate::lock(&self.advertised).iter().any(|a| a.covers(dst))
     }
 }
 
@@ -171,7 +175,12 @@ impl Tunnel {
                                 ports: r.ports.iter().collect(),
                             }));
                             info!(peer = %peer.name, identity = %peer.identity, routes = routes.len(), "peer advertised routes");
-                            *crate::lock(&state.advertised) = routes.into();
+                            let mut held = crate::lock(&state.advertised);
+                            if **held != *routes {
+                                state.trusted.store(false, Relaxed);
+                                *held = routes.into();
+                            }
+                            drop(held);
                             self.liveness.send_modify(|n| *n += 1);
                         }
                         Frame::Draining => {

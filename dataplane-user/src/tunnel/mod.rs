@@ -116,6 +116,16 @@ pub trait StreamHandler: Send + Sync {
     }
 }
 
+/// One live connection's advertisement.
+#[derive(Clone, Debug)]
+pub struct Advertisement {
+    /// The `peers` entry that admitted the connection.
+    pub peer: Arc<str>,
+    /// The connection's id, for [`Tunnel::trust_advertisements`].
+    pub connection: usize,
+    pub routes: Arc<[Advert]>,
+}
+
 /// This side's end of a new connection's control stream.
 enum Control {
     /// Accepted: the stream the welcome went out on (the peer opens its own).
@@ -360,24 +370,40 @@ impl Tunnel {
         Ok((peer, send, recv))
     }
 
-    /// What each live connection's peer advertises now, by peer name.
-    pub fn advertisements(&self) -> Vec<(Arc<str>, Arc<[Advert]>)> {
+    /// What each live connection's peer advertises now: the peer's name,
+    /// the connection's id and the routes.
+    pub fn advertisements(&self) -> Vec<Advertisement> {
         let mut out = Vec::new();
         for slot in self.peers.values() {
-            for (_, state) in slot.live_states() {
-                out.push((slot.name.clone(), lock_advertised(&state)));
+            for (conn, state) in slot.live_states() {
+                out.push(Advertisement {
+                    peer: slot.name.clone(),
+                    connection: conn.stable_id(),
+                    routes: lock_advertised(&state),
+                });
             }
         }
         out
     }
 
-    /// Live connections whose peer advertises exactly `net`, and of those
-    /// the ones draining.
+    /// Marks the advertisements of the connections in `accepted` (ids from
+    /// [`Tunnel::advertisements`]) as the ones streams may be opened by, and
+    /// every other as not.
+    pub fn trust_advertisements(&self, accepted: &std::collections::HashSet<usize>) {
+        for slot in self.peers.values() {
+            for (conn, state) in slot.live_states() {
+                state.trusted.store(accepted.contains(&conn.stable_id()), Relaxed);
+            }
+        }
+    }
+
+    /// Live connections with a trusted advertisement of exactly `net`, and
+    /// of those the ones draining.
     pub fn advertisers(&self, net: &ipnet::IpNet) -> (usize, usize) {
         let mut n = (0, 0);
         for slot in self.peers.values() {
             for (_, state) in slot.live_states() {
-                if lock_advertised(&state).iter().any(|a| a.net == *net) {
+                if state.trusted.load(Relaxed) && lock_advertised(&state).iter().any(|a| a.net == *net) {
                     n.0 += 1;
                     n.1 += usize::from(state.draining.load(Relaxed));
                 }

@@ -5,7 +5,7 @@
 //! TCP to QUIC as `Bytes` handed over whole, and from QUIC to TCP as the
 //! chunks quinn received, without another copy in between.
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, net::SocketAddr, time::Duration};
 
 use std::io::IoSlice;
 
@@ -229,6 +229,62 @@ async fn write_all_vectored(wr: &mut WriteHalf<'_>, chunks: &mut [Bytes]) -> std
         }
     }
     Ok(total as u64)
+}
+
+/// Copies a stream to another, both ways, until both directions end (the
+/// relay's forwarding: neither side's bytes are looked into). A direction
+/// that fails resets the stream it was writing to, so each far end learns
+/// at once. Returns the bytes moved (towards `b`, towards `a`).
+pub async fn splice_streams(
+    a: (&mut SendStream, &mut RecvStream),
+    b: (&mut SendStream, &mut RecvStream),
+) -> (u64, u64) {
+    async fn one_way(from: &mut RecvStream, to: &mut SendStream) -> u64 {
+        let mut moved = 0u64;
+        loop {
+            match from.read_chunk(CHUNK, true).await {
+                Ok(Some(chunk)) => {
+                    moved += chunk.bytes.len() as u64;
+                    if to.write_chunk(chunk.bytes).await.is_err() {
+                        let _ = from.stop(RESET_TCP_FAILED);
+                        return moved;
+                    }
+                }
+                Ok(None) => {
+                    let _ = to.finish();
+                    return moved;
+                }
+                Err(_) => {
+                    let _ = to.reset(RESET_TCP_FAILED);
+                    return moved;
+                }
+            }
+        }
+    }
+    let (a_send, a_recv) = a;
+    let (b_send, b_recv) = b;
+    tokio::join!(one_way(a_recv, b_send), one_way(b_recv, a_send))
+}
+
+/// Reads until a complete request is buffered; returns its destination, flow
+/// id and length (bytes after it are payload).
+pub async fn read_request(
+    recv: &mut RecvStream,
+    buf: &mut Vec<u8>,
+) -> Result<(SocketAddr, u64, usize), String> {
+    let mut chunk = [0u8; 2048];
+    loop {
+        match stream::decode_request(buf).map_err(|e| e.to_string())? {
+            Decoded::Complete(req, n) => return Ok((req.dst, req.flow_id, n)),
+            Decoded::Incomplete(_) => {}
+        }
+        let n = recv
+            .read(&mut chunk)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("stream ended inside the header")?;
+        buf.extend_from_slice(&chunk[..n]);
+    }
 }
 
 #[cfg(test)]
