@@ -108,6 +108,41 @@ fn a_node_may_only_learn_routes_within_bounds() {
 }
 
 #[test]
+fn a_relay_listens_learns_and_does_nothing_else() {
+    let relay = |extra: &str| {
+        format!(
+            "{TLS}relay: {{}}\ntunnel: {{ listen: '0.0.0.0:4433' }}\npeers:\n  - {{ name: nodes, identity: 'spiffe://t/node/*' }}\n  \
+             - {{ name: c1, identity: 'spiffe://t/connector/c1', learn: ['198.51.100.0/24'] }}\n{extra}"
+        )
+    };
+    let c = Config::parse(&relay(
+        "policy:\n  - { name: w, identities: ['spiffe://t/node/*'], to: [{ cidr: 198.51.100.101/32, ports: [6443] }] }\n",
+    ))
+    .expect("a relay config");
+    assert!(!c.steers(), "a relay never steers, though it learns");
+    let e = err(&relay(
+        "policy:\n  - { name: w, identities: ['spiffe://t/node/*'], to: [{ cidr: 203.0.113.0/24, ports: [6443] }] }\n",
+    ));
+    assert!(e.contains("policy[0].to[0].cidr") && e.contains("learn"), "{e}");
+    let e = err(&relay("routes: [{ cidr: 192.0.2.0/24, via: direct }]\n"));
+    assert!(e.contains("routes") && e.contains("relay steers nothing"), "{e}");
+    let e = err(&relay("serve: [{ cidr: 192.0.2.0/24, ports: [6443] }]\n"));
+    assert!(e.contains("serve") && e.contains("relay dials nothing"), "{e}");
+    let e = err(&relay("").replace("tunnel: { listen: '0.0.0.0:4433' }", "tunnel: {}").replace(
+        "identity: 'spiffe://t/node/*' }",
+        "dial: ['192.0.2.9:4433'], identity: 'spiffe://t/node/*' }",
+    ));
+    assert!(e.contains("tunnel.listen"), "{e}");
+    let e = err(&relay("").replace(", learn: ['198.51.100.0/24']", ""));
+    assert!(e.contains("learn"), "{e}");
+    // A connector's relay peer: one exact identity.
+    let e = err(&format!(
+        "{TLS}peers:\n  - {{ name: r, dial: ['192.0.2.1:4433'], identity: 'spiffe://t/relay/*', relay: true }}\nserve: [{{ cidr: 192.0.2.0/24, ports: [6443] }}]\n"
+    ));
+    assert!(e.contains("peers[0].relay") && e.contains("exact identity"), "{e}");
+}
+
+#[test]
 fn unknown_upstreams_are_rejected() {
     let e = err("routes: [{ cidr: 10.0.0.0/8, via: private-cluster }]");
     assert!(
@@ -461,4 +496,21 @@ fn bad_patterns_and_policies_are_refused_by_field() {
          routes: [{{ cidr: 198.51.100.101/32, via: p }}]\npolicy: [{twice}]\n"
     ));
     assert!(e.contains("policy: set, but this agent serves nothing"), "{e}");
+}
+
+/// The fleet configurations the README shows (one per role) are ones the
+/// agent takes. (The reference block above them lists every field, for a
+/// client and a connector at once, and is not one agent's config.)
+#[test]
+fn the_readme_fleet_examples_validate() {
+    let readme = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"));
+    let fleet = readme.split("## Fleet").nth(1).and_then(|s| s.split("\n## ").next()).expect("fleet section");
+    let blocks: Vec<&str> =
+        fleet.split("```yaml\n").skip(1).map(|b| b.split("```").next().unwrap_or_default()).collect();
+    assert_eq!(blocks.len(), 3, "a client node, a relay, a connector");
+    for block in blocks {
+        if let Err(e) = Config::parse(block) {
+            panic!("README example refused: {e}\n{block}");
+        }
+    }
 }
