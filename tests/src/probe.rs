@@ -115,6 +115,12 @@ pub struct Ticks {
     /// Connected, then the exchange failed (reset, or a wrong answer).
     pub broken: u64,
     pub first_broken: Option<String>,
+    /// The longest a served connect and exchange took.
+    #[serde(default)]
+    pub slowest_ok_us: f64,
+    /// When the last attempt that was not served started (ms since the epoch).
+    #[serde(default)]
+    pub last_failure_at_ms: Option<u128>,
 }
 
 /// Totals of a `--repeat` run.

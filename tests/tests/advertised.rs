@@ -16,54 +16,160 @@ use tests::{
 
 const STREAMS_OK: &str = r#"dataplane_connector_streams_total{status="ok"}"#;
 
+const API_NET: &str = "198.51.100.101/32";
+
+/// A client node that learns its routes, and two connector replicas that
+/// dial it and advertise them.
+struct Fleet {
+    client: tests::topology::RunningAgent,
+    a: AgentProcess,
+    b: AgentProcess,
+}
+
+impl Fleet {
+    fn start(env: &TunnelEnv) -> Fleet {
+        let client_tls = env.tls("client", CLIENT_ID, None).expect("tls");
+        let text = env.client_config_text(Mode::ConnectorDialsOut, &client_tls);
+        // No route to the API server in the file: only one configured route
+        // (which a learned one may not override), and where learning may happen.
+        let (head, _) = text.split_once("routes:\n").expect("routes section");
+        let peer = format!("identity: '{CONNECTOR_ID}' }}");
+        assert!(head.contains(&peer), "{head}");
+        let learn = format!("identity: '{CONNECTOR_ID}', learn: ['198.51.100.0/24', '2001:db8::/64'] }}");
+        let yaml = format!(
+            "{}routes:\n  - {{ cidr: '198.51.100.102/32', via: {PEER} }}\n",
+            head.replace(&peer, &learn)
+        );
+        let client = env
+            .topo
+            .start_agent(dataplane::config::Config::parse(&yaml).expect("client config"))
+            .expect("client");
+        assert_eq!(client.handle.route_entries(), (1, 0), "only the configured route before any connector");
+
+        let connector_tls = env.tls("connector", CONNECTOR_ID, None).expect("tls");
+        let connector_yaml = env.connector_config_text(Mode::ConnectorDialsOut, &connector_tls);
+        assert!(connector_yaml.contains("shutdown_grace: 1s"), "{connector_yaml}");
+        // A grace long enough to watch a draining replica.
+        let connector_yaml = connector_yaml.replace("shutdown_grace: 1s", "shutdown_grace: 20s");
+        let replica = |n: u16| {
+            // Each replica its own node name: it keys the stateless-reset secret.
+            let yaml = connector_yaml.replace("node: connector-1", &format!("node: connector-{n}"));
+            AgentProcess::start_with_env(
+                &env.topo.remote,
+                &format!("connector-{n}"),
+                &yaml,
+                addr(&format!("10.201.0.2:{}", 9478 + n)),
+                env.dir(),
+                &[("DATAPLANE_LOG", "info")],
+            )
+            .expect("connector")
+        };
+        let (a, b) = (replica(1), replica(2));
+        let tunnel = client.handle.tunnel().expect("tunnel").clone();
+        let api: ipnet::IpNet = API_NET.parse().expect("net");
+        wait_for("both replicas advertise to the client", Duration::from_secs(15), || {
+            tunnel.advertisers(&api).0 == 4 && client.handle.routes_follow_peers()
+        });
+        assert_eq!(client.handle.route_entries(), (2, 2), "learned 198.51.100.101, 2001:db8::101 and ::102");
+        Fleet { client, a, b }
+    }
+}
+
+/// Streams a replica served.
+fn served(replica: &AgentProcess) -> f64 {
+    replica.metric(STREAMS_OK).expect("metric")
+}
+
+/// A replica killed without a word (SIGKILL: no CONNECTION_CLOSE, and its
+/// socket gone, so nothing answers) while a pod opens a new flow every
+/// 50 ms: no flow fails, none waits a second, and the flows that were sent
+/// to the dead replica fail over to the survivor (counted).
+#[test]
+fn a_replica_killed_silently_costs_no_flow() {
+    if !require_root() {
+        return;
+    }
+    let env = TunnelEnv::new().expect("environment");
+    let Fleet { client, a, b } = Fleet::start(&env);
+    let ticker = env.topo.pod_probe().tick(addr(OTHER_V4), 50).expect("ticker");
+    wait_for("flows on both replicas", Duration::from_secs(10), || served(&a) >= 2.0 && served(&b) >= 2.0);
+    let killed_at = std::time::SystemTime::now();
+    a.kill();
+    let b_then = served(&b);
+    // Twenty flows on the survivor after the kill, the first of them
+    // sent to the dead replica before it was suspected.
+    wait_for("new flows on the survivor", Duration::from_secs(10), || served(&b) >= b_then + 20.0);
+    let ticks = ticker.finish().expect("ticks");
+    let failovers = client.handle.flow_stats();
+    let moved = client.handle.encode_metrics();
+    eprintln!(
+        "replica SIGKILL under a flow every 50 ms: {} ok, {} refused, {} failed, {} broken; slowest flow {:.0} ms; \
+         failovers {:?}; flows {failovers:?}",
+        ticks.ok,
+        ticks.refused,
+        ticks.failed,
+        ticks.broken,
+        ticks.slowest_ok_us / 1e3,
+        tests::metric_sample(&moved, "dataplane_flow_failovers_total"),
+    );
+    let killed_ms = killed_at.duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis();
+    if let Some(at) = ticks.last_failure_at_ms {
+        assert!(
+            at <= killed_ms + 1000,
+            "a flow failed {} ms after the kill: {ticks:?}",
+            at.saturating_sub(killed_ms)
+        );
+    }
+    assert_eq!((ticks.refused, ticks.failed, ticks.broken), (0, 0, 0), "{ticks:?}");
+    assert!(ticks.slowest_ok_us < tests::fast_us(1_000_000) as f64, "{ticks:?}");
+    assert!(tests::metric_sample(&moved, "dataplane_flow_failovers_total").unwrap_or(0.0) >= 1.0, "{moved}");
+    client.stop();
+}
+
+/// SIGTERM of the replica carrying a 256 MiB transfer: the transfer ends
+/// byte-exact within the replica's grace, while new flows go to the other.
+#[test]
+fn a_draining_replica_finishes_its_transfer_and_takes_no_new_flow() {
+    if !require_root() {
+        return;
+    }
+    let env = TunnelEnv::new().expect("environment");
+    let Fleet { client, a, b } = Fleet::start(&env);
+    let probe = env.topo.pod_probe();
+    let transfer = std::thread::spawn(move || probe.bulk(addr(OTHER_V4), 256 << 20));
+    let key = r#"dataplane_connector_peer_streams{peer="worker-1"}"#;
+    wait_for("the transfer on a replica", Duration::from_secs(10), || {
+        a.metric(key).is_ok_and(|n| n >= 1.0) || b.metric(key).is_ok_and(|n| n >= 1.0)
+    });
+    let (busy, other) = if a.metric(key).is_ok_and(|n| n >= 1.0) { (a, b) } else { (b, a) };
+    let busy_before = served(&busy);
+    busy.terminate();
+    let tunnel = client.handle.tunnel().expect("tunnel").clone();
+    let api: ipnet::IpNet = API_NET.parse().expect("net");
+    wait_for("the client hears the replica drain", Duration::from_secs(5), || {
+        tunnel.advertisers(&api).1 == 2
+    });
+    let other_before = served(&other);
+    let probes = env.topo.pod_probe().repeat(addr(OTHER_V4), 10).expect("probes");
+    assert_eq!((probes.ok, probes.failed), (10, 0), "{probes:?}");
+    assert_eq!(served(&other), other_before + 10.0, "every new flow on the serving replica");
+    assert_eq!(served(&busy), busy_before, "none on the draining one");
+    let bulk = transfer.join().expect("thread").expect("bulk");
+    assert!(bulk.ok && bulk.echo_intact && bulk.received == 256 << 20, "{bulk:?}");
+    eprintln!("256 MiB through a draining replica in {:.2} s, byte-exact", bulk.secs);
+    busy.wait_exit(Duration::from_secs(20)).expect("the drained replica exits");
+    client.stop();
+}
+
 #[test]
 fn connectors_advertise_routes_that_clients_steer_spread_drain_and_withdraw() {
     if !require_root() {
         return;
     }
     let env = TunnelEnv::new().expect("environment");
-    let client_tls = env.tls("client", CLIENT_ID, None).expect("tls");
-    let text = env.client_config_text(Mode::ConnectorDialsOut, &client_tls);
-    // No route to the API server in the file: only one configured route
-    // (which a learned one may not override), and where learning may happen.
-    let (head, _) = text.split_once("routes:\n").expect("routes section");
-    let peer = format!("identity: '{CONNECTOR_ID}' }}");
-    assert!(head.contains(&peer), "{head}");
-    let learn = format!("identity: '{CONNECTOR_ID}', learn: ['198.51.100.0/24', '2001:db8::/64'] }}");
-    let yaml =
-        format!("{}routes:\n  - {{ cidr: '198.51.100.102/32', via: {PEER} }}\n", head.replace(&peer, &learn));
-    let client = env
-        .topo
-        .start_agent(dataplane::config::Config::parse(&yaml).expect("client config"))
-        .expect("client");
-    assert_eq!(client.handle.route_entries(), (1, 0), "only the configured route before any connector");
-
-    let connector_tls = env.tls("connector", CONNECTOR_ID, None).expect("tls");
-    let connector_yaml = env.connector_config_text(Mode::ConnectorDialsOut, &connector_tls);
-    assert!(connector_yaml.contains("shutdown_grace: 1s"), "{connector_yaml}");
-    // A grace long enough to watch a draining replica.
-    let connector_yaml = connector_yaml.replace("shutdown_grace: 1s", "shutdown_grace: 20s");
-    let replica = |n: u16| {
-        // Each replica its own node name: it keys the stateless-reset secret.
-        let yaml = connector_yaml.replace("node: connector-1", &format!("node: connector-{n}"));
-        AgentProcess::start_with_env(
-            &env.topo.remote,
-            &format!("connector-{n}"),
-            &yaml,
-            addr(&format!("10.201.0.2:{}", 9478 + n)),
-            env.dir(),
-            &[("DATAPLANE_LOG", "info")],
-        )
-        .expect("connector")
-    };
-    let (a, b) = (replica(1), replica(2));
-
+    let Fleet { client, a, b } = Fleet::start(&env);
     let tunnel = client.handle.tunnel().expect("tunnel").clone();
-    let api: ipnet::IpNet = "198.51.100.101/32".parse().expect("net");
-    wait_for("both replicas advertise to the client", Duration::from_secs(15), || {
-        tunnel.advertisers(&api).0 == 4 && client.handle.routes_follow_peers()
-    });
-    assert_eq!(client.handle.route_entries(), (2, 2), "learned 198.51.100.101, 2001:db8::101 and ::102");
+    let api: ipnet::IpNet = API_NET.parse().expect("net");
     let status = client.handle.status();
     let route = |cidr: &str| status.routes.iter().find(|r| r.cidr == cidr).cloned().expect(cidr);
     let learned = route("198.51.100.101/32");
@@ -95,7 +201,7 @@ fn connectors_advertise_routes_that_clients_steer_spread_drain_and_withdraw() {
     kubectl_works(&env);
 
     // New flows spread over the replicas.
-    let before = (a.metric(STREAMS_OK).expect("metric"), b.metric(STREAMS_OK).expect("metric"));
+    let before = (served(&a), served(&b));
     let probes = env.topo.pod_probe().repeat(addr(OTHER_V4), 20).expect("probes");
     assert_eq!((probes.ok, probes.failed), (20, 0), "{probes:?}");
     let spread =
@@ -104,11 +210,14 @@ fn connectors_advertise_routes_that_clients_steer_spread_drain_and_withdraw() {
 
     // Flows held open, one per connection, keep replica a in its grace
     // period once it drains.
+    let total = served(&a) + served(&b);
     let held = env.topo.pod_probe().hold(addr(OTHER_V4), 4).expect("held flows");
-    wait_for("connector-1 serves a held flow", Duration::from_secs(5), || {
-        a.metric(r#"dataplane_connector_peer_streams{peer="worker-1"}"#).is_ok_and(|n| n >= 1.0)
-    });
-    let a_before = a.metric(STREAMS_OK).expect("metric");
+    wait_for("the held flows dialled", Duration::from_secs(5), || served(&a) + served(&b) == total + 4.0);
+    assert!(
+        a.metric(r#"dataplane_connector_peer_streams{peer="worker-1"}"#).expect("metric") >= 1.0,
+        "one held flow per connection: connector-1 serves some"
+    );
+    let a_before = served(&a);
     a.terminate();
     wait_for("the client hears connector-1 drain", Duration::from_secs(5), || {
         tunnel.advertisers(&api).1 == 2

@@ -220,7 +220,13 @@ impl Connector {
             self.metrics.count_status(Status::Ok);
             let ((up, down), result) = splice::splice(&mut tcp, &mut send, &mut recv, &buf[used..]).await;
             match result {
-                Ok(()) => debug!(up, down, "flow closed"),
+                Ok(()) => {
+                    // Held until the peer has every byte: a draining
+                    // connector closes its connections once its streams
+                    // end, and bytes still in flight then would be lost.
+                    let _ = send.stopped().await;
+                    debug!(up, down, "flow closed");
+                }
                 Err(e) => debug!(up, down, error = %e, "flow failed"),
             }
         }

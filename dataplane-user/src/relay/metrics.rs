@@ -29,6 +29,7 @@ pub struct RelayMetrics {
     streams: Family<RouteResultLabels, Counter>,
     refusals: Family<ReasonLabels, Counter>,
     pub(super) routes: Gauge,
+    failovers: Counter,
 }
 
 impl RelayMetrics {
@@ -37,6 +38,7 @@ impl RelayMetrics {
             streams: Family::default(),
             refusals: Family::default(),
             routes: Gauge::default(),
+            failovers: Counter::default(),
         };
         registry.register(
             "relay_streams",
@@ -52,7 +54,16 @@ impl RelayMetrics {
             let _ = m.refusals.get_or_create_owned(&ReasonLabels { reason: r.as_str() });
         }
         registry.register("relay_routes", "Routes the relay's connectors serve now", m.routes.clone());
+        registry.register(
+            "relay_failovers",
+            "Times a stream was forwarded again to another connector connection (the first gave no answer)",
+            m.failovers.clone(),
+        );
         m
+    }
+
+    pub(super) fn failed_over(&self, n: usize) {
+        self.failovers.inc_by(n as u64);
     }
 
     pub(super) fn relayed(&self, route: Option<IpNet>, status: &'static str) {

@@ -35,7 +35,7 @@ use crate::{
     config::{ValidRule, ValidServe},
     connector::{Denial, ServePolicy},
     log_budget::KeyedLogBudget,
-    tunnel::{Advert, PeerId, StreamHandler, Tunnel, splice},
+    tunnel::{Advert, PeerId, StreamHandler, Tunnel, Via, failover, splice},
 };
 
 /// Why the relay itself answered a stream (it never reached a connector).
@@ -191,22 +191,40 @@ impl Relay {
                 return self.answer(&mut send, route, Refusal::NoConnector).await;
             };
             let within = *crate::lock(&self.open_timeout);
-            let (connector, mut up_send, mut up_recv) = match tunnel.open_to(dst, within).await {
-                Ok(s) => s,
-                Err(e) => {
-                    debug!(error = %e, "no connector took the stream");
-                    return self.answer(&mut send, route, Refusal::NoConnector).await;
+            // The connector dials with its own timeout; allow for the round trip.
+            let deadline = tokio::time::Instant::now() + within + Duration::from_secs(1);
+            let candidates = tunnel.candidates(Via::Advertised(dst));
+            let tries = candidates.len().min(failover::ATTEMPTS);
+            let mut answered = None;
+            for (i, c) in candidates.iter().take(tries).enumerate() {
+                let Ok((mut up_send, mut up_recv)) = tunnel.open_on(c, within).await else { continue };
+                // The header with the attestation, then what the client sent
+                // behind its header: all a retry needs to replay.
+                if up_send.write_all(&forwarded).await.is_err()
+                    || up_send.write_all(&buf[used..]).await.is_err()
+                {
+                    c.suspect();
+                    continue;
                 }
-            };
-            // The header with the attestation, then what the client sent
-            // behind its header; then the connector's status, passed on.
-            if up_send.write_all(&forwarded).await.is_err() || up_send.write_all(&buf[used..]).await.is_err()
-            {
-                return self.answer(&mut send, route, Refusal::NoConnector).await;
+                let sent_rx = c.received();
+                match failover::await_status(&mut up_recv, c, sent_rx, i + 1 < tries, deadline).await {
+                    Ok(status) => {
+                        if i > 0 {
+                            self.metrics.failed_over(i);
+                        }
+                        answered = Some((c.peer.clone(), status, up_send, up_recv));
+                        break;
+                    }
+                    Err(u) => {
+                        debug!(connector = %c.peer, reason = %u, "no answer from the connector");
+                        let _ = up_send.reset(splice::RESET_TCP_FAILED);
+                        let _ = up_recv.stop(splice::RESET_TCP_FAILED);
+                        c.suspect();
+                    }
+                }
             }
-            let status = match read_status(&mut up_recv).await {
-                Some(s) => s,
-                None => return self.answer(&mut send, route, Refusal::NoConnector).await,
+            let Some((connector, status, mut up_send, mut up_recv)) = answered else {
+                return self.answer(&mut send, route, Refusal::NoConnector).await;
             };
             self.metrics.relayed(route, status.as_str());
             if send.write_all(&Response { status }.encode()).await.is_err() || status != Status::Ok {
@@ -216,6 +234,9 @@ impl Relay {
             debug!(%connector, "stream forwarded");
             let (up, down) =
                 splice::splice_streams((&mut send, &mut recv), (&mut up_send, &mut up_recv)).await;
+            // Held until both ends have every byte (a draining relay closes
+            // its connections once its streams end).
+            let _ = tokio::join!(send.stopped(), up_send.stopped());
             debug!(up, down, "relayed stream closed");
         }
         .instrument(span)
@@ -285,16 +306,6 @@ fn attest(header: &[u8], identity: &str) -> Option<Vec<u8>> {
     let n = Request { dst: req.dst, flow_id: req.flow_id, metadata }.encode(&mut out).ok()?;
     out.truncate(n);
     Some(out)
-}
-
-/// The connector's answer to a forwarded stream.
-async fn read_status(recv: &mut RecvStream) -> Option<Status> {
-    let mut b = [0u8; stream::RESPONSE_LEN];
-    recv.read_exact(&mut b).await.ok()?;
-    match stream::decode_response(&b) {
-        Ok(Decoded::Complete(r, _)) => Some(r.status),
-        _ => None,
-    }
 }
 
 /// The routes in `served` that `granted` covers, each cut to the part of it

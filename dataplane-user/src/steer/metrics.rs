@@ -100,6 +100,7 @@ pub struct FlowMetrics {
     active: Gauge,
     bytes: Family<BytesLabels, Counter>,
     setup: Family<UpstreamLabels, Histogram>,
+    failovers: Counter,
     totals: [AtomicU64; 11],
     accepted: AtomicU64,
     /// The most flows active at once since [`FlowMetrics::take_peak`].
@@ -122,6 +123,7 @@ impl FlowMetrics {
             setup: Family::new_with_constructor(|| {
                 Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(50e-6, 2.0, 20))
             }),
+            failovers: Counter::default(),
             totals: Default::default(),
             accepted: AtomicU64::new(0),
             peak: AtomicU64::new(0),
@@ -143,7 +145,22 @@ impl FlowMetrics {
             Unit::Seconds,
             m.setup.clone(),
         );
+        registry.register(
+            "flow_failovers",
+            "Times a flow's stream was opened again on another tunnel connection (the first gave no answer)",
+            m.failovers.clone(),
+        );
         m
+    }
+
+    /// A flow moved on to another connection `n` times before an answer.
+    pub fn failed_over(&self, n: usize) {
+        self.failovers.inc_by(n as u64);
+    }
+
+    /// Failovers so far.
+    pub fn failovers(&self) -> u64 {
+        self.failovers.get()
     }
 
     /// A flow was accepted; it counts as active until [`FlowMetrics::closed`].

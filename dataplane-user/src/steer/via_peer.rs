@@ -1,7 +1,9 @@
-//! The tunnel upstream of a steered flow: a new stream to the route's peer,
-//! the request header (the original destination and who asks), then the
-//! application's bytes right behind it while the way back waits for the
-//! connector's status.
+//! The tunnel upstream of a steered flow: a new stream to the route's peer
+//! (or to a peer advertising the destination), the request header (the
+//! original destination and who asks), then the application's bytes right
+//! behind it while the way back waits for the connector's status; if no
+//! answer comes from that connection, the flow fails over to the next
+//! (`tunnel::failover`).
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -10,7 +12,7 @@ use tokio::{net::TcpStream, time::Instant};
 use tracing::{debug, info, warn};
 
 use super::{FlowServer, flow::reset, metrics::FlowResult};
-use crate::tunnel::splice::{self, SpliceError};
+use crate::tunnel::{Via, failover, splice::SpliceError};
 
 /// Where a tunnelled flow goes, and what to record about it.
 pub(super) struct Target<'a> {
@@ -33,18 +35,16 @@ pub(super) async fn serve(
         return FlowResult::failed;
     };
     let dst = to.dst;
-    let opened = match to.peer {
-        Some(peer) => tunnel.open(peer, server.connect_timeout()).await,
-        None => tunnel.open_to(to.dst, server.connect_timeout()).await.map(|(_, send, recv)| (send, recv)),
+    let via = match to.peer {
+        Some(peer) => Via::Peer(peer),
+        None => Via::Advertised(dst),
     };
-    let (mut send, mut recv) = match opened {
-        Ok(s) => s,
-        Err(e) => {
-            info!(%dst, error = %e, "no tunnel to the route's peer; resetting");
-            reset(client);
-            return FlowResult::no_tunnel;
-        }
-    };
+    let candidates = tunnel.candidates(via);
+    if candidates.is_empty() {
+        info!(%dst, "no tunnel connection for the route; resetting");
+        reset(client);
+        return FlowResult::no_tunnel;
+    }
     let mut header = [0u8; MAX_REQUEST];
     let len = match encode_header(&mut header, dst, to.id, &server.node, workload) {
         Ok(n) => n,
@@ -56,23 +56,30 @@ pub(super) async fn serve(
     };
     // The connector dials with its own timeout; allow for the round trip.
     let wait = server.connect_timeout() + Duration::from_secs(1);
-    if let Err(e) = send.write_all(&header[..len]).await {
-        info!(%dst, error = %e, "tunnel stream failed before the header; resetting");
-        reset(client);
-        return FlowResult::failed;
-    }
     let accepted = to.accepted;
     let on_ok = || {
         server.metrics.setup("tunnel", accepted.elapsed());
         debug!(%dst, "flow open (tunnel)");
     };
     let idle = server.flow_idle_timeout();
-    let (moved, result) = splice::splice_after_status(client, &mut send, &mut recv, wait, idle, on_ok).await;
+    let within = server.connect_timeout();
+    let served =
+        failover::splice_failover(client, tunnel, &candidates, &header[..len], within, wait, idle, on_ok)
+            .await;
+    if served.attempts > 1 {
+        server.metrics.failed_over(served.attempts - 1);
+        info!(%dst, attempts = served.attempts, ok = served.result.is_ok(), "flow failed over to another connection");
+    }
+    let moved = served.moved;
     server.metrics.bytes(to.route, moved.0, moved.1);
-    match result {
+    match served.result {
         Ok(()) => {
             debug!(up = moved.0, down = moved.1, "flow closed");
             FlowResult::completed
+        }
+        Err(SpliceError::Refused(reason)) if !served.opened => {
+            info!(%dst, %reason, "no stream could be opened for the flow; reset");
+            FlowResult::no_tunnel
         }
         Err(SpliceError::Refused(status)) => {
             info!(%dst, %status, "connector did not connect the flow; reset");

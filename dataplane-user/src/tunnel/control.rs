@@ -49,6 +49,9 @@ pub(super) struct ConnState {
     /// only then are streams opened by it. A changed advertisement is
     /// untrusted until looked at again.
     pub trusted: AtomicBool,
+    /// Suspected dead at this received-datagram count plus one (0: not
+    /// suspected): cleared by the next datagram from the peer.
+    pub suspect_at: std::sync::atomic::AtomicU64,
 }
 
 impl ConnState {

@@ -22,8 +22,10 @@
 //! and from a TCP socket).
 
 pub mod admission;
+mod candidates;
 mod control;
 mod dial;
+pub mod failover;
 mod handshake;
 pub mod metrics;
 mod pool;
@@ -49,6 +51,7 @@ use tokio::{sync::watch, task::JoinSet};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use admission::{Admission, Verdict};
+pub use candidates::{Candidate, Via};
 pub use control::Advert;
 pub use handshake::{HANDSHAKE_REASONS, failure_reason};
 use metrics::{BufferLabels, PeerDirectionLabels, PeerLabels, TunnelCollector, TunnelMetrics};
@@ -335,39 +338,51 @@ impl Tunnel {
         self.peers.get(peer)?.live().iter().map(|c| c.rtt()).min()
     }
 
+    /// The live connections a new stream to `via` may go to, best first
+    /// (see `candidates`): try the next when one fails.
+    pub fn candidates(&self, via: Via<'_>) -> Vec<Candidate> {
+        let mut all = Vec::new();
+        let (slots, next): (Vec<&Arc<PeerSlot>>, &AtomicUsize) = match via {
+            Via::Peer(p) => (self.peers.get(p).into_iter().collect(), &self.next_covering),
+            Via::Advertised(_) => (self.peers.values().collect(), &self.next_covering),
+        };
+        for slot in slots {
+            for (conn, state) in slot.live_states() {
+                if let Via::Advertised(dst) = via
+                    && !state.covers(dst)
+                {
+                    continue;
+                }
+                all.push(Candidate { conn, state, peer: slot.name.clone() });
+            }
+        }
+        candidates::order(all, next)
+    }
+
     /// Opens a stream to `peer` on one of its live connections.
     /// Waits at most `within` for the peer to allow one more stream: once a
     /// connection's stream budget is used up, `open_bi` would wait for as
     /// long as it takes a stream to end, and a new flow would hang.
     pub async fn open(&self, peer: &str, within: Duration) -> Result<(SendStream, RecvStream), TunnelError> {
-        let slot = self.peers.get(peer).ok_or_else(|| TunnelError::NoConnection(peer.to_owned()))?;
-        let conn = slot.pick().ok_or_else(|| TunnelError::NoConnection(peer.to_owned()))?;
-        self.open_on(&conn, peer, within).await
+        let c = self.candidates(Via::Peer(peer)).into_iter().next();
+        let c = c.ok_or_else(|| TunnelError::NoConnection(peer.to_owned()))?;
+        self.open_on(&c, within).await
     }
 
-    /// Opens a stream for `dst` on a live connection whose peer advertises
-    /// it, round-robin over them (a draining one only while no other does).
-    /// Returns the peer's name with the stream.
-    pub async fn open_to(
+    /// Opens a stream on the candidate connection `c`, waiting at most
+    /// `within` for the peer's stream credit.
+    pub async fn open_on(
         &self,
-        dst: SocketAddr,
+        c: &Candidate,
         within: Duration,
-    ) -> Result<(Arc<str>, SendStream, RecvStream), TunnelError> {
-        let mut covering = Vec::new();
-        for slot in self.peers.values() {
-            for (conn, state) in slot.live_states() {
-                if state.covers(dst) {
-                    covering.push((conn, state, slot.name.clone()));
-                }
-            }
-        }
-        let states: Vec<_> = covering.iter().map(|(c, s, _)| (c.clone(), s.clone())).collect();
-        let conn = pool::pick_from(&states, &self.next_covering, |_| true)
-            .ok_or_else(|| TunnelError::NoConnection(format!("any peer advertising {dst}")))?;
-        let peer = covering.iter().find(|(c, ..)| c.stable_id() == conn.stable_id()).map(|(.., p)| p.clone());
-        let peer = peer.unwrap_or_else(|| Arc::from(""));
-        let (send, recv) = self.open_on(&conn, &peer, within).await?;
-        Ok((peer, send, recv))
+    ) -> Result<(SendStream, RecvStream), TunnelError> {
+        let peer = &*c.peer;
+        let streams = tokio::time::timeout(within, c.conn.open_bi())
+            .await
+            .map_err(|_| TunnelError::OpenTimeout { peer: peer.to_owned(), within })?
+            .map_err(|source| TunnelError::Open { peer: peer.to_owned(), source })?;
+        self.metrics.streams_opened.get_or_create(&PeerLabels { peer: peer.to_owned() }).inc();
+        Ok(streams)
     }
 
     /// What each live connection's peer advertises now: the peer's name,
@@ -422,20 +437,6 @@ impl Tunnel {
     /// streams go on.
     pub fn announce_draining(&self) {
         self.draining.send_replace(true);
-    }
-
-    async fn open_on(
-        &self,
-        conn: &quinn::Connection,
-        peer: &str,
-        within: Duration,
-    ) -> Result<(SendStream, RecvStream), TunnelError> {
-        let streams = tokio::time::timeout(within, conn.open_bi())
-            .await
-            .map_err(|_| TunnelError::OpenTimeout { peer: peer.to_owned(), within })?
-            .map_err(|source| TunnelError::Open { peer: peer.to_owned(), source })?;
-        self.metrics.streams_opened.get_or_create(&PeerLabels { peer: peer.to_owned() }).inc();
-        Ok(streams)
     }
 
     /// Closes every connection and the endpoint, waiting briefly for peers to

@@ -1,13 +1,10 @@
 //! The pool of live connections to each peer: registered when a connection
-//! comes up, removed when it closes, picked round-robin for new streams
-//! (a draining one only while no other is up).
+//! comes up, removed when it closes; `candidates` orders them for new
+//! streams.
 
 use std::{
     collections::HashMap,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicUsize, Ordering::Relaxed},
-    },
+    sync::{Arc, Mutex},
 };
 
 use super::control::ConnState;
@@ -28,7 +25,6 @@ pub(super) struct PeerSlot {
     pub name: Arc<str>,
     pub identity: IdentityPattern,
     conns: Mutex<Vec<(quinn::Connection, Arc<ConnState>)>>,
-    next: AtomicUsize,
     /// Connections this agent keeps dialled to the peer (0: it dials us).
     pub dialers: u32,
     /// Connections this agent accepted and holds now, per exact identity
@@ -68,7 +64,6 @@ impl PeerSlot {
             name: Arc::from(name),
             identity: identity.clone(),
             conns: Mutex::new(Vec::new()),
-            next: AtomicUsize::new(0),
             dialers,
             accepted: Mutex::default(),
             retired: Mutex::default(),
@@ -110,28 +105,4 @@ impl PeerSlot {
         let conns = crate::lock(&self.conns);
         conns.iter().filter(|(c, _)| c.close_reason().is_none()).cloned().collect()
     }
-
-    /// Round-robin over the live connections that are not draining, or
-    /// over the draining ones while no other is up (they still serve until
-    /// their grace period ends).
-    pub fn pick(&self) -> Option<quinn::Connection> {
-        pick_from(&self.live_states(), &self.next, |_| true)
-    }
-}
-
-/// Round-robin over `conns` that pass `want`, preferring those not draining.
-pub(super) fn pick_from(
-    conns: &[(quinn::Connection, Arc<ConnState>)],
-    next: &AtomicUsize,
-    want: impl Fn(&ConnState) -> bool,
-) -> Option<quinn::Connection> {
-    let wanted: Vec<&(quinn::Connection, Arc<ConnState>)> = conns.iter().filter(|(_, s)| want(s)).collect();
-    let serving: Vec<&quinn::Connection> =
-        wanted.iter().filter(|(_, s)| !s.draining.load(Relaxed)).map(|(c, _)| c).collect();
-    let pool: Vec<&quinn::Connection> =
-        if serving.is_empty() { wanted.iter().map(|(c, _)| c).collect() } else { serving };
-    if pool.is_empty() {
-        return None;
-    }
-    Some(pool[next.fetch_add(1, Relaxed) % pool.len()].clone())
 }

@@ -22,7 +22,7 @@ use tokio::{
 };
 
 /// Largest chunk moved at once from TCP to QUIC.
-const CHUNK: usize = 64 * 1024;
+pub(super) const CHUNK: usize = 64 * 1024;
 /// Most received QUIC frames written to TCP in one syscall.
 const BATCH: usize = 32;
 /// Application error code for a stream reset because the TCP side failed.
@@ -116,7 +116,7 @@ pub async fn splice_after_status(
     (moved.totals(), finish(result, tcp, send, recv))
 }
 
-fn finish(
+pub(super) fn finish(
     result: Result<(), SpliceError>,
     tcp: &mut TcpStream,
     send: &mut SendStream,
@@ -132,10 +132,10 @@ fn finish(
 
 /// Like `try_join!` with `down` polled first; on any error returns at once
 /// with that error.
-async fn join_down_first(
-    up: impl Future<Output = Result<(), SpliceError>>,
-    down: impl Future<Output = Result<(), SpliceError>>,
-) -> Result<(), SpliceError> {
+pub(super) async fn join_down_first<E>(
+    up: impl Future<Output = Result<(), E>>,
+    down: impl Future<Output = Result<(), E>>,
+) -> Result<(), E> {
     tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (false, false);
     loop {
@@ -150,7 +150,7 @@ async fn join_down_first(
     }
 }
 
-async fn read_status(recv: &mut RecvStream) -> Result<Status, String> {
+pub(super) async fn read_status(recv: &mut RecvStream) -> Result<Status, String> {
     let mut buf = [0u8; stream::RESPONSE_LEN];
     recv.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
     match stream::decode_response(&buf).map_err(|e| e.to_string())? {
@@ -192,7 +192,7 @@ async fn tcp_to_quic(rd: ReadHalf<'_>, send: &mut SendStream, moved: &Traffic) -
 /// data over as the frames it received (about a packet each), so a batch of
 /// them goes out in one vectored write: a syscall per packet would cost more
 /// than the copy it saves.
-async fn quic_to_tcp(
+pub(super) async fn quic_to_tcp(
     recv: &mut RecvStream,
     wr: &mut WriteHalf<'_>,
     moved: &Traffic,

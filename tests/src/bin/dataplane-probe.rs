@@ -275,6 +275,7 @@ fn tick(addr: SocketAddr, payload: &str, every: Duration) -> Result<tests::probe
         let domain = if addr.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
         let sock = Socket::new(domain, Type::STREAM, None)?;
         let t = Instant::now();
+        let at_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis();
         let connected = sock.connect_timeout(&addr.into(), Duration::from_secs(3));
         let took_us = t.elapsed().as_secs_f64() * 1e6;
         match connected {
@@ -289,10 +290,12 @@ fn tick(addr: SocketAddr, payload: &str, every: Duration) -> Result<tests::probe
                 ) =>
             {
                 out.refused += 1;
+                out.last_failure_at_ms = Some(at_ms);
                 out.slowest_refusal_us = out.slowest_refusal_us.max(took_us);
             }
             Err(e) => {
                 out.failed += 1;
+                out.last_failure_at_ms = Some(at_ms);
                 out.first_failure.get_or_insert_with(|| format!("connect: {e} after {took_us:.0} us"));
             }
             Ok(()) => {
@@ -306,13 +309,18 @@ fn tick(addr: SocketAddr, payload: &str, every: Duration) -> Result<tests::probe
                     Ok(response)
                 })();
                 match exchange {
-                    Ok(r) if r.ends_with(payload) => out.ok += 1,
+                    Ok(r) if r.ends_with(payload) => {
+                        out.ok += 1;
+                        out.slowest_ok_us = out.slowest_ok_us.max(t.elapsed().as_secs_f64() * 1e6);
+                    }
                     Ok(r) => {
                         out.broken += 1;
+                        out.last_failure_at_ms = Some(at_ms);
                         out.first_broken.get_or_insert_with(|| format!("answer {r:?}"));
                     }
                     Err(e) => {
                         out.broken += 1;
+                        out.last_failure_at_ms = Some(at_ms);
                         out.first_broken.get_or_insert_with(|| e.to_string());
                     }
                 }
