@@ -560,3 +560,60 @@ fn a_peer_that_breaks_the_control_protocol_is_closed_and_counted() {
     assert!(a.ok, "the well-behaved client's flows go on: {a:?}");
     client.stop();
 }
+
+/// What an idle tunnel connection costs with the default keep-alive (2 s)
+/// and idle timeout (8 s): its keep-alives and their acknowledgements, a
+/// few datagrams a second, counted in `tunnel_udp_datagrams_total`.
+#[test]
+fn an_idle_tunnel_connection_costs_a_few_datagrams_a_second() {
+    if !require_root() {
+        return;
+    }
+    let env = TunnelEnv::new().expect("environment");
+    let defaults =
+        |text: String| text.replace(&TunnelEnv::tunnel_timers(), "keep_alive: 2s, idle_timeout: 8s");
+    let client_tls = env.tls("client", CLIENT_ID, None).expect("tls");
+    let client_yaml = defaults(env.client_config_text(Mode::ConnectorListens, &client_tls));
+    assert!(client_yaml.contains("keep_alive: 2s"), "{client_yaml}");
+    let client = env
+        .topo
+        .start_agent(dataplane::config::Config::parse(&client_yaml).expect("config"))
+        .expect("client");
+    let connector_tls = env.tls("connector", CONNECTOR_ID, None).expect("tls");
+    let connector_yaml = defaults(env.connector_config_text(Mode::ConnectorListens, &connector_tls));
+    let _connector = tests::topology::RunningAgent::start(
+        &env.topo.remote,
+        dataplane::config::Config::parse(&connector_yaml).expect("config"),
+    )
+    .expect("connector");
+    tests::tunnel_env::ensure_connections(&client.handle, 2, Duration::from_secs(10)).expect("connections");
+    let datagrams = || {
+        let m = client.handle.encode_metrics();
+        ["sent", "received"]
+            .iter()
+            .map(|d| {
+                let series =
+                    format!(r#"dataplane_tunnel_udp_datagrams_total{{peer="{PEER}",direction="{d}"}}"#);
+                tests::metric_sample(&m, &series).expect("datagram counter")
+            })
+            .collect::<Vec<f64>>()
+    };
+    let before = (datagrams(), Instant::now());
+    // A measurement window of three keep-alive intervals, nothing sent.
+    std::thread::sleep(Duration::from_secs(6));
+    let after = datagrams();
+    let secs = before.1.elapsed().as_secs_f64();
+    let per_conn = |i: usize| (after[i] - before.0[i]) / secs / 2.0;
+    let (sent, received) = (per_conn(0), per_conn(1));
+    eprintln!(
+        "idle tunnel connection, keep-alive 2 s: {sent:.2} datagrams/s sent, {received:.2} received, \
+         {:.0} per hour each way",
+        (sent + received) / 2.0 * 3600.0
+    );
+    assert!(sent > 0.0 && received > 0.0, "keep-alives flow both ways: {sent} {received}");
+    assert!(
+        sent + received <= 3.0,
+        "an idle connection costs at most 3 datagrams a second: {sent} + {received}"
+    );
+    client.stop();
+}

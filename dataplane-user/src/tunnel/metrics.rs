@@ -171,6 +171,8 @@ impl Collector for TunnelCollector {
             lost: u64,
             sent: u64,
             received: u64,
+            datagrams_sent: u64,
+            datagrams_received: u64,
         }
         let rows: Vec<Row> = self
             .peers
@@ -188,6 +190,9 @@ impl Collector for TunnelCollector {
                     lost: r.lost_packets + stats.iter().map(|s| s.path.lost_packets).sum::<u64>(),
                     sent: r.sent + stats.iter().map(|s| s.udp_tx.bytes).sum::<u64>(),
                     received: r.received + stats.iter().map(|s| s.udp_rx.bytes).sum::<u64>(),
+                    datagrams_sent: r.datagrams_sent + stats.iter().map(|s| s.udp_tx.datagrams).sum::<u64>(),
+                    datagrams_received: r.datagrams_received
+                        + stats.iter().map(|s| s.udp_rx.datagrams).sum::<u64>(),
                 }
             })
             .collect();
@@ -239,6 +244,18 @@ impl Collector for TunnelCollector {
         )?;
         for r in &rows {
             for (direction, n) in [("sent", r.sent), ("received", r.received)] {
+                m.encode_family(&[("peer", &*r.peer), ("direction", direction)])?
+                    .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+            }
+        }
+        let mut m = encoder.encode_descriptor(
+            "tunnel_udp_datagrams",
+            "UDP datagrams on connections to the peer, by direction (an idle connection's are its keep-alives and their acknowledgements)",
+            None,
+            MetricType::Counter,
+        )?;
+        for r in &rows {
+            for (direction, n) in [("sent", r.datagrams_sent), ("received", r.datagrams_received)] {
                 m.encode_family(&[("peer", &*r.peer), ("direction", direction)])?
                     .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
             }

@@ -16,6 +16,8 @@ pub(super) struct Retired {
     pub lost_packets: u64,
     pub sent: u64,
     pub received: u64,
+    pub datagrams_sent: u64,
+    pub datagrams_received: u64,
 }
 
 /// Live connections to one peer (a `peers` entry: with a pattern, every
@@ -93,6 +95,8 @@ impl PeerSlot {
         r.lost_packets += st.path.lost_packets;
         r.sent += st.udp_tx.bytes;
         r.received += st.udp_rx.bytes;
+        r.datagrams_sent += st.udp_tx.datagrams;
+        r.datagrams_received += st.udp_rx.datagrams;
     }
 
     pub fn live(&self) -> Vec<quinn::Connection> {
