@@ -1,14 +1,14 @@
 //! Learned routes: what peers advertise on their control streams, turned
-//! into routes this node steers. A peer's advertisement counts only inside
-//! its `peers[].learn` CIDRs and only whole: one route outside them (or one
-//! no route may cover, such as loopback) refuses the whole advertisement,
-//! so a peer never gets half of what it asked for. Then the merge with the
+//! into routes this node steers. A peer's advertised route counts only
+//! inside its `peers[].learn` CIDRs (and never where no route may go, such
+//! as loopback); one outside is refused on its own, and the peer is sent
+//! streams only for the routes taken from it. Then the merge with the
 //! configured routes: a learned route that overlaps one of them is refused
 //! (the configured route wins), as is one overlapping a learned route
 //! already taken; every refusal is kept with its reason, for the log and
 //! `/status`. Replicas advertising the same network make one route.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use ipnet::IpNet;
 
@@ -24,9 +24,9 @@ use dataplane_common::ROUTES_MAX_ENTRIES;
 pub(super) struct Learned {
     pub nets: Vec<IpNet>,
     pub refused: BTreeMap<String, String>,
-    /// The connections whose advertisements were taken: streams for
-    /// learned routes go only to these.
-    pub trusted: HashSet<usize>,
+    /// Per connection, the routes of its advertisement that were taken:
+    /// streams for learned routes go only to these, for these.
+    pub trusted: HashMap<usize, Vec<Advert>>,
     /// What the trusted connections serve in the learned routes (a relay
     /// advertises it on).
     pub served: Vec<Advert>,
@@ -50,21 +50,26 @@ pub(super) fn merge(config: &ValidConfig, ads: &[Advertisement]) -> Learned {
             // Not learning from this peer: nothing to refuse.
             continue;
         }
-        let bad = routes.iter().find_map(|a| {
-            if !allowed.iter().any(|l| l.contains(&a.net)) {
-                return Some(format!("{} lies outside peers[{peer}].learn", a.net));
-            }
-            guard.check(a.net).err()
-        });
-        match bad {
-            Some(why) => {
-                refused.insert(format!("advertisement from {peer}"), format!("refused whole: {why}"));
-            }
-            None => {
-                candidates.extend(routes.iter().map(|a| a.net));
-                taken.push((*connection, routes));
+        // Each route on its own: one outside the peer's bounds is refused
+        // (and said so); the rest still count.
+        let mut ok = Vec::new();
+        for a in routes.iter() {
+            let why = if allowed.iter().any(|l| l.contains(&a.net)) {
+                guard.check(a.net).err()
+            } else {
+                Some(format!("lies outside peers[{peer}].learn"))
+            };
+            match why {
+                Some(why) => {
+                    refused.insert(a.net.to_string(), format!("advertised by {peer}: {why}"));
+                }
+                None => {
+                    candidates.insert(a.net);
+                    ok.push(a.clone());
+                }
             }
         }
+        taken.push((*connection, ok));
     }
     let configured = config.valid_routes();
     let mut nets: Vec<IpNet> = Vec::new();
@@ -87,9 +92,14 @@ pub(super) fn merge(config: &ValidConfig, ads: &[Advertisement]) -> Learned {
         }
         nets.push(net);
     }
-    let trusted = taken.iter().map(|(c, _)| *c).collect();
-    let mut served: Vec<Advert> =
-        taken.iter().flat_map(|(_, r)| r.iter()).filter(|a| nets.contains(&a.net)).cloned().collect();
+    // What each connection may be sent streams for: its routes that were
+    // learned, and nothing it advertised beyond them.
+    let trusted: HashMap<usize, Vec<Advert>> = taken
+        .into_iter()
+        .map(|(c, routes)| (c, routes.into_iter().filter(|a| nets.contains(&a.net)).collect::<Vec<_>>()))
+        .filter(|(_, routes)| !routes.is_empty())
+        .collect();
+    let mut served: Vec<Advert> = trusted.values().flatten().cloned().collect();
     served.sort();
     served.dedup();
     Learned { nets, refused, trusted, served }
@@ -139,13 +149,16 @@ mod tests {
     }
 
     #[test]
-    fn an_advertisement_outside_learn_is_refused_whole() {
+    fn a_route_outside_learn_is_refused_and_never_sent_streams() {
         let c = config("");
-        // b may not teach IPv6: none of its advertisement counts.
+        // b may not teach IPv6: that route is refused, the other taken.
         let l = merge(&c, &[ad("b", &["198.51.100.101/32", "2001:db8::101/128"])]);
-        assert!(l.nets.is_empty() && l.trusted.is_empty());
-        let why = &l.refused["advertisement from b"];
-        assert!(why.contains("2001:db8::101/128 lies outside peers[b].learn"), "{why}");
+        assert_eq!(nets(&l), ["198.51.100.101/32"]);
+        let why = &l.refused["2001:db8::101/128"];
+        assert!(why.contains("advertised by b") && why.contains("outside peers[b].learn"), "{why}");
+        let trusted: Vec<&Vec<Advert>> = l.trusted.values().collect();
+        assert_eq!(trusted.len(), 1);
+        assert_eq!(trusted[0].iter().map(|a| a.net.to_string()).collect::<Vec<_>>(), ["198.51.100.101/32"]);
     }
 
     #[test]

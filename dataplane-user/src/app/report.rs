@@ -297,8 +297,8 @@ impl Collector for RouteReadiness {
         encoder
             .encode_descriptor(
                 "learned_routes_refused",
-                "Advertised routes (or whole advertisements) refused now: outside peers[].learn, \
-                 overlapping a configured or learned route (see /status for why)",
+                "Advertised routes refused now: outside peers[].learn, overlapping a configured or \
+                 learned route (see /status for why)",
                 None,
                 MetricType::Gauge,
             )?

@@ -45,10 +45,10 @@ pub(super) struct ConnState {
     pub draining: AtomicBool,
     /// The peer's latest advertisement (empty until one arrives).
     pub advertised: Mutex<Arc<[Advert]>>,
-    /// The caller accepted this advertisement ([`Tunnel::trust_advertisements`]):
-    /// only then are streams opened by it. A changed advertisement is
-    /// untrusted until looked at again.
-    pub trusted: AtomicBool,
+    /// The routes of the advertisement the caller accepted
+    /// ([`Tunnel::trust_advertisements`]): streams go to this connection
+    /// by these only. A changed advertisement has none until looked at again.
+    pub trusted: Mutex<Arc<[Advert]>>,
     /// Suspected dead at this received-datagram count plus one (0: not
     /// suspected): cleared by the next datagram from the peer.
     pub suspect_at: std::sync::atomic::AtomicU64,
@@ -56,7 +56,7 @@ pub(super) struct ConnState {
 
 impl ConnState {
     pub fn covers(&self, dst: SocketAddr) -> bool {
-        self.trusted.load(Relaxed) && crate::lock(&self.advertised).iter().any(|a| a.covers(dst))
+        crate::lock(&self.trusted).iter().any(|a| a.covers(dst))
     }
 }
 
@@ -180,7 +180,7 @@ impl Tunnel {
                             info!(peer = %peer.name, identity = %peer.identity, routes = routes.len(), "peer advertised routes");
                             let mut held = crate::lock(&state.advertised);
                             if **held != *routes {
-                                state.trusted.store(false, Relaxed);
+                                *crate::lock(&state.trusted) = Arc::from(Vec::new());
                                 *held = routes.into();
                             }
                             drop(held);

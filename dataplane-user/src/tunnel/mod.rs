@@ -401,13 +401,14 @@ impl Tunnel {
         out
     }
 
-    /// Marks the advertisements of the connections in `accepted` (ids from
-    /// [`Tunnel::advertisements`]) as the ones streams may be opened by, and
-    /// every other as not.
-    pub fn trust_advertisements(&self, accepted: &std::collections::HashSet<usize>) {
+    /// Sets, per connection (ids from [`Tunnel::advertisements`]), the
+    /// advertised routes streams may be opened by; a connection not in
+    /// `accepted` gets none.
+    pub fn trust_advertisements(&self, accepted: &std::collections::HashMap<usize, Vec<Advert>>) {
         for slot in self.peers.values() {
             for (conn, state) in slot.live_states() {
-                state.trusted.store(accepted.contains(&conn.stable_id()), Relaxed);
+                let routes = accepted.get(&conn.stable_id()).cloned().unwrap_or_default();
+                *crate::lock(&state.trusted) = Arc::from(routes);
             }
         }
     }
@@ -418,7 +419,7 @@ impl Tunnel {
         let mut n = (0, 0);
         for slot in self.peers.values() {
             for (_, state) in slot.live_states() {
-                if state.trusted.load(Relaxed) && lock_advertised(&state).iter().any(|a| a.net == *net) {
+                if crate::lock(&state.trusted).iter().any(|a| a.net == *net) {
                     n.0 += 1;
                     n.1 += usize::from(state.draining.load(Relaxed));
                 }

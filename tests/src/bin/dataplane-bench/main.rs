@@ -8,13 +8,14 @@
 //!   same hop distance; an exchange through the agent (`direct` upstream) vs
 //!   straight to the server;
 //! - the full tunnel path (pod -> eBPF -> client agent -> QUIC -> connector ->
-//!   server), with both agents run as `dataplane` processes (see `tunnel.rs`).
+//!   server), with both agents run as `dataplane` processes, and the same
+//!   through a relay (see `tunnel.rs`).
 //!
 //! - memory after a burst, per allocator (`burst`), and what 10,000
 //!   strangers' QUIC Initials cost a connector (`initials`; see `memory.rs`).
 //!
 //! Usage: dataplane-bench [--rounds N] [--connects N] [--exchanges N] [--json PATH]
-//!                        [--only steering,latency,throughput,parallel,concurrent,idle,burst,initials]
+//!                        [--only steering,latency,throughput,parallel,concurrent,idle,relay,burst,initials]
 //!                        [--workers N] [--burst-wait SECS] [--allocators glibc,jemalloc,mimalloc]
 
 mod memory;
@@ -51,11 +52,11 @@ struct Opts {
 }
 
 /// The sections `--only` can pick.
-const SECTIONS: [&str; 8] =
-    ["steering", "latency", "throughput", "parallel", "concurrent", "idle", "burst", "initials"];
+const SECTIONS: [&str; 9] =
+    ["steering", "latency", "throughput", "parallel", "concurrent", "idle", "relay", "burst", "initials"];
 
 /// The sections of the tunnel run (`tunnel.rs`), which share one setup.
-const TUNNEL_SECTIONS: [&str; 5] = ["latency", "throughput", "parallel", "concurrent", "idle"];
+const TUNNEL_SECTIONS: [&str; 6] = ["latency", "throughput", "parallel", "concurrent", "idle", "relay"];
 
 impl Opts {
     fn runs(&self, section: &str) -> bool {

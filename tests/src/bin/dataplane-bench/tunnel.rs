@@ -1,6 +1,8 @@
 //! The full tunnel path (pod -> eBPF -> client agent -> QUIC with mutual TLS
 //! -> connector -> server), with both agents run as `dataplane` processes, so
-//! their memory and CPU time are their own. Baselines in the same topology
+//! their memory and CPU time are their own; and the same path through a
+//! relay (client -> relay -> connector, both hops QUIC), for a route the
+//! client learns from the relay. Baselines in the same topology
 //! and run: direct (kernel forwarding only), a userspace TCP relay (socat) at
 //! the private network's edge, and raw quinn with the tunnel's TLS material,
 //! transport settings and runtime (the QUIC stack's ceiling).
@@ -24,6 +26,10 @@ use tests::{
     topology::{EchoServer, OTHER_V4},
     tunnel_env::{CLIENT_ID, CONNECTOR_ID, Mode, STALLED_V4, TunnelEnv},
 };
+
+/// The relay's identity and where it listens (the node's side of the link).
+const RELAY_ID: &str = "spiffe://dataplane.test/relay/dmz-1";
+const RELAY_AT: &str = "10.201.0.1:4434";
 
 use super::{Opts, percentile, stats};
 
@@ -99,9 +105,46 @@ pub fn run(o: &Opts) -> Result<serde_json::Value> {
     let workers = o.workers.map(|w| format!("workers: {w}\n")).unwrap_or_default();
     // The idle section holds 10,000 flows through one peer: above the
     // default per-peer stream cap (8,192).
+    // A relay beside the client (both dial it out of the node's side):
+    // the connector dials it too and serves 10.201.0.4:7400 through it.
+    let relay_yaml = format!(
+        "node: relay-1\n{}tunnel: {{ listen: '{RELAY_AT}' }}\nrelay: {{}}\npeers:\n  \
+         - {{ name: nodes, identity: 'spiffe://dataplane.test/node/*' }}\n  \
+         - {{ name: private-cluster, identity: '{CONNECTOR_ID}', learn: ['10.201.0.4/32'] }}\n\
+         policy:\n  - {{ name: workers, identities: ['{CLIENT_ID}'], to: [{{ cidr: 10.201.0.4/32, ports: [7400] }}] }}\n\
+         limits: {{ streams_per_peer: 20000 }}\n{workers}",
+        TunnelEnv::tls_yaml(&env.tls("relay", RELAY_ID, None)?),
+    );
+    let relay_agent = AgentProcess::spawn(
+        &env.topo.node,
+        "relay",
+        &relay_yaml,
+        "10.201.0.1:9465".parse()?,
+        env.dir(),
+        &[],
+    )?;
+    env.topo.remote.ip(&["addr", "add", "10.201.0.4/32", "dev", "lo"])?;
+    let via_relay: SocketAddr = "10.201.0.4:7400".parse()?;
+    // With a relay's streams (attested identities) the connector needs
+    // rules; they grant the client everything served, as no rules would.
     let connector_yaml = env.connector_config_text(mode, &env.tls("connector", CONNECTOR_ID, None)?)
+        + "  - { cidr: '10.201.0.4/32', ports: [7400], own_node: true }\n"
+        + &format!(
+            "policy:\n  - name: all\n    identities: ['{CLIENT_ID}']\n    to:\n{}",
+            ["198.51.100.101/32", "2001:db8::101/128", "198.51.100.102/32", "2001:db8::102/128"]
+                .iter()
+                .map(|c| format!("      - {{ cidr: '{c}', ports: [6443, 7000] }}\n"))
+                .collect::<String>()
+                + "      - { cidr: '10.201.0.4/32', ports: [7400] }\n"
+        )
         + "limits: { streams_per_peer: 20000 }\n"
         + &workers;
+    let connector_yaml = connector_yaml.replace(
+        "peers:\n",
+        &format!(
+            "peers:\n  - {{ name: relay, dial: ['{RELAY_AT}'], identity: '{RELAY_ID}', relay: true }}\n"
+        ),
+    );
     let connector = AgentProcess::start(&env.topo.remote, "connector", &connector_yaml, admin, env.dir())?;
     // One more route, served by the client agent itself (`via: direct`): the
     // same two TCP connections and userspace hop as a tunnelled flow, without
@@ -114,13 +157,20 @@ pub fn run(o: &Opts) -> Result<serde_json::Value> {
         + "  - { cidr: '10.201.0.3/32', via: direct }\n"
         + "limits: { flows_per_workload: 20000 }\n"
         + &workers;
+    let client_yaml = client_yaml.replace(
+        "peers:\n",
+        &format!(
+            "peers:\n  - {{ name: relay, dial: ['{RELAY_AT}'], identity: '{RELAY_ID}', learn: ['10.201.0.4/32'] }}\n"
+        ),
+    );
     let client = AgentProcess::start(&env.topo.node, "client", &client_yaml, admin, env.dir())?;
     let fresh = (client.usage()?, connector.usage()?);
 
     let tunnel: SocketAddr = OTHER_V4.parse()?;
     let direct: SocketAddr = "10.201.0.2:7200".parse()?;
     let relay: SocketAddr = "10.201.0.2:7100".parse()?;
-    let _direct_echo = EchoServer::start(&env.topo.remote, &["10.201.0.2:7200", "10.201.0.3:7300"])?;
+    let _direct_echo =
+        EchoServer::start(&env.topo.remote, &["10.201.0.2:7200", "10.201.0.3:7300", "10.201.0.4:7400"])?;
     let _socat = Socat::start(&env.topo.remote, relay, tunnel)?;
     let load = |name: &str, id: &str| -> Result<dataplane::tls::TlsMaterial> {
         let t = env.tls(name, id, None)?;
@@ -166,7 +216,8 @@ pub fn run(o: &Opts) -> Result<serde_json::Value> {
         out.insert("idle_flow_rss".into(), json!(rows));
     }
 
-    for d in [tunnel, direct, relay, relayed] {
+    wait_until(|| Ok(relay_agent.is_ready()), "the relay ready")?;
+    for d in [tunnel, direct, relay, relayed, via_relay] {
         pod.latencies(d, 50)?;
     }
     quinn.exchanges(50, 1)?;
@@ -368,6 +419,39 @@ pub fn run(o: &Opts) -> Result<serde_json::Value> {
             json!({
                 "direct": cpu_per_flow[0], "raw_quinn": cpu_per_flow[1], "agent_relay": cpu_per_flow[2],
                 "dataplane": cpu_per_flow[3], "dataplane_agents": agents_per_flow,
+            }),
+        );
+    }
+
+    if o.runs("relay") {
+        let mut hops = [Arm::new("client -> connector"), Arm::new("client -> relay -> connector")];
+        let mut bulk = [Arm::new("client -> connector"), Arm::new("client -> relay -> connector")];
+        for _ in 0..rounds {
+            hops[0].latencies(pod.latencies(tunnel, o.exchanges)?)?;
+            hops[1].latencies(pod.latencies(via_relay, o.exchanges)?)?;
+            bulk[0].rounds.push(bulk_mbps(&pod, tunnel)?);
+            bulk[1].rounds.push(bulk_mbps(&pod, via_relay)?);
+        }
+        println!("  through a relay: new flow one at a time, p50 us; overall p99:");
+        for a in &hops {
+            let (min, med, max) = stats(&a.rounds);
+            println!("    {:<28} {min:>8.0} {med:>8.0} {max:>8.0}   p99 {:.0}", a.name, a.p99());
+        }
+        println!("  through a relay: single flow, 256 MiB out and echoed back, Mbit/s per direction:");
+        for a in &bulk {
+            a.row("");
+        }
+        println!(
+            "    => the relay hop adds {:+.0} us to a new flow; throughput {:.2}x of a direct tunnel \
+             (the relay is a third process on the same 2 cores)",
+            hops[1].median() - hops[0].median(),
+            bulk[1].median() / bulk[0].median()
+        );
+        out.insert(
+            "relay".into(),
+            json!({
+                "new_flow_us": by_arm(&hops, |a| json!({ "p50_rounds": a.rounds, "p99": a.p99() })),
+                "single_flow_mbps_per_direction": by_arm(&bulk, |a| json!(a.rounds)),
             }),
         );
     }
