@@ -7,6 +7,7 @@ pub mod agent_process;
 pub mod apiserver;
 pub mod baselines;
 pub mod evil;
+pub mod fleet;
 pub mod flood;
 pub mod probe;
 pub mod standin;
@@ -286,6 +287,18 @@ impl Drop for PinRoot {
 /// whose expiry they rule out (a hang would still fail them).
 pub fn fast_us(us: u64) -> u64 {
     us * time_scale()
+}
+
+/// `d` stretched by [`time_scale`]: a bound on a wait, for slow machines.
+pub fn scaled(d: std::time::Duration) -> std::time::Duration {
+    d * time_scale() as u32
+}
+
+/// Bytes a big transfer moves: `DATAPLANE_TEST_BULK_MIB` (the emulated
+/// kernels' runs set a few), by default 256 MiB.
+pub fn bulk_bytes() -> u64 {
+    let mib = std::env::var("DATAPLANE_TEST_BULK_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(256u64);
+    mib << 20
 }
 
 /// `DATAPLANE_TEST_TIME_SCALE`, at least 1: how much slower than a real

@@ -47,6 +47,59 @@ pub struct TunnelEnv {
     pub tunnel_ca: Pem,
 }
 
+/// The stand-in API server in `ns` on `addrs`, with its own PKI (a CA, a
+/// server certificate for 198.51.100.101 and 2001:db8::101, an admin client
+/// certificate) and a kubeconfig for it written into `dir`.
+pub fn start_api_server(
+    ns: &crate::Netns,
+    addrs: &[std::net::SocketAddr],
+    dir: &Path,
+) -> Result<(ApiServer, PathBuf)> {
+    let year = Duration::from_secs(365 * 86_400);
+
+    // The API server's own PKI, unrelated to the tunnel's.
+    let api_ca = certs::new_ca("test cluster CA", year)?;
+    let server = certs::issue(
+        &api_ca,
+        &NodeSpec {
+            identity: "spiffe://cluster.test/kube-apiserver".into(),
+            dns: vec!["kubernetes.default".into()],
+            ips: vec!["198.51.100.101".parse()?, "2001:db8::101".parse()?],
+            validity: year,
+            ..Default::default()
+        },
+    )?;
+    let admin = certs::issue(
+        &api_ca,
+        &NodeSpec {
+            identity: "spiffe://cluster.test/user/admin".into(),
+            validity: year,
+            ..Default::default()
+        },
+    )?;
+    let api = ApiServer::start(ns, addrs, &api_ca.cert, &server.cert, &server.key)?;
+    let write = |name: &str, text: &str| -> Result<PathBuf> {
+        let p = dir.join(name);
+        std::fs::write(&p, text)?;
+        Ok(p)
+    };
+    let (ca, crt, key) = (
+        write("api-ca.crt", &api_ca.cert)?,
+        write("admin.crt", &admin.cert)?,
+        write("admin.key", &admin.key)?,
+    );
+    let kubeconfig = write(
+        "kubeconfig",
+        &format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: private\n  cluster:\n    server: https://198.51.100.101:6443\n    certificate-authority: {}\nusers:\n- name: admin\n  user:\n    client-certificate: {}\n    client-key: {}\ncontexts:\n- name: private\n  context: {{cluster: private, user: admin, namespace: default}}\ncurrent-context: private\n",
+            ca.display(),
+            crt.display(),
+            key.display()
+        ),
+    )?;
+    Ok((api, kubeconfig))
+}
+
 /// TLS file paths for a config.
 pub struct TlsPaths {
     pub ca: PathBuf,
@@ -63,52 +116,10 @@ impl TunnelEnv {
         let dir = tempfile::tempdir()?;
         let year = Duration::from_secs(365 * 86_400);
         let tunnel_ca = certs::new_ca("dataplane test tunnel CA", year)?;
-
-        // The API server's own PKI, unrelated to the tunnel's.
-        let api_ca = certs::new_ca("test cluster CA", year)?;
-        let server = certs::issue(
-            &api_ca,
-            &NodeSpec {
-                identity: "spiffe://cluster.test/kube-apiserver".into(),
-                dns: vec!["kubernetes.default".into()],
-                ips: vec!["198.51.100.101".parse()?, "2001:db8::101".parse()?],
-                validity: year,
-                ..Default::default()
-            },
-        )?;
-        let admin = certs::issue(
-            &api_ca,
-            &NodeSpec {
-                identity: "spiffe://cluster.test/user/admin".into(),
-                validity: year,
-                ..Default::default()
-            },
-        )?;
-        let api = ApiServer::start(
+        let (api, kubeconfig) = start_api_server(
             &topo.remote,
             &[addr("198.51.100.101:6443"), addr("[2001:db8::101]:6443")],
-            &api_ca.cert,
-            &server.cert,
-            &server.key,
-        )?;
-        let write = |name: &str, text: &str| -> Result<PathBuf> {
-            let p = dir.path().join(name);
-            std::fs::write(&p, text)?;
-            Ok(p)
-        };
-        let (ca, crt, key) = (
-            write("api-ca.crt", &api_ca.cert)?,
-            write("admin.crt", &admin.cert)?,
-            write("admin.key", &admin.key)?,
-        );
-        let kubeconfig = write(
-            "kubeconfig",
-            &format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: private\n  cluster:\n    server: https://198.51.100.101:6443\n    certificate-authority: {}\nusers:\n- name: admin\n  user:\n    client-certificate: {}\n    client-key: {}\ncontexts:\n- name: private\n  context: {{cluster: private, user: admin, namespace: default}}\ncurrent-context: private\n",
-                ca.display(),
-                crt.display(),
-                key.display()
-            ),
+            dir.path(),
         )?;
         Ok(TunnelEnv { api, topo, dir, kubeconfig, tunnel_ca })
     }
@@ -239,15 +250,7 @@ impl TunnelEnv {
 
     /// Runs kubectl as a workload in the pod namespace and cgroup.
     pub fn kubectl(&self, args: &[&str]) -> Result<std::process::Output> {
-        let home = self.dir.path().join("home");
-        std::fs::create_dir_all(&home)?;
-        let mut all = vec!["--request-timeout=20s"];
-        all.extend_from_slice(args);
-        self.topo.pod_probe().exec(
-            "/usr/bin/kubectl",
-            &all,
-            &[("KUBECONFIG", self.kubeconfig.as_path()), ("HOME", home.as_path())],
-        )
+        kubectl_in(&self.topo.pod_probe(), &self.kubeconfig, self.dir.path(), args)
     }
 
     /// A server at [`STALLED_V4`] that accepts connections and never reads;
@@ -277,15 +280,35 @@ pub fn output_text(o: &std::process::Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
+/// Runs the real kubectl as a workload where `pod` runs (its namespace and
+/// cgroup), with `kubeconfig` and a home under `dir`.
+pub fn kubectl_in(
+    pod: &crate::probe::Probe,
+    kubeconfig: &Path,
+    dir: &Path,
+    args: &[&str],
+) -> Result<std::process::Output> {
+    let home = dir.join("home");
+    std::fs::create_dir_all(&home)?;
+    let mut all = vec!["--request-timeout=20s"];
+    all.extend_from_slice(args);
+    pod.exec("/usr/bin/kubectl", &all, &[("KUBECONFIG", kubeconfig), ("HOME", home.as_path())])
+}
+
 /// The real kubectl in the pod gets the stand-in API server's version and
 /// its pod list through the tunnel.
 pub fn kubectl_works(env: &TunnelEnv) {
+    kubectl_works_with(|args| env.kubectl(args));
+}
+
+/// [`kubectl_works`] with kubectl run by `kubectl`.
+pub fn kubectl_works_with(kubectl: impl Fn(&[&str]) -> Result<std::process::Output>) {
     use crate::apiserver::{POD_NAME, SERVER_VERSION};
     let text = output_text;
-    let v = env.kubectl(&["version"]).expect("kubectl runs");
+    let v = kubectl(&["version"]).expect("kubectl runs");
     assert!(v.status.success(), "kubectl version: {}", text(&v));
     assert!(text(&v).contains(&format!("Server Version: {SERVER_VERSION}")), "{}", text(&v));
-    let pods = env.kubectl(&["get", "pods"]).expect("kubectl runs");
+    let pods = kubectl(&["get", "pods"]).expect("kubectl runs");
     assert!(pods.status.success(), "kubectl get pods: {}", text(&pods));
     let out = text(&pods);
     assert!(out.contains("NAME") && out.contains(POD_NAME) && out.contains("Running"), "{out}");

@@ -61,6 +61,8 @@ fn run(command: Command) -> Result<()> {
         Command::ClippyEbpf => build_ebpf::clippy(),
         Command::Test { args } => {
             build_ebpf::run(&build_ebpf::Options::default())?;
+            // The fleet test's firewalls.
+            ensure_package(&["nft", "--version"], "nftables", "the fleet test's firewalls")?;
             cargo(&["test", "--workspace", "--no-fail-fast"], &args)
         }
         Command::Demo => {
@@ -77,16 +79,7 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Bench { mut args } => {
             build_ebpf::run(&build_ebpf::Options::default())?;
-            // The userspace-relay baseline.
-            if Process::new("socat").arg("-V").output().is_err() {
-                eprintln!("xtask: installing socat (the relay baseline)");
-                let ok = Process::new("apt-get")
-                    .args(["install", "-y", "-qq", "--no-install-recommends", "socat"])
-                    .env("DEBIAN_FRONTEND", "noninteractive")
-                    .status()
-                    .is_ok_and(|s| s.success());
-                ensure!(ok, "installing socat failed; run `apt-get update && apt-get install socat`");
-            }
+            ensure_package(&["socat", "-V"], "socat", "the relay baseline")?;
             let out = build_ebpf::workspace_root().join("target/bench");
             std::fs::create_dir_all(&out)?;
             args.extend(["--json".into(), out.join("bench.json").display().to_string()]);
@@ -95,6 +88,27 @@ fn run(command: Command) -> Result<()> {
             cargo(&["run", "--quiet", "--release", "-p", "tests", "--bin", "dataplane-bench", "--"], &args)
         }
     }
+}
+
+/// Installs the Debian `package` (for `why`) unless `probe` runs: apt-get
+/// install, and once more after an `apt-get update` (a fresh machine has no
+/// package lists).
+fn ensure_package(probe: &[&str], package: &str, why: &str) -> Result<()> {
+    if Process::new(probe[0]).args(&probe[1..]).output().is_ok() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {package} ({why})");
+    let apt = |args: &[&str]| {
+        Process::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let install = ["install", "-y", "-qq", "--no-install-recommends", package];
+    let ok = apt(&install) || (apt(&["update", "-qq"]) && apt(&install));
+    ensure!(ok, "installing {package} failed; run `apt-get update && apt-get install {package}`");
+    Ok(())
 }
 
 /// Runs the cargo that runs us, in the workspace root.

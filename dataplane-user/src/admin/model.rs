@@ -44,6 +44,9 @@ pub struct RouteStatus {
     /// A learned route: the peers whose live connections advertise it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub advertisers: Vec<String>,
+    /// A learned route: live connections advertising it whose peer drains.
+    #[serde(default)]
+    pub draining: usize,
 }
 
 /// An advertised route (or a whole advertisement) not steered, and why.

@@ -174,12 +174,17 @@ impl AgentHandle {
                     Upstream::Peer(p) => (p.to_string(), "config", Vec::new()),
                     Upstream::Advertised => ("advertised".to_owned(), "learned", advertised_by(&r.net)),
                 };
+                let draining = match r.upstream {
+                    Upstream::Advertised => tunnel.map_or(0, |t| t.advertisers(&r.net).1),
+                    _ => 0,
+                };
                 admin::RouteStatus {
                     cidr: r.net.to_string(),
                     via,
                     ready,
                     source: source.to_owned(),
                     advertisers,
+                    draining,
                 }
             })
             .collect();

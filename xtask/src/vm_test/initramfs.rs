@@ -15,8 +15,20 @@ use super::kernel::{decompress, find};
 /// Modules the guest needs; their dependencies are added from .modinfo.
 /// virtio_rng: without an entropy source the guest's CRNG may not be ready
 /// for minutes under emulation, and TLS (getrandom) blocks until it is.
-pub(super) const MODULES: [&str; 9] =
-    ["9pnet_virtio", "9p", "overlay", "virtio_pci", "veth", "dummy", "ifb", "netfs", "virtio_rng"];
+/// nf_tables and nft_ct (with conntrack): the fleet test's firewalls.
+pub(super) const MODULES: [&str; 11] = [
+    "9pnet_virtio",
+    "9p",
+    "overlay",
+    "virtio_pci",
+    "veth",
+    "dummy",
+    "ifb",
+    "netfs",
+    "virtio_rng",
+    "nf_tables",
+    "nft_ct",
+];
 
 /// Reads a module file, decompressing .ko.xz / .ko.zst.
 fn read_module(path: &Path) -> Result<Vec<u8>> {
