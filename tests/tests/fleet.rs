@@ -251,7 +251,21 @@ fn a_fleet_behind_firewalls_serves_kubectl_and_survives_its_failures() {
     });
     let other_before = served(&other);
     let probes = f.nodes[1].pod_probe().repeat(addr(ECHO), 10).expect("probes");
-    assert_eq!((probes.ok, probes.failed), (10, 0), "{probes:?}");
+    let tails = || {
+        let grep = |a: &AgentProcess| {
+            let log = std::fs::read_to_string(&a.log).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().filter(|l| !l.contains("tunnel connection up")).collect();
+            lines[lines.len().saturating_sub(25)..].join("\n")
+        };
+        format!(
+            "client b:\n{}\nrelay 1:\n{}\nrelay 2:\n{}\nserving connector:\n{}",
+            grep(&clients[1]),
+            grep(&r1),
+            grep(&r2),
+            grep(&other)
+        )
+    };
+    assert_eq!((probes.ok, probes.failed), (10, 0), "{probes:?}\n{}", tails());
     assert_eq!(served(&other), other_before + 10.0, "every new flow on the serving replica");
     assert_eq!(served(&busy), busy_before, "none on the draining one");
     let bulk = transfer.join().expect("thread").expect("bulk");

@@ -15,8 +15,10 @@ use super::kernel::{decompress, find};
 /// Modules the guest needs; their dependencies are added from .modinfo.
 /// virtio_rng: without an entropy source the guest's CRNG may not be ready
 /// for minutes under emulation, and TLS (getrandom) blocks until it is.
-/// nf_tables and nft_ct (with conntrack): the fleet test's firewalls.
-pub(super) const MODULES: [&str; 11] = [
+/// nf_tables and nft_ct (with conntrack): the fleet test's firewalls;
+/// crc32c for libcrc32c, which nf_tables needs and which finds its
+/// algorithm by name, not by a module dependency.
+pub(super) const MODULES: [&str; 13] = [
     "9pnet_virtio",
     "9p",
     "overlay",
@@ -26,6 +28,8 @@ pub(super) const MODULES: [&str; 11] = [
     "ifb",
     "netfs",
     "virtio_rng",
+    "crc32c_generic",
+    "crc32c_intel",
     "nf_tables",
     "nft_ct",
 ];
