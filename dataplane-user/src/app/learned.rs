@@ -8,14 +8,14 @@
 //! already taken; every refusal is kept with its reason, for the log and
 //! `/status`. Replicas advertising the same network make one route.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
 use ipnet::IpNet;
 
 use crate::{
     config::ValidConfig,
     ranges::overlaps,
-    tunnel::{Advert, Advertisement, Tunnel},
+    tunnel::{Advert, Advertisement, Trust, Tunnel},
 };
 use dataplane_common::ROUTES_MAX_ENTRIES;
 
@@ -24,9 +24,9 @@ use dataplane_common::ROUTES_MAX_ENTRIES;
 pub(super) struct Learned {
     pub nets: Vec<IpNet>,
     pub refused: BTreeMap<String, String>,
-    /// Per connection, the routes of its advertisement that were taken:
-    /// streams for learned routes go only to these, for these.
-    pub trusted: HashMap<usize, Vec<Advert>>,
+    /// Per connection, the advertisement judged and its routes that were
+    /// taken: streams for learned routes go only to these, for these.
+    pub trusted: Trust,
     /// What the trusted connections serve in the learned routes (a relay
     /// advertises it on).
     pub served: Vec<Advert>,
@@ -69,7 +69,7 @@ pub(super) fn merge(config: &ValidConfig, ads: &[Advertisement]) -> Learned {
                 }
             }
         }
-        taken.push((*connection, ok));
+        taken.push((*connection, routes.clone(), ok));
     }
     let configured = config.valid_routes();
     let mut nets: Vec<IpNet> = Vec::new();
@@ -94,12 +94,14 @@ pub(super) fn merge(config: &ValidConfig, ads: &[Advertisement]) -> Learned {
     }
     // What each connection may be sent streams for: its routes that were
     // learned, and nothing it advertised beyond them.
-    let trusted: HashMap<usize, Vec<Advert>> = taken
+    let trusted: Trust = taken
         .into_iter()
-        .map(|(c, routes)| (c, routes.into_iter().filter(|a| nets.contains(&a.net)).collect::<Vec<_>>()))
-        .filter(|(_, routes)| !routes.is_empty())
+        .map(|(c, judged, ok)| {
+            (c, (judged, ok.into_iter().filter(|a| nets.contains(&a.net)).collect::<Vec<_>>()))
+        })
+        .filter(|(_, (_, routes))| !routes.is_empty())
         .collect();
-    let mut served: Vec<Advert> = trusted.values().flatten().cloned().collect();
+    let mut served: Vec<Advert> = trusted.values().flat_map(|(_, r)| r).cloned().collect();
     served.sort();
     served.dedup();
     Learned { nets, refused, trusted, served }
@@ -156,7 +158,7 @@ mod tests {
         assert_eq!(nets(&l), ["198.51.100.101/32"]);
         let why = &l.refused["2001:db8::101/128"];
         assert!(why.contains("advertised by b") && why.contains("outside peers[b].learn"), "{why}");
-        let trusted: Vec<&Vec<Advert>> = l.trusted.values().collect();
+        let trusted: Vec<&Vec<Advert>> = l.trusted.values().map(|(_, r)| r).collect();
         assert_eq!(trusted.len(), 1);
         assert_eq!(trusted[0].iter().map(|a| a.net.to_string()).collect::<Vec<_>>(), ["198.51.100.101/32"]);
     }

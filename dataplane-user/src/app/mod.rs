@@ -89,6 +89,8 @@ struct Shared {
     routes_synced: std::sync::atomic::AtomicU64,
     /// Learned routes refused at the last sync, and why (logged on change).
     learned_refused: Arc<Mutex<std::collections::BTreeMap<String, String>>>,
+    /// The trust the last successful sync gave the tunnel's connections.
+    trusted: Mutex<crate::tunnel::Trust>,
     /// The one drain signal: fired when shutdown begins, obeyed by every
     /// role (steering detaches and stops accepting, reloads are refused,
     /// readiness turns false); the grace period that follows is the same for
@@ -238,6 +240,7 @@ impl Agent {
             reloads,
             routes_synced: std::sync::atomic::AtomicU64::new(0),
             learned_refused,
+            trusted: Mutex::default(),
             drain: CancellationToken::new(),
         });
         let tunnel_tasks = shared.tunnel.as_ref().map(|t| t.start()).unwrap_or_default();

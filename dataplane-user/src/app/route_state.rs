@@ -63,14 +63,21 @@ pub(super) fn resync(
     let tunnel = shared.tunnel.as_deref();
     let learned = learned::learned_routes(config, tunnel);
     // Before the kernel steers a new learned route: its flows need a
-    // connection to go to.
+    // connection to go to. A failed sync puts the last trust back, with
+    // the table the kernel keeps.
     if let Some(t) = tunnel {
         t.trust_advertisements(&learned.trusted);
     }
     let next = RouteTable::with_learned(config.valid_routes(), &learned.nets, table);
-    if let Some(s) = &shared.steering {
-        s.sync(&next, |e| action(e, tunnel))?;
+    if let Some(s) = &shared.steering
+        && let Err(e) = s.sync(&next, |e| action(e, tunnel))
+    {
+        if let Some(t) = tunnel {
+            t.trust_advertisements(&lock(&shared.trusted));
+        }
+        return Err(e);
     }
+    *lock(&shared.trusted) = learned.trusted.clone();
     let diff = table.diff(&next);
     *table = next;
     // A relay advertises what its connectors serve on to its clients.

@@ -175,7 +175,10 @@ impl Connector {
         let (peer, _stream) = match permit {
             Some(p) => (peer, p),
             None => {
-                let peer = attested(peer, &buf[..used]);
+                let Some(peer) = attested(&peer, &buf[..used]) else {
+                    debug!(relay = %peer.identity, "a relay's stream without a valid client attestation");
+                    return self.answer(&mut send, Status::ProtocolError).await;
+                };
                 match self.budgets.stream(Holder { name: &peer.name, identity: &peer.identity }, &caps) {
                     Some(p) => (peer, p),
                     None => return self.refuse(&peer.name, Status::OverStreamCap, send, recv).await,
@@ -275,16 +278,15 @@ impl Connector {
 
 /// Whose stream a relay forwarded: the client identity the relay attests
 /// in the header, admitted as by a pattern (policy rules must grant it
-/// something); a stream without one is the relay's own.
-fn attested(relay: PeerId, header: &[u8]) -> PeerId {
-    let identity = match stream::decode_request(header) {
-        Ok(Decoded::Complete(req, _)) => req.metadata.get(META_CLIENT_IDENTITY).map(<[u8]>::to_vec),
-        _ => None,
-    };
-    match identity.and_then(|v| String::from_utf8(v).ok()) {
-        Some(identity) => PeerId { name: relay.name, identity: Arc::from(identity), exact: false },
-        None => relay,
+/// something). A relay's stream without a valid one is refused: served as
+/// the relay's own, it would get all a listed relay may reach.
+fn attested(relay: &PeerId, header: &[u8]) -> Option<PeerId> {
+    let Ok(Decoded::Complete(req, _)) = stream::decode_request(header) else { return None };
+    let identity = std::str::from_utf8(req.metadata.get(META_CLIENT_IDENTITY)?).ok()?;
+    if identity.is_empty() || identity.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return None;
     }
+    Some(PeerId { name: relay.name.clone(), identity: Arc::from(identity), exact: false })
 }
 
 fn dial_status(e: &io::Error) -> Status {
@@ -331,6 +333,38 @@ impl StreamHandler for Connector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_valid_attestation_names_a_relayed_client() {
+        let relay = PeerId { name: "relay-1".into(), identity: "spiffe://t/relay/1".into(), exact: true };
+        let header = |meta: &[(u8, &[u8])]| {
+            let mut block = [0u8; 512];
+            let mut end = 0;
+            for (k, v) in meta {
+                end = stream::put_metadata(&mut block, end, *k, v).expect("fits");
+            }
+            let req = stream::Request {
+                dst: "198.51.100.101:6443".parse().expect("addr"),
+                flow_id: 1,
+                metadata: stream::Metadata::new(&block[..end]).expect("valid"),
+            };
+            let mut out = vec![0u8; MAX_REQUEST];
+            let n = req.encode(&mut out).expect("encodes");
+            out.truncate(n);
+            out
+        };
+        let client =
+            attested(&relay, &header(&[(META_CLIENT_IDENTITY, b"spiffe://t/node/w-1")])).expect("attested");
+        assert_eq!(
+            (&*client.name, &*client.identity, client.exact),
+            ("relay-1", "spiffe://t/node/w-1", false)
+        );
+        assert!(attested(&relay, &header(&[])).is_none(), "no attestation: refused, not the relay's own");
+        assert!(attested(&relay, &header(&[(META_CLIENT_IDENTITY, b"")])).is_none());
+        assert!(attested(&relay, &header(&[(META_CLIENT_IDENTITY, b"spiffe://t/node/a b")])).is_none());
+        assert!(attested(&relay, &header(&[(META_CLIENT_IDENTITY, &[0xff, 0xfe])])).is_none(), "not UTF-8");
+        assert!(attested(&relay, b"garbage").is_none());
+    }
 
     #[test]
     fn dial_errors_map_to_statuses() {

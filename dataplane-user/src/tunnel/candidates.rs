@@ -63,10 +63,14 @@ impl Candidate {
 }
 
 /// `all` ordered best first, the best class rotated by `next`.
-pub(super) fn order(mut all: Vec<Candidate>, next: &AtomicUsize) -> Vec<Candidate> {
-    // Stable, so the rotation below is over a fixed order.
-    all.sort_by_key(|c| (c.draining(), c.is_suspect()));
-    let best = all.iter().take_while(|c| !c.draining() && !c.is_suspect()).count().max(1).min(all.len());
+pub(super) fn order(all: Vec<Candidate>, next: &AtomicUsize) -> Vec<Candidate> {
+    // Each key read once (they are live counters, and a sort must see a
+    // fixed order); stable, so the rotation below is over a fixed order.
+    let mut keyed: Vec<((bool, bool), Candidate)> =
+        all.into_iter().map(|c| ((c.draining(), c.is_suspect()), c)).collect();
+    keyed.sort_by_key(|(k, _)| *k);
+    let best = keyed.iter().take_while(|(k, _)| *k == (false, false)).count().max(1).min(keyed.len());
+    let mut all: Vec<Candidate> = keyed.into_iter().map(|(_, c)| c).collect();
     if best > 0 {
         let turn = next.fetch_add(1, Relaxed) % best;
         all[..best].rotate_left(turn);

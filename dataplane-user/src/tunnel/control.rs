@@ -69,7 +69,18 @@ enum ControlFailure {
     NoHello,
     #[error("no common control protocol version (peer speaks {0}..{1}, this agent {v}..{v})", v = control::VERSION)]
     Version(u8, u8),
+    #[error("advertisements changed more than {MAX_CHANGES} times in {CHANGES_WINDOW:?}")]
+    TooOften,
 }
+
+/// Changed advertisements a connection may send per [`CHANGES_WINDOW`]:
+/// each makes every learner resync its routes (and a client its kernel
+/// tries); a reload or a replica coming and going changes a few.
+const MAX_CHANGES: u32 = 20;
+const CHANGES_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+/// The read buffer's capacity kept between frames (a full advertisement
+/// grows it to about 150 KiB once).
+const KEEP_BUFFER: usize = 64 << 10;
 
 /// The control protocol versions this build speaks.
 const VERSIONS: (u8, u8) = (control::VERSION, control::VERSION);
@@ -127,8 +138,9 @@ impl Tunnel {
         mut recv: RecvStream,
         peer: &PeerId,
         state: &ConnState,
+        learns: bool,
     ) {
-        match self.read_frames(&mut recv, peer, state).await {
+        match self.read_frames(&mut recv, peer, state, learns).await {
             Ok(()) => {}
             Err(e) => {
                 if let Some(suppressed) = self.handshake_logs.allow(std::time::Instant::now()) {
@@ -140,14 +152,19 @@ impl Tunnel {
         }
     }
 
+    /// Only a peer this agent `learns` from has its advertisements kept;
+    /// anyone else's are read and dropped (a pattern peer's could otherwise
+    /// make it hold 1,024 routes per connection for nothing).
     async fn read_frames(
         &self,
         recv: &mut RecvStream,
         peer: &PeerId,
         state: &ConnState,
+        learns: bool,
     ) -> Result<(), ControlFailure> {
         let mut buf: Vec<u8> = Vec::new();
         let mut hello = false;
+        let mut changes = (std::time::Instant::now(), 0u32);
         loop {
             let used = match control::decode_frame(&buf).map_err(ControlFailure::Malformed)? {
                 Decoded::Incomplete(need) => {
@@ -171,20 +188,34 @@ impl Tunnel {
                         }
                         _ if !hello => return Err(ControlFailure::NoHello),
                         Frame::Hello { .. } | Frame::Unknown(_) => {}
+                        Frame::Advertise(_) if !learns => {}
                         Frame::Advertise(ad) => {
                             let routes = merge(ad.iter().map(|r| Advert {
                                 // Checked by the decoder: the prefix fits the family.
                                 net: IpNet::new(r.addr, r.prefix).unwrap_or_else(|_| IpNet::from(r.addr)),
                                 ports: r.ports.iter().collect(),
                             }));
-                            info!(peer = %peer.name, identity = %peer.identity, routes = routes.len(), "peer advertised routes");
                             let mut held = crate::lock(&state.advertised);
                             if **held != *routes {
-                                *crate::lock(&state.trusted) = Arc::from(Vec::new());
+                                if changes.0.elapsed() > CHANGES_WINDOW {
+                                    changes = (std::time::Instant::now(), 0);
+                                }
+                                changes.1 += 1;
+                                if changes.1 > MAX_CHANGES {
+                                    return Err(ControlFailure::TooOften);
+                                }
+                                // What stays advertised stays trusted until
+                                // the next sync judges the rest.
+                                let mut trusted = crate::lock(&state.trusted);
+                                let kept: Vec<Advert> =
+                                    trusted.iter().filter(|a| routes.contains(a)).cloned().collect();
+                                *trusted = Arc::from(kept);
+                                drop(trusted);
+                                info!(peer = %peer.name, identity = %peer.identity, routes = routes.len(), "peer advertised routes");
                                 *held = routes.into();
+                                drop(held);
+                                self.liveness.send_modify(|n| *n += 1);
                             }
-                            drop(held);
-                            self.liveness.send_modify(|n| *n += 1);
                         }
                         Frame::Draining => {
                             if !state.draining.swap(true, Relaxed) {
@@ -197,6 +228,9 @@ impl Tunnel {
                 }
             };
             buf.drain(..used);
+            if buf.capacity() > KEEP_BUFFER && buf.len() <= KEEP_BUFFER {
+                buf.shrink_to(KEEP_BUFFER);
+            }
         }
     }
 }

@@ -119,6 +119,9 @@ pub trait StreamHandler: Send + Sync {
     }
 }
 
+/// Per connection id: the advertisement judged, and its routes taken.
+pub type Trust = std::collections::HashMap<usize, (Arc<[Advert]>, Vec<Advert>)>;
+
 /// One live connection's advertisement.
 #[derive(Clone, Debug)]
 pub struct Advertisement {
@@ -231,7 +234,7 @@ impl Tunnel {
         let mut dial = Vec::new();
         for (p, identity) in peers {
             let dialers = if p.dial.is_empty() { 0 } else { p.connections };
-            let slot = Arc::new(PeerSlot::new(&p.name, identity, dialers));
+            let slot = Arc::new(PeerSlot::new(&p.name, identity, dialers, !p.learn.is_empty()));
             if !p.dial.is_empty() {
                 dial.push((slot.clone(), p.dial.clone(), p.connections));
             }
@@ -386,7 +389,8 @@ impl Tunnel {
     }
 
     /// What each live connection's peer advertises now: the peer's name,
-    /// the connection's id and the routes.
+    /// the connection's id and the routes (the very ones held: trusting
+    /// them later applies only if they are still what the connection holds).
     pub fn advertisements(&self) -> Vec<Advertisement> {
         let mut out = Vec::new();
         for slot in self.peers.values() {
@@ -401,13 +405,21 @@ impl Tunnel {
         out
     }
 
-    /// Sets, per connection (ids from [`Tunnel::advertisements`]), the
-    /// advertised routes streams may be opened by; a connection not in
-    /// `accepted` gets none.
-    pub fn trust_advertisements(&self, accepted: &std::collections::HashMap<usize, Vec<Advert>>) {
+    /// Sets, per connection (ids from [`Tunnel::advertisements`], with the
+    /// advertisement they were judged on), the advertised routes streams
+    /// may be opened by; a connection not in `accepted` gets none. An entry
+    /// applies only to the connection still holding that very
+    /// advertisement: an id can be reused once its connection is gone, and
+    /// an advertisement that changed since is judged at the next sync.
+    pub fn trust_advertisements(&self, accepted: &Trust) {
         for slot in self.peers.values() {
             for (conn, state) in slot.live_states() {
-                let routes = accepted.get(&conn.stable_id()).cloned().unwrap_or_default();
+                let held = lock_advertised(&state);
+                let routes = match accepted.get(&conn.stable_id()) {
+                    Some((judged, routes)) if Arc::ptr_eq(judged, &held) => routes.clone(),
+                    Some(_) => continue,
+                    None => Vec::new(),
+                };
                 *crate::lock(&state.trusted) = Arc::from(routes);
             }
         }
@@ -574,7 +586,7 @@ impl Tunnel {
                 };
                 let read = async {
                     if let Some(recv) = recv {
-                        self.read_control(&conn, recv, &peer, &state).await;
+                        self.read_control(&conn, recv, &peer, &state, slot.learns).await;
                     }
                 };
                 tokio::join!(write, read);

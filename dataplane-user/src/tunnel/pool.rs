@@ -29,6 +29,9 @@ pub(super) struct PeerSlot {
     conns: Mutex<Vec<(quinn::Connection, Arc<ConnState>)>>,
     /// Connections this agent keeps dialled to the peer (0: it dials us).
     pub dialers: u32,
+    /// Routes the peer advertises may be learned (`peers[].learn`): only
+    /// then are its advertisements kept.
+    pub learns: bool,
     /// Connections this agent accepted and holds now, per exact identity
     /// (an entry exists only while it holds one, so a pattern admitting
     /// any number of identities keeps no more entries than connections).
@@ -61,12 +64,13 @@ impl Drop for Accepted {
 }
 
 impl PeerSlot {
-    pub fn new(name: &str, identity: &IdentityPattern, dialers: u32) -> PeerSlot {
+    pub fn new(name: &str, identity: &IdentityPattern, dialers: u32, learns: bool) -> PeerSlot {
         PeerSlot {
             name: Arc::from(name),
             identity: identity.clone(),
             conns: Mutex::new(Vec::new()),
             dialers,
+            learns,
             accepted: Mutex::default(),
             retired: Mutex::default(),
         }
