@@ -123,6 +123,24 @@ pub struct Ticks {
     pub last_failure_at_ms: Option<u128>,
 }
 
+impl Ticks {
+    /// After a kill at `killed_at_ms` (ms since the epoch): no flow failed
+    /// later than 1 s after it (scaled, [`crate::fast_us`]), none failed at
+    /// all, and none took a second.
+    pub fn assert_no_late_failure(&self, what: &str, killed_at_ms: u128) {
+        let second = crate::fast_us(1_000_000);
+        if let Some(at) = self.last_failure_at_ms {
+            assert!(
+                at <= killed_at_ms + u128::from(second / 1000),
+                "{what}: a flow failed {} ms after the kill: {self:?}",
+                at.saturating_sub(killed_at_ms)
+            );
+        }
+        assert_eq!((self.refused, self.failed, self.broken), (0, 0, 0), "{what}: {self:?}");
+        assert!(self.slowest_ok_us < second as f64, "{what}: {self:?}");
+    }
+}
+
 /// Totals of a `--repeat` run.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Summary {

@@ -10,18 +10,16 @@
 
 use std::{sync::Mutex, time::Duration};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use dataplane_proto::stream::Status;
 use quinn::{RecvStream, SendStream};
-use tokio::{
-    net::{TcpStream, tcp::ReadHalf},
-    time::Instant,
-};
+use tokio::{net::TcpStream, time::Instant};
 
 use super::{
     Candidate, Tunnel,
     splice::{
-        CHUNK, Moved, RESET_TCP_FAILED, SpliceError, finish, join_down_first, quic_to_tcp, read_status,
+        Moved, RESET_TCP_FAILED, SpliceError, finish, join_down_first, quic_to_tcp, read_status,
+        tcp_to_quic_seen,
     },
 };
 use crate::traffic::Traffic;
@@ -190,7 +188,12 @@ pub async fn splice_failover(
                 if crate::lock(&replay).finished {
                     return Ok(());
                 }
-                pump(rd, &mut send, &moved, &replay).await.map_err(Attempt::Failed)
+                // What goes up is kept for a replay until the answer.
+                let keep = |chunk: Option<&Bytes>| match chunk {
+                    Some(c) => crate::lock(&replay).record(c),
+                    None => crate::lock(&replay).finished = true,
+                };
+                tcp_to_quic_seen(rd, &mut send, &moved, keep).await.map_err(Attempt::Failed)
             };
             let down = async {
                 match await_status(&mut recv, c, sent_rx, alternatives, deadline).await {
@@ -251,39 +254,6 @@ async fn write_opening(send: &mut SendStream, header: &[u8], replay: &Mutex<Repl
         send.finish().map_err(|e| e.to_string())?;
     }
     Ok(())
-}
-
-/// TCP to QUIC, as the splice's, keeping what goes up for a replay.
-async fn pump(
-    rd: ReadHalf<'_>,
-    send: &mut SendStream,
-    moved: &Traffic,
-    replay: &Mutex<Replay>,
-) -> Result<(), SpliceError> {
-    let mut buf = BytesMut::new();
-    let tcp = rd.as_ref();
-    loop {
-        tcp.readable().await.map_err(SpliceError::Tcp)?;
-        if buf.capacity() < CHUNK / 4 {
-            buf.reserve(CHUNK);
-        }
-        let n = match tcp.try_read_buf(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                buf = BytesMut::new();
-                continue;
-            }
-            Err(e) => return Err(SpliceError::Tcp(e)),
-        };
-        if n == 0 {
-            crate::lock(replay).finished = true;
-            return send.finish().map_err(|e| SpliceError::Quic(e.to_string()));
-        }
-        let chunk = buf.split().freeze();
-        crate::lock(replay).record(&chunk);
-        send.write_chunk(chunk).await.map_err(|e| SpliceError::Quic(e.to_string()))?;
-        moved.up(n as u64);
-    }
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use tokio::{
 };
 
 /// Largest chunk moved at once from TCP to QUIC.
-pub(super) const CHUNK: usize = 64 * 1024;
+const CHUNK: usize = 64 * 1024;
 /// Most received QUIC frames written to TCP in one syscall.
 const BATCH: usize = 32;
 /// Application error code for a stream reset because the TCP side failed.
@@ -164,6 +164,17 @@ pub(super) async fn read_status(recv: &mut RecvStream) -> Result<Status, String>
 /// drains, so an idle flow (a kept-alive connection, a watch) holds none. A
 /// busy flow keeps reusing its allocation, since readiness returns at once.
 async fn tcp_to_quic(rd: ReadHalf<'_>, send: &mut SendStream, moved: &Traffic) -> Result<(), SpliceError> {
+    tcp_to_quic_seen(rd, send, moved, |_| {}).await
+}
+
+/// [`tcp_to_quic`], showing `seen` each chunk before it is written and
+/// `None` at the application's half-close (failover keeps them to replay).
+pub(super) async fn tcp_to_quic_seen(
+    rd: ReadHalf<'_>,
+    send: &mut SendStream,
+    moved: &Traffic,
+    mut seen: impl FnMut(Option<&Bytes>),
+) -> Result<(), SpliceError> {
     let mut buf = BytesMut::new();
     let tcp = rd.as_ref();
     loop {
@@ -181,9 +192,12 @@ async fn tcp_to_quic(rd: ReadHalf<'_>, send: &mut SendStream, moved: &Traffic) -
         };
         if n == 0 {
             // Application half-closed: finish our direction only.
+            seen(None);
             return send.finish().map_err(|e| SpliceError::Quic(e.to_string()));
         }
-        send.write_chunk(buf.split().freeze()).await.map_err(|e| SpliceError::Quic(e.to_string()))?;
+        let chunk = buf.split().freeze();
+        seen(Some(&chunk));
+        send.write_chunk(chunk).await.map_err(|e| SpliceError::Quic(e.to_string()))?;
         moved.up(n as u64);
     }
 }
