@@ -114,7 +114,6 @@ struct SteeringParts {
 pub struct Agent {
     shared: Arc<Shared>,
     steering: Option<SteeringParts>,
-    tunnel_tasks: JoinSet<()>,
     admin: Option<TcpListener>,
 }
 
@@ -243,8 +242,10 @@ impl Agent {
             trusted: Mutex::default(),
             drain: CancellationToken::new(),
         });
-        let tunnel_tasks = shared.tunnel.as_ref().map(|t| t.start()).unwrap_or_default();
-        Ok(Agent { shared, steering: parts, tunnel_tasks, admin })
+        if let Some(t) = &shared.tunnel {
+            t.start();
+        }
+        Ok(Agent { shared, steering: parts, admin })
     }
 
     pub fn handle(&self) -> AgentHandle {
@@ -267,7 +268,7 @@ impl Agent {
     /// get the grace period, the tunnel closes (peers learn at once), and
     /// the interface goes.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Summary {
-        let Agent { shared, steering, mut tunnel_tasks, admin } = self;
+        let Agent { shared, steering, admin } = self;
         let admin_task = admin.map(|l| {
             let source: Arc<dyn admin::AdminSource> = Arc::new(AgentHandle(shared.clone()));
             tokio::spawn(admin::serve(l, source))
@@ -337,7 +338,6 @@ impl Agent {
         if let Some(t) = &shared.tunnel {
             t.close().await;
         }
-        tunnel_tasks.shutdown().await;
         if let Some(iface) = iface {
             iface.remove().await;
         }

@@ -1,5 +1,6 @@
-//! Reloads: routes, what this agent serves, timeouts and limits change at runtime;
-//! a config that changes anything else is refused whole. Every outcome is
+//! Reloads: routes, peers, what this agent serves, policy, timeouts and
+//! limits change at runtime; a config that changes anything else is
+//! refused whole. Every outcome is
 //! counted, and the last refusal is kept for `/status`.
 
 use std::{
@@ -20,6 +21,7 @@ use crate::{
     connector::{PeerCaps, ServePolicy},
     kernel::SteeringError,
     lock,
+    tunnel::PeersChange,
 };
 
 /// Why a reload was not applied. Nothing of a refused reload takes effect.
@@ -141,8 +143,10 @@ impl AgentHandle {
     /// material stays in force.
     pub fn reload_tls(&self) -> Result<(), ReloadError> {
         let shared = &self.0;
-        let files = lock(&shared.config).tls.clone();
-        let (Some(files), Some(tunnel)) = (files, &shared.tunnel) else { return Ok(()) };
+        // Held throughout: a config reload builds its peers' client TLS
+        // from the material in force and must not interleave with this.
+        let config = lock(&shared.config);
+        let (Some(files), Some(tunnel)) = (config.tls.clone(), &shared.tunnel) else { return Ok(()) };
         let outcome = crate::tls::TlsMaterial::load(&files)
             .map_err(ReloadError::from)
             .and_then(|tls| tunnel.set_tls(&tls).map(|()| tls).map_err(ReloadError::from));
@@ -176,13 +180,26 @@ impl AgentHandle {
         if !restart.is_empty() {
             return Err(ReloadError::RestartRequired(restart));
         }
+        // Everything that can fail comes first, with nothing applied yet:
+        // the next peers' TLS, then the kernel's routes. What follows
+        // cannot fail.
+        let peers = match &shared.tunnel {
+            Some(t) if config.peers != next.peers => Some(t.prepare_peers(&next.valid_peers())?),
+            _ => None,
+        };
         let mut table = lock(&shared.routes);
         let diff = super::route_state::resync(shared, &next, &mut table)?;
+        let peers = match (peers, &shared.tunnel) {
+            (Some(update), Some(t)) => t.commit_peers(update),
+            _ => PeersChange::default(),
+        };
         if let Some(c) = &shared.connector {
+            c.set_peers(next.peers.iter().map(|p| (p.name.as_str(), p.relay)));
             c.set_policy(ServePolicy::new(next.valid_serve().to_vec(), next.valid_policy().to_vec()));
             c.set_caps(PeerCaps::from(&next.limits));
         }
         if let Some(r) = &shared.relay {
+            r.set_sources(next.peers.iter().filter(|p| !p.learn.is_empty()).map(|p| p.name.as_str()));
             r.set_policy(
                 next.valid_policy().to_vec(),
                 next.limits.stream_header_timeout,
@@ -199,7 +216,14 @@ impl AgentHandle {
             f.set_flows_per_workload(next.limits.flows_per_workload);
             f.set_flow_idle_timeout(next.limits.flow_idle_timeout);
         }
-        info!(added = diff.upsert.len(), removed = diff.remove.len(), "configuration reloaded");
+        info!(
+            added = diff.upsert.len(),
+            removed = diff.remove.len(),
+            peers_added = peers.added.len(),
+            peers_removed = peers.removed.len(),
+            peers_replaced = peers.replaced.len(),
+            "configuration reloaded"
+        );
         *config = next;
         Ok(())
     }

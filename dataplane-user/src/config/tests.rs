@@ -328,6 +328,33 @@ fn restart_only_changes_are_listed() {
 }
 
 #[test]
+fn peers_reload_but_the_first_learn_needs_steering() {
+    let a = Config::parse(&format!(
+        "{GOOD}tls: {{ ca: /c, cert: /c, key: /k }}\npeers: [{{ name: p, dial: ['192.0.2.1:4433'], identity: 'spiffe://t/p' }}]\n"
+    ))
+    .expect("valid");
+    let mut b = a.config().clone();
+    b.peers[0].identity = "spiffe://example.org/connector/other".into();
+    b.peers[0].connections = 4;
+    b.peers.push(b.peers[0].clone());
+    b.peers[1].name = "second".into();
+    assert!(a.restart_only_changes(&b).is_empty(), "{:?}", a.restart_only_changes(&b));
+    // A connector steers nothing: learning from a peer needs steering,
+    // which is set up at start.
+    let connector = Config::parse(
+        "tls: { ca: /c, cert: /c, key: /k }\ntunnel: { listen: '127.0.0.1:4433' }\n\
+         peers: [{ name: n, identity: 'spiffe://t/n' }]\nserve: [{ cidr: 10.9.0.0/16, ports: [443] }]\n",
+    )
+    .expect("valid");
+    let mut c = connector.config().clone();
+    c.peers[0].learn = vec!["10.8.0.0/16".into()];
+    assert_eq!(
+        connector.restart_only_changes(&c),
+        vec!["routes or peers[].learn (the first needs steering, set up at start)"]
+    );
+}
+
+#[test]
 fn workers_default_to_the_cpus_and_are_bounded() {
     let c = Config::parse(GOOD).expect("valid");
     assert_eq!((c.worker_threads(0), c.worker_threads(2), c.worker_threads(16)), (1, 2, 16));

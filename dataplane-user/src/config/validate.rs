@@ -639,17 +639,15 @@ impl Config {
         if self.tunnel != other.tunnel {
             v.push("tunnel");
         }
-        if self.peers != other.peers {
-            v.push("peers");
-        }
         if self.relay != other.relay {
             v.push("relay");
         }
         // Steering is set up at start only for an agent that routes or
-        // learns something.
-        let learns = self.peers.iter().any(|p| !p.learn.is_empty());
-        if self.routes.is_empty() && !learns && !other.routes.is_empty() {
-            v.push("routes (the first route needs steering, set up at start)");
+        // learns something (a relay never steers).
+        let learns = |c: &Config| c.peers.iter().any(|p| !p.learn.is_empty());
+        let steers = |c: &Config| c.relay.is_none() && (!c.routes.is_empty() || learns(c));
+        if !steers(self) && steers(other) {
+            v.push("routes or peers[].learn (the first needs steering, set up at start)");
         }
         v
     }

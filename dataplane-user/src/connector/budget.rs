@@ -58,8 +58,9 @@ pub(super) struct PeerUse {
 #[derive(Debug)]
 pub(super) struct PeerBudgets {
     in_use: Mutex<HashMap<Arc<str>, Arc<PeerUse>>>,
-    /// The configured peers' names, for the metrics' first scrape.
-    pub names: Vec<Arc<str>>,
+    /// The configured peers' names, for the metrics' first scrape (a
+    /// reload replaces them).
+    names: Mutex<Vec<Arc<str>>>,
     caps: Mutex<PeerCaps>,
 }
 
@@ -104,9 +105,17 @@ impl PeerBudgets {
     pub fn new<'a>(peers: impl IntoIterator<Item = &'a str>, caps: PeerCaps) -> PeerBudgets {
         PeerBudgets {
             in_use: Mutex::default(),
-            names: peers.into_iter().map(Arc::from).collect(),
+            names: Mutex::new(peers.into_iter().map(Arc::from).collect()),
             caps: Mutex::new(caps),
         }
+    }
+
+    pub fn names(&self) -> Vec<Arc<str>> {
+        crate::lock(&self.names).clone()
+    }
+
+    pub fn set_names(&self, names: Vec<Arc<str>>) {
+        *crate::lock(&self.names) = names;
     }
 
     pub fn caps(&self) -> PeerCaps {
@@ -120,7 +129,7 @@ impl PeerBudgets {
     /// Streams being served and dials in flight now, by `peers` entry.
     pub fn use_by_name(&self) -> HashMap<Arc<str>, (usize, usize)> {
         let mut out: HashMap<Arc<str>, (usize, usize)> =
-            self.names.iter().map(|n| (n.clone(), (0, 0))).collect();
+            self.names().into_iter().map(|n| (n, (0, 0))).collect();
         for u in crate::lock(&self.in_use).values() {
             let e = out.entry(u.name.clone()).or_default();
             e.0 += u.streams.load(Ordering::Acquire);

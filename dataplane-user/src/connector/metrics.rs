@@ -72,15 +72,21 @@ impl ConnectorMetrics {
             "Streams refused because their peer was at a cap (limits.streams_per_peer, limits.dials_per_peer)",
             m.at_cap.clone(),
         );
-        for peer in &budgets.names {
-            for s in CAP_STATUSES {
-                let _ = m
-                    .at_cap
-                    .get_or_create_owned(&PeerReasonLabels { peer: peer.to_string(), reason: s.as_str() });
-            }
+        for peer in budgets.names() {
+            m.known_peer(&peer);
         }
         registry.register_collector(Box::new(BudgetCollector(budgets.clone())));
         m
+    }
+
+    /// Starts `peer`'s series at zero (a configured name: the label stays
+    /// bounded by the config).
+    pub(super) fn known_peer(&self, peer: &str) {
+        for s in CAP_STATUSES {
+            let _ = self
+                .at_cap
+                .get_or_create_owned(&PeerReasonLabels { peer: peer.to_owned(), reason: s.as_str() });
+        }
     }
 
     /// Counts a stream `peer` had refused at one of its caps.

@@ -54,7 +54,7 @@ pub struct Connector {
     audit_logs: KeyedLogBudget,
     /// The `peers` entries that are relays: their streams' attested client
     /// identities are believed (nobody else's are).
-    relays: std::collections::HashSet<Arc<str>>,
+    relays: Mutex<std::collections::HashSet<Arc<str>>>,
     pub metrics: ConnectorMetrics,
 }
 
@@ -71,7 +71,7 @@ impl Connector {
         registry: &mut Registry,
     ) -> Connector {
         let peers: Vec<(&str, bool)> = peers.into_iter().collect();
-        let relays = peers.iter().filter(|(_, relay)| *relay).map(|(n, _)| Arc::from(*n)).collect();
+        let relays = Mutex::new(relay_names(&peers));
         let budgets = Arc::new(PeerBudgets::new(peers.iter().map(|(n, _)| *n), caps));
         Connector {
             policy: Mutex::new(Arc::new(policy)),
@@ -85,6 +85,21 @@ impl Connector {
             audit_logs: KeyedLogBudget::default(),
             relays,
         }
+    }
+
+    /// Takes the `peers` of a reload (by name, and whether each is a
+    /// relay): streams from now on go by them.
+    pub fn set_peers<'a>(&self, peers: impl IntoIterator<Item = (&'a str, bool)>) {
+        let peers: Vec<(&str, bool)> = peers.into_iter().collect();
+        for (name, _) in &peers {
+            self.metrics.known_peer(name);
+        }
+        self.budgets.set_names(peers.iter().map(|(n, _)| Arc::from(*n)).collect());
+        *crate::lock(&self.relays) = relay_names(&peers);
+    }
+
+    fn is_relay(&self, peer: &str) -> bool {
+        crate::lock(&self.relays).contains(peer)
     }
 
     /// Takes the identity of rotated TLS material, for the audit lines.
@@ -297,12 +312,16 @@ fn dial_status(e: &io::Error) -> Status {
     }
 }
 
+fn relay_names(peers: &[(&str, bool)]) -> std::collections::HashSet<Arc<str>> {
+    peers.iter().filter(|(_, relay)| *relay).map(|(n, _)| Arc::from(*n)).collect()
+}
+
 impl StreamHandler for Connector {
     fn accept_stream(self: Arc<Self>, peer: &PeerId, send: SendStream, recv: RecvStream) {
         let caps = self.budgets.caps();
         let tracker = self.streams.clone();
         self.peak.fetch_max(tracker.len() + 1, std::sync::atomic::Ordering::Relaxed);
-        if self.relays.contains(&peer.name) {
+        if self.is_relay(&peer.name) {
             // The budget is the attested client's, known after the header;
             // QUIC's stream credit bounds the relay's streams meanwhile.
             tracker.spawn(self.serve(peer.clone(), caps, None, send, recv));
@@ -321,7 +340,7 @@ impl StreamHandler for Connector {
     }
 
     fn advertised_to(&self, peer: &PeerId) -> Vec<crate::tunnel::Advert> {
-        if self.relays.contains(&peer.name) {
+        if self.is_relay(&peer.name) {
             // A relay forwards for many identities; each stream is checked
             // against the one it attests.
             return self.policy().served();

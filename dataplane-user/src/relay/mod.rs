@@ -78,7 +78,7 @@ pub struct Relay {
     /// the tunnel holds the relay as its stream handler).
     tunnel: OnceLock<Weak<Tunnel>>,
     /// The peers it learns from: its connectors (nothing is advertised to them).
-    sources: std::collections::HashSet<Arc<str>>,
+    sources: Mutex<std::collections::HashSet<Arc<str>>>,
     header_timeout: Mutex<Duration>,
     open_timeout: Mutex<Duration>,
     streams: TaskTracker,
@@ -102,7 +102,7 @@ impl Relay {
             forwarding: Mutex::new(Arc::new(forwarding)),
             rules: Mutex::new(rules),
             tunnel: OnceLock::new(),
-            sources: sources.into_iter().map(Arc::from).collect(),
+            sources: Mutex::new(sources.into_iter().map(Arc::from).collect()),
             header_timeout: Mutex::new(timeouts.0),
             open_timeout: Mutex::new(timeouts.1),
             streams: TaskTracker::new(),
@@ -127,6 +127,11 @@ impl Relay {
         self.metrics.routes.set(routes.len() as i64);
         *crate::lock(&self.forwarding) = Arc::new(build(routes, rules));
         true
+    }
+
+    /// The `peers` entries it learns from, after a reload.
+    pub fn set_sources<'a>(&self, sources: impl IntoIterator<Item = &'a str>) {
+        *crate::lock(&self.sources) = sources.into_iter().map(Arc::from).collect();
     }
 
     /// New policy rules and timeouts (config reload).
@@ -343,7 +348,7 @@ impl StreamHandler for Relay {
     /// listed by exact identity, nothing to one admitted by a pattern).
     /// The relay's own connectors are advertised nothing.
     fn advertised_to(&self, peer: &PeerId) -> Vec<Advert> {
-        if self.sources.contains(&peer.name) {
+        if crate::lock(&self.sources).contains(&peer.name) {
             return Vec::new();
         }
         let f = self.forwarding();

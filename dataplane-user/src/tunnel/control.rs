@@ -52,6 +52,9 @@ pub(super) struct ConnState {
     /// Suspected dead at this received-datagram count plus one (0: not
     /// suspected): cleared by the next datagram from the peer.
     pub suspect_at: std::sync::atomic::AtomicU64,
+    /// The exact identity an accepted connection was admitted for (None:
+    /// dialled, so bound to its entry rather than matched against them).
+    pub accepted_from: Option<Arc<str>>,
 }
 
 impl ConnState {

@@ -25,7 +25,7 @@ const ATTEMPT: Duration = Duration::from_secs(2);
 impl Tunnel {
     /// Dials `slot`'s peer, cycling through `addrs` (starting at `index`, so
     /// a peer's connections spread over its addresses), until the tunnel
-    /// closes.
+    /// closes or a reload retires the slot.
     pub(super) async fn dial_loop(
         self: Arc<Self>,
         slot: Arc<PeerSlot>,
@@ -36,7 +36,7 @@ impl Tunnel {
         let mut backoff = BACKOFF_MIN;
         let mut attempt = index;
         loop {
-            if *stop.borrow() {
+            if *stop.borrow() || slot.retired.is_cancelled() {
                 return;
             }
             // Read at every attempt: a rotated certificate is used by the
@@ -79,6 +79,7 @@ impl Tunnel {
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = stop.changed() => return,
+                () = slot.retired.cancelled() => return,
             }
         }
     }

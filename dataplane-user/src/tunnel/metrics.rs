@@ -11,7 +11,7 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use super::pool::PeerSlot;
+use super::peers::PeerSet;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
@@ -157,7 +157,7 @@ impl TunnelMetrics {
 /// RTT, congestion window, lost packets and bytes on the wire (quinn's stats).
 #[derive(Debug)]
 pub(super) struct TunnelCollector {
-    pub peers: Vec<Arc<PeerSlot>>,
+    pub peers: Arc<std::sync::Mutex<Arc<PeerSet>>>,
 }
 
 impl Collector for TunnelCollector {
@@ -174,13 +174,14 @@ impl Collector for TunnelCollector {
             datagrams_sent: u64,
             datagrams_received: u64,
         }
-        let rows: Vec<Row> = self
-            .peers
-            .iter()
+        let set = crate::lock(&self.peers).clone();
+        let rows: Vec<Row> = set
+            .by_name
+            .values()
             .map(|p| {
                 let live = p.live();
                 let stats: Vec<quinn::ConnectionStats> = live.iter().map(|c| c.stats()).collect();
-                let r = crate::lock(&p.retired);
+                let r = crate::lock(&p.closed);
                 Row {
                     peer: p.name.clone(),
                     up: live.len() as u64,

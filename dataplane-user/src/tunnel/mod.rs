@@ -17,9 +17,10 @@
 //! what they mean for routing is the caller's business.
 //!
 //! Inside: `transport` (socket and QUIC settings), `handshake` (welcome,
-//! failure reasons), `dial` (reconnecting with backoff), `pool` (live
-//! connections per peer), `control`, `metrics`, and `splice` (a stream to
-//! and from a TCP socket).
+//! failure reasons), `dial` (reconnecting with backoff), `peers` (the
+//! configured peers, replaced whole by a reload), `pool` (live connections
+//! per peer), `control`, `metrics`, and `splice` (a stream to and from a
+//! TCP socket).
 
 pub mod admission;
 mod candidates;
@@ -28,6 +29,7 @@ mod dial;
 pub mod failover;
 mod handshake;
 pub mod metrics;
+mod peers;
 mod pool;
 pub mod splice;
 mod transport;
@@ -55,6 +57,8 @@ pub use candidates::{Candidate, Via};
 pub use control::Advert;
 pub use handshake::{HANDSHAKE_REASONS, failure_reason};
 use metrics::{BufferLabels, PeerDirectionLabels, PeerLabels, TunnelCollector, TunnelMetrics};
+use peers::PeerSet;
+pub use peers::{PeersChange, PeersUpdate};
 use pool::PeerSlot;
 pub use transport::{endpoint_config, open_stream_limits, transport, udp_socket};
 
@@ -160,13 +164,15 @@ pub enum TunnelError {
 
 pub struct Tunnel {
     endpoint: Endpoint,
-    peers: HashMap<Arc<str>, Arc<PeerSlot>>,
-    /// What admits an accepted connection: exact identities first, then
-    /// patterns in file order.
-    admits: Vec<Arc<PeerSlot>>,
-    dial: Vec<(Arc<PeerSlot>, Vec<SocketAddr>, u32)>,
-    /// Per peer, the client side's TLS (replaced whole by [`Tunnel::set_tls`]).
-    client_configs: std::sync::Mutex<HashMap<Arc<str>, ClientConfig>>,
+    /// The peers in force (replaced whole by a reload, see `peers`); the
+    /// metrics collector reads the same.
+    peers: Arc<std::sync::Mutex<Arc<PeerSet>>>,
+    /// The TLS material in force, for the client side of peers added later.
+    tls: std::sync::Mutex<TlsMaterial>,
+    /// The accept loop and every dialer, on the runtime the tunnel was
+    /// bound on (a reload may come from any thread).
+    tasks: std::sync::Mutex<JoinSet<()>>,
+    runtime: tokio::runtime::Handle,
     /// What a TLS change rebuilds the configurations with.
     transport: Arc<quinn::TransportConfig>,
     accepting: bool,
@@ -229,24 +235,11 @@ impl Tunnel {
         )
         .map_err(|source| TunnelError::Bind { addr, source })?;
 
-        let mut slots = HashMap::new();
-        let mut admits = Vec::new();
-        let mut dial = Vec::new();
-        for (p, identity) in peers {
-            let dialers = if p.dial.is_empty() { 0 } else { p.connections };
-            let slot = Arc::new(PeerSlot::new(&p.name, identity, dialers, !p.learn.is_empty()));
-            if !p.dial.is_empty() {
-                dial.push((slot.clone(), p.dial.clone(), p.connections));
-            }
-            admits.push(slot.clone());
-            slots.insert(slot.name.clone(), slot);
-        }
-        // Stable: patterns keep their file order behind the exact entries.
-        admits.sort_by_key(|s| !s.identity.is_exact());
+        let peers = Arc::new(std::sync::Mutex::new(Arc::new(Tunnel::first_peer_set(peers, client_configs))));
         let metrics = TunnelMetrics::register(registry);
         metrics.udp_buffer.get_or_create(&BufferLabels { direction: "receive" }).set(buffers.0 as i64);
         metrics.udp_buffer.get_or_create(&BufferLabels { direction: "send" }).set(buffers.1 as i64);
-        registry.register_collector(Box::new(TunnelCollector { peers: slots.values().cloned().collect() }));
+        registry.register_collector(Box::new(TunnelCollector { peers: peers.clone() }));
         info!(
             local = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             accepting = accept,
@@ -256,10 +249,10 @@ impl Tunnel {
         );
         Ok(Arc::new(Tunnel {
             endpoint,
-            peers: slots,
-            admits,
-            dial,
-            client_configs: std::sync::Mutex::new(client_configs),
+            peers,
+            tls: std::sync::Mutex::new(tls.clone()),
+            tasks: std::sync::Mutex::new(JoinSet::new()),
+            runtime: tokio::runtime::Handle::current(),
             transport,
             accepting: accept,
             handler,
@@ -282,24 +275,26 @@ impl Tunnel {
     /// keep theirs. Both sides' configurations are built before either is
     /// swapped, so a failure changes nothing.
     pub fn set_tls(&self, tls: &TlsMaterial) -> Result<(), TunnelError> {
-        let peers = self.peers.values().map(|s| (&*s.name, &s.identity));
+        let set = self.peer_set();
+        let peers = set.by_name.values().map(|s| (&*s.name, &s.identity));
         let (server, clients) = crypto_configs(tls, peers, &self.transport)?;
         if self.accepting {
             self.endpoint.set_server_config(Some(server));
         }
-        *crate::lock(&self.client_configs) = clients;
+        *crate::lock(&self.tls) = tls.clone();
+        self.set_client_tls(clients);
         Ok(())
     }
 
     /// The client configuration dials to `peer` use now.
     pub(super) fn client_config(&self, peer: &str) -> Option<ClientConfig> {
-        crate::lock(&self.client_configs).get(peer).cloned()
+        self.peer_set().clients.get(peer).cloned()
     }
 
     /// When the certificates the live connections to `peer` were opened
     /// with (the peer's) stop being valid.
     pub fn peer_certificate_expiries(&self, peer: &str) -> Vec<std::time::SystemTime> {
-        let live = self.peers.get(peer).map(|s| s.live()).unwrap_or_default();
+        let live = self.peer_set().by_name.get(peer).map(|s| s.live()).unwrap_or_default();
         live.iter().filter_map(handshake::peer_certificate_expiry).collect()
     }
 
@@ -314,16 +309,13 @@ impl Tunnel {
         self.endpoint.local_addr().ok()
     }
 
-    /// Starts accepting (if listening) and the dialers.
-    pub fn start(self: &Arc<Self>) -> JoinSet<()> {
-        let mut tasks = JoinSet::new();
-        tasks.spawn(self.clone().accept_loop());
-        for (slot, addrs, n) in &self.dial {
-            for i in 0..*n {
-                tasks.spawn(self.clone().dial_loop(slot.clone(), addrs.clone(), i as usize));
-            }
+    /// Starts accepting (if listening) and the dialers; [`Tunnel::close`]
+    /// ends them.
+    pub fn start(self: &Arc<Self>) {
+        crate::lock(&self.tasks).spawn_on(self.clone().accept_loop(), &self.runtime);
+        for slot in self.peer_set().by_name.values() {
+            self.spawn_dialers(slot);
         }
-        tasks
     }
 
     /// Changes whenever a connection to any peer comes up or goes.
@@ -331,23 +323,31 @@ impl Tunnel {
         self.liveness.subscribe()
     }
 
+    /// The `peers` entries in force, sorted.
+    pub fn peer_names(&self) -> Vec<Arc<str>> {
+        let mut names: Vec<Arc<str>> = self.peer_set().by_name.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
     /// Live connections to `peer`.
     pub fn live_connections(&self, peer: &str) -> usize {
-        self.peers.get(peer).map_or(0, |s| s.live().len())
+        self.peer_set().by_name.get(peer).map_or(0, |s| s.live().len())
     }
 
     /// Smoothed RTT of the best live connection to `peer`.
     pub fn best_rtt(&self, peer: &str) -> Option<Duration> {
-        self.peers.get(peer)?.live().iter().map(|c| c.rtt()).min()
+        self.peer_set().by_name.get(peer)?.live().iter().map(|c| c.rtt()).min()
     }
 
     /// The live connections a new stream to `via` may go to, best first
     /// (see `candidates`): try the next when one fails.
     pub fn candidates(&self, via: Via<'_>) -> Vec<Candidate> {
         let mut all = Vec::new();
-        let (slots, next): (Vec<&Arc<PeerSlot>>, &AtomicUsize) = match via {
-            Via::Peer(p) => (self.peers.get(p).into_iter().collect(), &self.next_covering),
-            Via::Advertised(_) => (self.peers.values().collect(), &self.next_covering),
+        let set = self.peer_set();
+        let slots: Vec<&Arc<PeerSlot>> = match via {
+            Via::Peer(p) => set.by_name.get(p).into_iter().collect(),
+            Via::Advertised(_) => set.by_name.values().collect(),
         };
         for slot in slots {
             for (conn, state) in slot.live_states() {
@@ -359,7 +359,7 @@ impl Tunnel {
                 all.push(Candidate { conn, state, peer: slot.name.clone() });
             }
         }
-        candidates::order(all, next)
+        candidates::order(all, &self.next_covering)
     }
 
     /// Opens a stream to `peer` on one of its live connections.
@@ -393,7 +393,7 @@ impl Tunnel {
     /// them later applies only if they are still what the connection holds).
     pub fn advertisements(&self) -> Vec<Advertisement> {
         let mut out = Vec::new();
-        for slot in self.peers.values() {
+        for slot in self.peer_set().by_name.values() {
             for (conn, state) in slot.live_states() {
                 out.push(Advertisement {
                     peer: slot.name.clone(),
@@ -412,7 +412,7 @@ impl Tunnel {
     /// advertisement: an id can be reused once its connection is gone, and
     /// an advertisement that changed since is judged at the next sync.
     pub fn trust_advertisements(&self, accepted: &Trust) {
-        for slot in self.peers.values() {
+        for slot in self.peer_set().by_name.values() {
             for (conn, state) in slot.live_states() {
                 let held = lock_advertised(&state);
                 let routes = match accepted.get(&conn.stable_id()) {
@@ -429,7 +429,7 @@ impl Tunnel {
     /// of those the ones draining.
     pub fn advertisers(&self, net: &ipnet::IpNet) -> (usize, usize) {
         let mut n = (0, 0);
-        for slot in self.peers.values() {
+        for slot in self.peer_set().by_name.values() {
             for (_, state) in slot.live_states() {
                 if crate::lock(&state.trusted).iter().any(|a| a.net == *net) {
                     n.0 += 1;
@@ -458,6 +458,8 @@ impl Tunnel {
         let _ = self.stop.send(true);
         self.endpoint.close(handshake::CLOSE_SHUTDOWN, b"agent shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        let mut tasks = std::mem::take(&mut *crate::lock(&self.tasks));
+        tasks.shutdown().await;
     }
 
     async fn accept_loop(self: Arc<Self>) {
@@ -515,7 +517,8 @@ impl Tunnel {
             }
         };
         let identity = handshake::peer_identity(&conn);
-        let admitted = identity.as_deref().and_then(|id| self.admits.iter().find(|s| s.identity.matches(id)));
+        let set = self.peer_set();
+        let admitted = identity.as_deref().and_then(|id| set.admitting(id));
         let (Some(slot), Some(identity)) = (admitted.cloned(), identity.clone()) else {
             self.metrics.failed("unknown_identity");
             if let Some(suppressed) = self.handshake_logs.allow(std::time::Instant::now()) {
@@ -553,14 +556,19 @@ impl Tunnel {
         direction: &'static str,
         control: Control,
     ) {
+        let accepted_from = matches!(control, Control::Accepted(_)).then(|| identity.clone());
         let peer = PeerId { name: slot.name.clone(), exact: slot.identity.is_exact(), identity };
-        let state = Arc::new(control::ConnState::default());
+        let state = Arc::new(control::ConnState { accepted_from, ..Default::default() });
         // Authenticated now (the welcome was sent or received): lift the
         // stream limit the handshake ran under to the working one.
         transport::open_stream_limits(&conn, self.streams_per_peer.load(Relaxed));
+        if !slot.add(&conn, state.clone()) {
+            // A reload retired the entry while the handshake ran.
+            conn.close(peers::CLOSE_RECONFIGURED, b"peer entry changed; reconnect");
+            return;
+        }
         let labels = PeerDirectionLabels { peer: slot.name.to_string(), direction };
         self.metrics.connections_opened.get_or_create(&labels).inc();
-        slot.add(&conn, state.clone());
         self.liveness.send_modify(|n| *n += 1);
         let span = info_span!("tunnel", peer = %slot.name, remote = %conn.remote_address());
         // The peer's certificate was checked once, at the handshake: the

@@ -4,15 +4,32 @@
 
 use std::{
     collections::HashMap,
+    net::SocketAddr,
     sync::{Arc, Mutex},
 };
+
+use tokio_util::sync::CancellationToken;
 
 use super::control::ConnState;
 use crate::identity::IdentityPattern;
 
+/// What a `peers` entry asks of the tunnel. An entry whose spec is the same
+/// after a reload keeps its slot and connections; one whose spec changed
+/// gets a new slot (its connections are replaced).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct PeerSpec {
+    pub identity: IdentityPattern,
+    pub dial: Vec<SocketAddr>,
+    /// Connections this agent keeps dialled to the peer (0: it dials us).
+    pub dialers: u32,
+    /// Routes the peer advertises may be learned (`peers[].learn`): only
+    /// then are its advertisements kept.
+    pub learns: bool,
+}
+
 /// Totals of connections that closed, so per-peer counters stay monotonic.
 #[derive(Debug, Default)]
-pub(super) struct Retired {
+pub(super) struct ClosedTotals {
     pub lost_packets: u64,
     pub sent: u64,
     pub received: u64,
@@ -26,17 +43,19 @@ pub(super) struct Retired {
 pub(super) struct PeerSlot {
     pub name: Arc<str>,
     pub identity: IdentityPattern,
+    pub spec: PeerSpec,
     conns: Mutex<Vec<(quinn::Connection, Arc<ConnState>)>>,
     /// Connections this agent keeps dialled to the peer (0: it dials us).
     pub dialers: u32,
-    /// Routes the peer advertises may be learned (`peers[].learn`): only
-    /// then are its advertisements kept.
     pub learns: bool,
+    /// Cancelled when a reload removes or replaces the entry: its dialers
+    /// stop and no connection is added to it any more.
+    pub retired: CancellationToken,
     /// Connections this agent accepted and holds now, per exact identity
     /// (an entry exists only while it holds one, so a pattern admitting
     /// any number of identities keeps no more entries than connections).
     accepted: Mutex<HashMap<Arc<str>, usize>>,
-    pub retired: Mutex<Retired>,
+    pub closed: Mutex<ClosedTotals>,
 }
 
 /// One of an identity's accepted connections, counted against
@@ -64,15 +83,17 @@ impl Drop for Accepted {
 }
 
 impl PeerSlot {
-    pub fn new(name: &str, identity: &IdentityPattern, dialers: u32, learns: bool) -> PeerSlot {
+    pub fn new(name: &str, spec: PeerSpec) -> PeerSlot {
         PeerSlot {
             name: Arc::from(name),
-            identity: identity.clone(),
+            identity: spec.identity.clone(),
+            dialers: spec.dialers,
+            learns: spec.learns,
+            spec,
             conns: Mutex::new(Vec::new()),
-            dialers,
-            learns,
+            retired: CancellationToken::new(),
             accepted: Mutex::default(),
-            retired: Mutex::default(),
+            closed: Mutex::default(),
         }
     }
 
@@ -88,14 +109,55 @@ impl PeerSlot {
         Some(Accepted(self.clone(), identity.clone()))
     }
 
-    pub fn add(&self, c: &quinn::Connection, state: Arc<ConnState>) {
-        crate::lock(&self.conns).push((c.clone(), state));
+    /// Registers a live connection, unless the slot is retired (the caller
+    /// closes it then: the peer reconnects to the entry now in force).
+    #[must_use]
+    pub fn add(&self, c: &quinn::Connection, state: Arc<ConnState>) -> bool {
+        let mut conns = crate::lock(&self.conns);
+        // Checked under the lock `retire` closes the connections under, so
+        // none is added after it looked.
+        if self.retired.is_cancelled() {
+            return false;
+        }
+        conns.push((c.clone(), state));
+        true
+    }
+
+    /// Takes the slot out of service (a reload removed or replaced its
+    /// entry): dialers stop and every connection is closed with `code`.
+    pub fn retire(&self, code: quinn::VarInt, reason: &[u8]) {
+        let conns = crate::lock(&self.conns);
+        self.retired.cancel();
+        for (c, _) in conns.iter() {
+            c.close(code, reason);
+        }
+    }
+
+    /// Closes the connections accepted from identities `keep` no longer
+    /// gives this slot (a reload added an entry that admits them first).
+    pub fn close_accepted_unless(
+        &self,
+        keep: impl Fn(&str) -> bool,
+        code: quinn::VarInt,
+        reason: &[u8],
+    ) -> usize {
+        let conns = crate::lock(&self.conns);
+        let mut n = 0;
+        for (c, state) in conns.iter() {
+            if let Some(identity) = &state.accepted_from
+                && !keep(identity)
+            {
+                c.close(code, reason);
+                n += 1;
+            }
+        }
+        n
     }
 
     pub fn remove(&self, c: &quinn::Connection) {
         crate::lock(&self.conns).retain(|(x, _)| x.stable_id() != c.stable_id());
         let st = c.stats();
-        let mut r = crate::lock(&self.retired);
+        let mut r = crate::lock(&self.closed);
         r.lost_packets += st.path.lost_packets;
         r.sent += st.udp_tx.bytes;
         r.received += st.udp_rx.bytes;
