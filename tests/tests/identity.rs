@@ -128,13 +128,14 @@ fn peers_reload_without_a_restart() {
         )
         .unwrap_or(0.0)
     };
-    let client_dials = || {
+    let dials = |agent: &tests::topology::RunningAgent| {
         metric_sample(
-            &client.handle.encode_metrics(),
+            &agent.handle.encode_metrics(),
             &format!(r#"dataplane_tunnel_connections_opened_total{{peer="{PEER}",direction="dialed"}}"#),
         )
-        .expect("connections opened")
+        .unwrap_or(0.0)
     };
+    let client_dials = || dials(&client);
     let within = Duration::from_secs(15 * tests::time_scale());
 
     // A second node: refused for now. Its agent runs beside the connector
@@ -159,6 +160,7 @@ fn peers_reload_without_a_restart() {
 
     // The pattern joins it, under a loop of worker-1's flows.
     let dials_before = client_dials();
+    assert_eq!(dials_before, CONNECTIONS as f64);
     let load = env.topo.pod_probe().spawn_repeat(addr(OTHER_V4), 200).expect("flows");
     let grown = base.replace(&exact, &format!("{exact}{pattern}"));
     reload(&grown).expect("adding a pattern applies");
@@ -175,15 +177,31 @@ fn peers_reload_without_a_restart() {
                   - { cidr: 198.51.100.101/32, ports: [6443] }\n      - { cidr: '2001:db8::101/128', ports: [6443] }\n";
     let shrunk = base.replace(&exact, pattern) + policy;
     reload(&shrunk).expect("dropping the exact entry applies");
+    let worker2_dials = dials(&worker2);
+    assert_eq!(connector_tunnel.peer_names(), ["nodes".into()]);
     tests::wait_for("worker-1 moves to the pattern", within, || {
         connector_tunnel.live_connections("nodes") == 2 * CONNECTIONS
-            && connector_tunnel.live_connections("worker-1") == 0
     });
     ensure_connections(&client.handle, CONNECTIONS, within).expect("worker-1 redialled");
-    assert!(client_dials() >= dials_before + CONNECTIONS as f64, "worker-1 redialled under the pattern");
+    tests::wait_for("worker-1 redialled under the pattern", within, || {
+        client_dials() >= dials_before + CONNECTIONS as f64
+    });
+    assert_eq!(dials(&worker2), worker2_dials, "worker-2's connections were not touched");
     kubectl_works(&env);
     let a = env.topo.pod_probe().connect(addr(OTHER_V4)).expect("probe");
     assert!(a.was_reset(), "no rule grants {OTHER_V4} any more: {a:?}");
+
+    // The exact entry back, beside the unchanged pattern: worker-1's
+    // connections, accepted under the pattern, are moved to it (closed and
+    // redialled); worker-2's stay where they are.
+    let client_before = client_dials();
+    reload(&(grown.clone() + policy)).expect("adding the exact entry back applies");
+    tests::wait_for("worker-1 moves to its exact entry", within, || {
+        connector_tunnel.live_connections("worker-1") == CONNECTIONS
+            && connector_tunnel.live_connections("nodes") == CONNECTIONS
+    });
+    tests::wait_for("worker-1 redialled", within, || client_dials() >= client_before + CONNECTIONS as f64);
+    assert_eq!(dials(&worker2), worker2_dials, "worker-2's connections were not touched");
 
     // Without the pattern, worker-2 is out: closed, and refused again.
     let refused_before = unknown();
@@ -220,6 +238,6 @@ fn peers_reload_without_a_restart() {
     });
     kubectl_works(&env);
     let scrape = connector.handle.encode_metrics();
-    assert_eq!(metric_sample(&scrape, r#"dataplane_config_reloads_total{result="applied"}"#), Some(3.0));
+    assert_eq!(metric_sample(&scrape, r#"dataplane_config_reloads_total{result="applied"}"#), Some(4.0));
     assert_eq!(metric_sample(&scrape, r#"dataplane_config_reloads_total{result="refused"}"#), Some(1.0));
 }

@@ -70,6 +70,8 @@ pub enum AgentError {
     Tunnel(#[from] TunnelError),
     #[error(transparent)]
     Admin(#[from] AdminError),
+    #[error(transparent)]
+    Capabilities(#[from] crate::kernel::caps::Missing),
 }
 
 /// State shared by the roles and handles.
@@ -115,6 +117,20 @@ pub struct Agent {
     shared: Arc<Shared>,
     steering: Option<SteeringParts>,
     admin: Option<TcpListener>,
+    _tunnel_tasks: TunnelTasks,
+}
+
+/// Ends the tunnel's accept loop and dialers when dropped: an agent dropped
+/// without running leaves nothing dialling (after [`Agent::run`] they are
+/// already ended, by the tunnel's close).
+struct TunnelTasks(Option<Arc<Tunnel>>);
+
+impl Drop for TunnelTasks {
+    fn drop(&mut self) {
+        if let Some(t) = &self.0 {
+            t.abort_tasks();
+        }
+    }
 }
 
 /// A cheap handle to a running agent, for reloads and inspection.
@@ -148,7 +164,7 @@ impl Agent {
             Arc::new(Connector::new(
                 ServePolicy::new(serve.to_vec(), config.valid_policy().to_vec()),
                 config.timeouts.connect,
-                config.peers.iter().map(|p| (p.name.as_str(), p.relay)),
+                config.peers.iter().map(crate::connector::PeerEntry::from),
                 PeerCaps::from(&config.limits),
                 tls.as_ref().map_or("", |t| t.identity.as_str()),
                 &mut registry,
@@ -242,10 +258,11 @@ impl Agent {
             trusted: Mutex::default(),
             drain: CancellationToken::new(),
         });
+        let tunnel_tasks = TunnelTasks(shared.tunnel.clone());
         if let Some(t) = &shared.tunnel {
             t.start();
         }
-        Ok(Agent { shared, steering: parts, admin })
+        Ok(Agent { shared, steering: parts, admin, _tunnel_tasks: tunnel_tasks })
     }
 
     pub fn handle(&self) -> AgentHandle {
@@ -268,7 +285,7 @@ impl Agent {
     /// get the grace period, the tunnel closes (peers learn at once), and
     /// the interface goes.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Summary {
-        let Agent { shared, steering, admin } = self;
+        let Agent { shared, steering, admin, _tunnel_tasks } = self;
         let admin_task = admin.map(|l| {
             let source: Arc<dyn admin::AdminSource> = Arc::new(AgentHandle(shared.clone()));
             tokio::spawn(admin::serve(l, source))
@@ -357,6 +374,10 @@ async fn start_steering(
     config: &ValidConfig,
     table: &RouteTable,
 ) -> Result<(Steering, SteeringParts), AgentError> {
+    // First: probing loads programs, and a missing capability would only
+    // show as a verifier or permission error there.
+    let redirect = &config.steering.redirect;
+    crate::kernel::caps::check_steering(redirect.v4.iter().chain(&redirect.v6).map(|a| a.port()))?;
     let features = probe::probe()?;
     info!(kernel = %features.release, btf = features.btf, ring_buf = features.ring_buf, "kernel features probed");
     if !features.ring_buf {

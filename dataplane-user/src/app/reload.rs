@@ -31,6 +31,8 @@ pub enum ReloadError {
     Tls(#[from] crate::tls::TlsError),
     #[error("new TLS material refused, the old stays in force: {0}")]
     Tunnel(#[from] crate::tunnel::TunnelError),
+    #[error("the new peers' TLS configuration could not be built, nothing was applied: {0}")]
+    Peers(crate::tunnel::TunnelError),
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("reload changes {0:?}, which only take effect on restart; nothing was applied")]
@@ -184,7 +186,9 @@ impl AgentHandle {
         // the next peers' TLS, then the kernel's routes. What follows
         // cannot fail.
         let peers = match &shared.tunnel {
-            Some(t) if config.peers != next.peers => Some(t.prepare_peers(&next.valid_peers())?),
+            Some(t) if config.peers != next.peers => {
+                Some(t.prepare_peers(&next.valid_peers()).map_err(ReloadError::Peers)?)
+            }
             _ => None,
         };
         let mut table = lock(&shared.routes);
@@ -194,7 +198,7 @@ impl AgentHandle {
             _ => PeersChange::default(),
         };
         if let Some(c) = &shared.connector {
-            c.set_peers(next.peers.iter().map(|p| (p.name.as_str(), p.relay)));
+            c.set_peers(next.peers.iter().map(crate::connector::PeerEntry::from));
             c.set_policy(ServePolicy::new(next.valid_serve().to_vec(), next.valid_policy().to_vec()));
             c.set_caps(PeerCaps::from(&next.limits));
         }

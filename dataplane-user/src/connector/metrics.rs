@@ -79,6 +79,13 @@ impl ConnectorMetrics {
         m
     }
 
+    /// Drops `peer`'s series (a reload removed its entry).
+    pub(super) fn forget_peer(&self, peer: &str) {
+        for s in CAP_STATUSES {
+            self.at_cap.remove(&PeerReasonLabels { peer: peer.to_owned(), reason: s.as_str() });
+        }
+    }
+
     /// Starts `peer`'s series at zero (a configured name: the label stays
     /// bounded by the config).
     pub(super) fn known_peer(&self, peer: &str) {

@@ -54,7 +54,7 @@ pub struct Connector {
     audit_logs: KeyedLogBudget,
     /// The `peers` entries that are relays: their streams' attested client
     /// identities are believed (nobody else's are).
-    relays: Mutex<std::collections::HashSet<Arc<str>>>,
+    relays: Mutex<std::collections::HashMap<Arc<str>, Arc<str>>>,
     pub metrics: ConnectorMetrics,
 }
 
@@ -65,14 +65,14 @@ impl Connector {
     pub fn new<'a>(
         policy: ServePolicy,
         dial_timeout: Duration,
-        peers: impl IntoIterator<Item = (&'a str, bool)>,
+        peers: impl IntoIterator<Item = PeerEntry<'a>>,
         caps: PeerCaps,
         identity: &str,
         registry: &mut Registry,
     ) -> Connector {
-        let peers: Vec<(&str, bool)> = peers.into_iter().collect();
-        let relays = Mutex::new(relay_names(&peers));
-        let budgets = Arc::new(PeerBudgets::new(peers.iter().map(|(n, _)| *n), caps));
+        let peers: Vec<PeerEntry<'_>> = peers.into_iter().collect();
+        let relays = Mutex::new(relays_of(&peers));
+        let budgets = Arc::new(PeerBudgets::new(peers.iter().map(|p| p.name), caps));
         Connector {
             policy: Mutex::new(Arc::new(policy)),
             dial_timeout,
@@ -87,19 +87,27 @@ impl Connector {
         }
     }
 
-    /// Takes the `peers` of a reload (by name, and whether each is a
-    /// relay): streams from now on go by them.
-    pub fn set_peers<'a>(&self, peers: impl IntoIterator<Item = (&'a str, bool)>) {
-        let peers: Vec<(&str, bool)> = peers.into_iter().collect();
-        for (name, _) in &peers {
+    /// Takes the `peers` of a reload: streams from now on go by them.
+    pub fn set_peers<'a>(&self, peers: impl IntoIterator<Item = PeerEntry<'a>>) {
+        let peers: Vec<PeerEntry<'_>> = peers.into_iter().collect();
+        let names: Vec<Arc<str>> = peers.iter().map(|p| Arc::from(p.name)).collect();
+        for old in self.budgets.names() {
+            if !names.contains(&old) {
+                self.metrics.forget_peer(&old);
+            }
+        }
+        for name in &names {
             self.metrics.known_peer(name);
         }
-        self.budgets.set_names(peers.iter().map(|(n, _)| Arc::from(*n)).collect());
-        *crate::lock(&self.relays) = relay_names(&peers);
+        self.budgets.set_names(names);
+        *crate::lock(&self.relays) = relays_of(&peers);
     }
 
-    fn is_relay(&self, peer: &str) -> bool {
-        crate::lock(&self.relays).contains(peer)
+    /// Whether `peer` is a relay: its entry is marked so, and the
+    /// connection is the relay's exact identity (an entry a reload changed
+    /// into a relay's does not make a connection admitted before it one).
+    fn is_relay(&self, peer: &PeerId) -> bool {
+        crate::lock(&self.relays).get(&peer.name).is_some_and(|id| *id == peer.identity)
     }
 
     /// Takes the identity of rotated TLS material, for the audit lines.
@@ -312,8 +320,24 @@ fn dial_status(e: &io::Error) -> Status {
     }
 }
 
-fn relay_names(peers: &[(&str, bool)]) -> std::collections::HashSet<Arc<str>> {
-    peers.iter().filter(|(_, relay)| *relay).map(|(n, _)| Arc::from(*n)).collect()
+/// A `peers` entry as the connector sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct PeerEntry<'a> {
+    pub name: &'a str,
+    pub identity: &'a str,
+    pub relay: bool,
+}
+
+impl<'a> From<&'a crate::config::Peer> for PeerEntry<'a> {
+    fn from(p: &'a crate::config::Peer) -> Self {
+        PeerEntry { name: &p.name, identity: &p.identity, relay: p.relay }
+    }
+}
+
+/// The relays among `peers`, by name, with the exact identity each has
+/// (a relay entry is never a pattern).
+fn relays_of(peers: &[PeerEntry<'_>]) -> std::collections::HashMap<Arc<str>, Arc<str>> {
+    peers.iter().filter(|p| p.relay).map(|p| (Arc::from(p.name), Arc::from(p.identity))).collect()
 }
 
 impl StreamHandler for Connector {
@@ -321,7 +345,7 @@ impl StreamHandler for Connector {
         let caps = self.budgets.caps();
         let tracker = self.streams.clone();
         self.peak.fetch_max(tracker.len() + 1, std::sync::atomic::Ordering::Relaxed);
-        if self.is_relay(&peer.name) {
+        if self.is_relay(peer) {
             // The budget is the attested client's, known after the header;
             // QUIC's stream credit bounds the relay's streams meanwhile.
             tracker.spawn(self.serve(peer.clone(), caps, None, send, recv));
@@ -340,7 +364,7 @@ impl StreamHandler for Connector {
     }
 
     fn advertised_to(&self, peer: &PeerId) -> Vec<crate::tunnel::Advert> {
-        if self.is_relay(&peer.name) {
+        if self.is_relay(peer) {
             // A relay forwards for many identities; each stream is checked
             // against the one it attests.
             return self.policy().served();

@@ -46,16 +46,21 @@ impl Tunnel {
             attempt += 1;
             // The SNI name is unused: the verifier goes by the URI SAN.
             let connecting = self.endpoint.connect_with(config, addr, "dataplane.peer");
-            let result = match connecting {
-                Ok(c) => tokio::time::timeout(ATTEMPT, c).await.unwrap_or(Err(ConnectionError::TimedOut)),
-                Err(e) => {
-                    warn!(peer = %slot.name, %addr, error = %e, "cannot dial");
-                    Err(ConnectionError::LocallyClosed)
-                }
+            let attempt_once = async {
+                let conn = match connecting {
+                    Ok(c) => tokio::time::timeout(ATTEMPT, c).await.unwrap_or(Err(ConnectionError::TimedOut)),
+                    Err(e) => {
+                        warn!(peer = %slot.name, %addr, error = %e, "cannot dial");
+                        Err(ConnectionError::LocallyClosed)
+                    }
+                }?;
+                handshake::await_welcome(conn, self.welcome_timeout).await
             };
-            let result = match result {
-                Ok(conn) => handshake::await_welcome(conn, self.welcome_timeout).await,
-                Err(e) => Err(e),
+            // A reload that retires the slot ends the attempt too: its
+            // connection would only be refused by `add`.
+            let result = tokio::select! {
+                r = attempt_once => r,
+                () = slot.retired.cancelled() => return,
             };
             match result {
                 Ok((conn, control)) => {

@@ -147,6 +147,15 @@ impl TunnelMetrics {
             .sum()
     }
 
+    /// Drops `peer`'s series (a reload removed its entry), so renamed
+    /// entries do not pile up.
+    pub(super) fn forget_peer(&self, peer: &str) {
+        for direction in ["accepted", "dialed"] {
+            self.connections_opened.remove(&PeerDirectionLabels { peer: peer.to_owned(), direction });
+        }
+        self.streams_opened.remove(&PeerLabels { peer: peer.to_owned() });
+    }
+
     /// Streams this agent opened to `peer`.
     pub fn streams_opened(&self, peer: &str) -> u64 {
         self.streams_opened.get(&PeerLabels { peer: peer.to_owned() }).map_or(0, |c| c.get())

@@ -169,6 +169,9 @@ pub struct Tunnel {
     peers: Arc<std::sync::Mutex<Arc<PeerSet>>>,
     /// The TLS material in force, for the client side of peers added later.
     tls: std::sync::Mutex<TlsMaterial>,
+    /// Held while a peer set is prepared and committed, and while TLS
+    /// material changes: the two never interleave.
+    reconfiguring: std::sync::Mutex<()>,
     /// The accept loop and every dialer, on the runtime the tunnel was
     /// bound on (a reload may come from any thread).
     tasks: std::sync::Mutex<JoinSet<()>>,
@@ -251,6 +254,7 @@ impl Tunnel {
             endpoint,
             peers,
             tls: std::sync::Mutex::new(tls.clone()),
+            reconfiguring: std::sync::Mutex::new(()),
             tasks: std::sync::Mutex::new(JoinSet::new()),
             runtime: tokio::runtime::Handle::current(),
             transport,
@@ -275,14 +279,17 @@ impl Tunnel {
     /// keep theirs. Both sides' configurations are built before either is
     /// swapped, so a failure changes nothing.
     pub fn set_tls(&self, tls: &TlsMaterial) -> Result<(), TunnelError> {
-        let set = self.peer_set();
-        let peers = set.by_name.values().map(|s| (&*s.name, &s.identity));
-        let (server, clients) = crypto_configs(tls, peers, &self.transport)?;
+        let mut server = None;
+        self.set_client_tls(|set| {
+            let peers = set.by_name.values().map(|s| (&*s.name, &s.identity));
+            let (s, clients) = crypto_configs(tls, peers, &self.transport)?;
+            server = Some(s);
+            *crate::lock(&self.tls) = tls.clone();
+            Ok::<_, TunnelError>(clients)
+        })?;
         if self.accepting {
-            self.endpoint.set_server_config(Some(server));
+            self.endpoint.set_server_config(server);
         }
-        *crate::lock(&self.tls) = tls.clone();
-        self.set_client_tls(clients);
         Ok(())
     }
 
@@ -452,6 +459,12 @@ impl Tunnel {
         self.draining.send_replace(true);
     }
 
+    /// Stops the accept loop and every dialer at once, without a word to
+    /// the peers (an agent dropped without running).
+    pub fn abort_tasks(&self) {
+        crate::lock(&self.tasks).abort_all();
+    }
+
     /// Closes every connection and the endpoint, waiting briefly for peers to
     /// learn of it (so they fail over at once instead of timing out).
     pub async fn close(&self) {
@@ -565,6 +578,14 @@ impl Tunnel {
         if !slot.add(&conn, state.clone()) {
             // A reload retired the entry while the handshake ran.
             conn.close(peers::CLOSE_RECONFIGURED, b"peer entry changed; reconnect");
+            return;
+        }
+        // Or added one that admits this identity first: the commit swapped
+        // the set before it looked at this slot's connections, so one of the
+        // two sees the other.
+        if state.accepted_from.as_deref().is_some_and(|id| !self.still_admits(&slot, id)) {
+            conn.close(peers::CLOSE_RECONFIGURED, b"peers changed; reconnect");
+            slot.remove(&conn);
             return;
         }
         let labels = PeerDirectionLabels { peer: slot.name.to_string(), direction };

@@ -52,10 +52,12 @@ impl PeerSet {
                 dialers: if p.dial.is_empty() { 0 } else { p.connections },
                 dial: p.dial.clone(),
                 learns: !p.learn.is_empty(),
+                relay: p.relay,
             };
             let slot = match old.by_name.get(p.name.as_str()) {
                 Some(s) if s.spec == spec => s.clone(),
-                _ => Arc::new(PeerSlot::new(&p.name, spec)),
+                Some(s) => Arc::new(PeerSlot::new(&p.name, spec, Some(s.closed.clone()))),
+                None => Arc::new(PeerSlot::new(&p.name, spec, None)),
             };
             admits.push(slot.clone());
             by_name.insert(slot.name.clone(), slot);
@@ -76,10 +78,13 @@ impl PeerSet {
     }
 }
 
-/// The next peer set, built and not yet in force.
+/// The next peer set, built and not yet in force. It holds the tunnel's
+/// reconfiguration lock: TLS material cannot change under it (the set's
+/// client configurations were built from the material in force).
 #[derive(Debug)]
-pub struct PeersUpdate {
+pub struct PeersUpdate<'a> {
     next: PeerSet,
+    _reconfiguring: std::sync::MutexGuard<'a, ()>,
 }
 
 /// What a committed update did, by entry name.
@@ -106,22 +111,22 @@ impl Tunnel {
     }
 
     /// Builds the peer set for `peers` with the TLS material in force:
-    /// nothing changes until [`Tunnel::commit_peers`]. The caller keeps
-    /// [`Tunnel::set_tls`] from running between the two (the agent holds
-    /// its config lock across both), or new peers would dial with the old
-    /// material.
-    pub fn prepare_peers(&self, peers: &[(&Peer, &IdentityPattern)]) -> Result<PeersUpdate, TunnelError> {
+    /// nothing changes until [`Tunnel::commit_peers`] (or the update is
+    /// dropped). [`Tunnel::set_tls`] waits for either.
+    pub fn prepare_peers(&self, peers: &[(&Peer, &IdentityPattern)]) -> Result<PeersUpdate<'_>, TunnelError> {
+        let guard = crate::lock(&self.reconfiguring);
         let tls = crate::lock(&self.tls).clone();
         let (_, clients) =
             crypto_configs(&tls, peers.iter().map(|(p, id)| (p.name.as_str(), *id)), &self.transport)?;
-        Ok(PeersUpdate { next: PeerSet::build(&self.peer_set(), peers, clients) })
+        Ok(PeersUpdate { next: PeerSet::build(&self.peer_set(), peers, clients), _reconfiguring: guard })
     }
 
     /// Puts `update` in force: new entries start dialling, removed and
     /// changed ones are retired, and an accepted connection that a new entry
     /// would now admit instead is closed (its peer reconnects under it).
-    pub fn commit_peers(self: &Arc<Self>, update: PeersUpdate) -> PeersChange {
-        let next = Arc::new(update.next);
+    pub fn commit_peers(self: &Arc<Self>, update: PeersUpdate<'_>) -> PeersChange {
+        let PeersUpdate { next, _reconfiguring } = update;
+        let next = Arc::new(next);
         let old = std::mem::replace(&mut *crate::lock(&self.peers), next.clone());
         let mut change = PeersChange::default();
         for (name, slot) in &old.by_name {
@@ -139,6 +144,7 @@ impl Tunnel {
                 None => {
                     change.removed.push(name.clone());
                     slot.retire(CLOSE_RECONFIGURED, b"peer entry removed");
+                    self.metrics.forget_peer(name);
                 }
             }
         }
@@ -167,10 +173,25 @@ impl Tunnel {
         change
     }
 
-    /// Takes new TLS material for the client side of every peer in force.
-    pub(super) fn set_client_tls(&self, clients: HashMap<Arc<str>, ClientConfig>) {
-        let mut peers = crate::lock(&self.peers);
-        *peers = Arc::new(peers.with_clients(clients));
+    /// Takes new TLS material for the client side of every peer in force
+    /// (built by `build` for the set in force, under the reconfiguration
+    /// lock, so no commit comes between).
+    pub(super) fn set_client_tls<E>(
+        &self,
+        build: impl FnOnce(&PeerSet) -> Result<HashMap<Arc<str>, ClientConfig>, E>,
+    ) -> Result<(), E> {
+        let _reconfiguring = crate::lock(&self.reconfiguring);
+        let set = self.peer_set();
+        let clients = build(&set)?;
+        *crate::lock(&self.peers) = Arc::new(set.with_clients(clients));
+        Ok(())
+    }
+
+    /// Whether the accepted connection from `identity` on `slot` belongs
+    /// there under the peers in force now (a commit may have come while
+    /// its handshake ran).
+    pub(super) fn still_admits(&self, slot: &Arc<PeerSlot>, identity: &str) -> bool {
+        self.peer_set().admitting(identity).is_some_and(|s| Arc::ptr_eq(s, slot))
     }
 
     /// The first set, at bind.

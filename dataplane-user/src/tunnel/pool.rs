@@ -25,6 +25,9 @@ pub(super) struct PeerSpec {
     /// Routes the peer advertises may be learned (`peers[].learn`): only
     /// then are its advertisements kept.
     pub learns: bool,
+    /// The handler treats the peer's streams as a relay's (`peers[].relay`):
+    /// a change must not apply to connections admitted before it.
+    pub relay: bool,
 }
 
 /// Totals of connections that closed, so per-peer counters stay monotonic.
@@ -55,7 +58,9 @@ pub(super) struct PeerSlot {
     /// (an entry exists only while it holds one, so a pattern admitting
     /// any number of identities keeps no more entries than connections).
     accepted: Mutex<HashMap<Arc<str>, usize>>,
-    pub closed: Mutex<ClosedTotals>,
+    /// Shared with the slot that replaces this one under the same name, so
+    /// the peer's counters stay monotonic across a reload.
+    pub closed: Arc<Mutex<ClosedTotals>>,
 }
 
 /// One of an identity's accepted connections, counted against
@@ -83,7 +88,9 @@ impl Drop for Accepted {
 }
 
 impl PeerSlot {
-    pub fn new(name: &str, spec: PeerSpec) -> PeerSlot {
+    /// A slot for the entry `name`, continuing the counters `closed` of the
+    /// one it replaces (if any).
+    pub fn new(name: &str, spec: PeerSpec, closed: Option<Arc<Mutex<ClosedTotals>>>) -> PeerSlot {
         PeerSlot {
             name: Arc::from(name),
             identity: spec.identity.clone(),
@@ -93,7 +100,7 @@ impl PeerSlot {
             conns: Mutex::new(Vec::new()),
             retired: CancellationToken::new(),
             accepted: Mutex::default(),
-            closed: Mutex::default(),
+            closed: closed.unwrap_or_default(),
         }
     }
 

@@ -59,36 +59,15 @@ pub fn run(opts: &Options) -> Result<()> {
     let script = vm_dir.join("tests.sh");
     fs::write(&script, guest_script(&binaries, opts.filter.as_deref()))?;
 
-    let mut prepared = Vec::new();
+    let mut results = Vec::new();
     for series in &opts.kernels {
         let sources = kernel::sources_for(&vm_dir, series)?;
         let pkg = resolve_package(series, &sources)?;
+        let started = Instant::now();
         let kernel = prepare_kernel(&vm_dir, &pkg, &sources).with_context(|| format!("preparing {pkg}"))?;
-        prepared.push((series.clone(), pkg, kernel));
+        let outcome = boot(&kernel, &script, Duration::from_secs(opts.timeout))?;
+        results.push((series.clone(), pkg, outcome, started.elapsed()));
     }
-    // The guests boot side by side: each is one single-threaded TCG vCPU,
-    // so on a 2-core machine two of them take the time of one.
-    let limit = Duration::from_secs(opts.timeout);
-    let results = std::thread::scope(|scope| {
-        let running: Vec<_> = prepared
-            .iter()
-            .map(|(series, pkg, kernel)| {
-                let script = &script;
-                let guest = scope.spawn(move || {
-                    let started = Instant::now();
-                    boot(kernel, script, limit).map(|outcome| (outcome, started.elapsed()))
-                });
-                (series, pkg, guest)
-            })
-            .collect();
-        running
-            .into_iter()
-            .map(|(series, pkg, guest)| {
-                let (outcome, took) = guest.join().map_err(|_| anyhow::anyhow!("booting {pkg} panicked"))??;
-                Ok((series.clone(), pkg.clone(), outcome, took))
-            })
-            .collect::<Result<Vec<_>>>()
-    })?;
 
     println!("\nkernel matrix:");
     let mut failed = false;
