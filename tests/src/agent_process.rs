@@ -24,6 +24,15 @@ pub fn agent_bin() -> PathBuf {
     crate::probe::probe_bin().with_file_name("dataplane")
 }
 
+/// How an agent process is started: extra environment, the endpoint that
+/// must answer 200 before it counts as started, and a command it runs under
+/// (program and arguments before the agent's own; empty: none).
+struct Launch<'a> {
+    env: &'a [(&'a str, &'a str)],
+    until: &'static str,
+    wrapper: &'a [String],
+}
+
 /// A running agent process; SIGTERM and wait on drop.
 pub struct AgentProcess {
     child: Child,
@@ -55,7 +64,28 @@ impl AgentProcess {
         dir: &Path,
         env: &[(&str, &str)],
     ) -> Result<AgentProcess> {
-        Self::launch(ns, name, config, admin, dir, env, "/ready")
+        Self::launch(ns, name, config, admin, dir, Launch { env, until: "/ready", wrapper: &[] })
+    }
+
+    /// [`AgentProcess::start`] with only the capabilities `caps` (e.g.
+    /// `["bpf", "net_admin"]`), as a container granted exactly those runs it:
+    /// every other capability is out of its bounding set.
+    pub fn start_with_caps(
+        ns: &Netns,
+        name: &str,
+        config: &str,
+        admin: SocketAddr,
+        dir: &Path,
+        caps: &[&str],
+    ) -> Result<AgentProcess> {
+        let bounding: String = caps.iter().map(|c| format!(",+{c}")).collect();
+        let wrapper = [
+            "setpriv".to_owned(),
+            "--inh-caps=-all".into(),
+            format!("--bounding-set=-all{bounding}"),
+            "--".into(),
+        ];
+        Self::launch(ns, name, config, admin, dir, Launch { env: &[], until: "/ready", wrapper: &wrapper })
     }
 
     /// [`AgentProcess::start_with_env`] returning once the agent is up
@@ -69,7 +99,7 @@ impl AgentProcess {
         dir: &Path,
         env: &[(&str, &str)],
     ) -> Result<AgentProcess> {
-        Self::launch(ns, name, config, admin, dir, env, "/healthz")
+        Self::launch(ns, name, config, admin, dir, Launch { env, until: "/healthz", wrapper: &[] })
     }
 
     fn launch(
@@ -78,9 +108,9 @@ impl AgentProcess {
         config: &str,
         admin: SocketAddr,
         dir: &Path,
-        env: &[(&str, &str)],
-        until: &'static str,
+        how: Launch<'_>,
     ) -> Result<AgentProcess> {
+        let Launch { env, until, wrapper } = how;
         let path = dir.join(format!("{name}.yaml"));
         std::fs::write(&path, format!("{config}admin: '{admin}'\n"))?;
         // DATAPLANE_BENCH_LOGS keeps the agents' logs (at DATAPLANE_LOG's
@@ -89,7 +119,14 @@ impl AgentProcess {
         let log = logs.join(format!("{name}.log"));
         let netns =
             std::fs::File::open(ns.path()).with_context(|| format!("opening {}", ns.path().display()))?;
-        let mut cmd = Command::new(agent_bin());
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(agent_bin());
+                c
+            }
+            None => Command::new(agent_bin()),
+        };
         cmd.args(["agent", "--config"])
             .arg(&path)
             .env("DATAPLANE_LOG", std::env::var("DATAPLANE_LOG").unwrap_or_else(|_| "warn".into()))

@@ -1,9 +1,10 @@
 //! `cargo xtask`: developer tasks that need more than cargo: building the eBPF
 //! object (and the toolchain it needs), the demo, the kernel matrix, the
-//! supply-chain check, and benchmarks.
+//! supply-chain check, benchmarks, and the container image.
 
 mod build_ebpf;
 mod deny;
+mod image;
 mod vm_test;
 
 use std::process::Command as Process;
@@ -34,6 +35,8 @@ enum Command {
     Demo,
     /// Run the privileged eBPF tests on Debian's 6.1 and 6.12 kernels under qemu (needs root).
     VmTest(vm_test::Options),
+    /// Build the agent's OCI image with podman (FROM scratch: the binary and the libraries it links).
+    Image(image::Options),
     /// cargo deny (advisories against the RustSec snapshot in supply-chain/, licences, duplicates, sources).
     Deny(deny::Options),
     /// Measure steering and the tunnel against baselines (release build, needs root); writes target/bench/bench.json.
@@ -63,6 +66,8 @@ fn run(command: Command) -> Result<()> {
             build_ebpf::run(&build_ebpf::Options::default())?;
             // The fleet test's firewalls.
             ensure_package(&["nft", "--version"], "nftables", "the fleet test's firewalls")?;
+            // The manifests' validators (tests/tests/deploy.rs).
+            ensure_deploy_tools()?;
             cargo(&["test", "--workspace", "--no-fail-fast"], &args)
         }
         Command::Demo => {
@@ -73,6 +78,10 @@ fn run(command: Command) -> Result<()> {
             cargo(&["run", "--quiet", "-p", "tests", "--bin", "dataplane-demo"], &[])
         }
         Command::Deny(opts) => deny::run(&opts),
+        Command::Image(opts) => {
+            build_ebpf::run(&build_ebpf::Options::default())?;
+            image::run(&opts).map(|_| ())
+        }
         Command::VmTest(opts) => {
             build_ebpf::run(&build_ebpf::Options::default())?;
             vm_test::run(&opts)
@@ -90,14 +99,47 @@ fn run(command: Command) -> Result<()> {
     }
 }
 
-/// Installs the Debian `package` (for `why`) unless `probe` runs: apt-get
-/// install, and once more after an `apt-get update` (a fresh machine has no
-/// package lists).
+/// The manifest validators, from PyPI at pinned versions, in a virtualenv
+/// under target/ (the tests find them there).
+fn ensure_deploy_tools() -> Result<()> {
+    const TOOLS: [&str; 2] = ["kubernetes-validate==1.37.0", "checkov==3.3.30"];
+    let dir = build_ebpf::workspace_root().join("target/deploy-tools");
+    let stamp = dir.join("installed");
+    if std::fs::read_to_string(&stamp).is_ok_and(|s| s == TOOLS.join("\n")) {
+        return Ok(());
+    }
+    // This machine kind ships kubectl (with kustomize built in); Debian has no package of it.
+    ensure!(
+        Process::new("kubectl").args(["version", "--client"]).output().is_ok_and(|o| o.status.success()),
+        "kubectl is needed to render deploy/ (kubectl kustomize)"
+    );
+    eprintln!("xtask: installing {} into {}", TOOLS.join(", "), dir.display());
+    let status =
+        Process::new("python3").args(["-m", "venv"]).arg(&dir).status().context("python3 -m venv")?;
+    ensure!(status.success(), "python3 -m venv {} failed", dir.display());
+    let status = Process::new(dir.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .args(TOOLS)
+        .status()
+        .context("pip install")?;
+    ensure!(status.success(), "pip install {} failed", TOOLS.join(" "));
+    std::fs::write(stamp, TOOLS.join("\n"))?;
+    Ok(())
+}
+
+/// Installs the Debian `package` (for `why`) unless `probe` runs.
 fn ensure_package(probe: &[&str], package: &str, why: &str) -> Result<()> {
     if Process::new(probe[0]).args(&probe[1..]).output().is_ok() {
         return Ok(());
     }
-    eprintln!("xtask: installing {package} ({why})");
+    install_packages(&[package], why)
+}
+
+/// Installs Debian `packages` (for `why`): apt-get install, and once more
+/// after an `apt-get update` (a fresh machine has no package lists).
+fn install_packages(packages: &[&str], why: &str) -> Result<()> {
+    let list = packages.join(" ");
+    eprintln!("xtask: installing {list} ({why})");
     let apt = |args: &[&str]| {
         Process::new("apt-get")
             .args(args)
@@ -105,9 +147,10 @@ fn ensure_package(probe: &[&str], package: &str, why: &str) -> Result<()> {
             .status()
             .is_ok_and(|s| s.success())
     };
-    let install = ["install", "-y", "-qq", "--no-install-recommends", package];
+    let mut install = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    install.extend(packages);
     let ok = apt(&install) || (apt(&["update", "-qq"]) && apt(&install));
-    ensure!(ok, "installing {package} failed; run `apt-get update && apt-get install {package}`");
+    ensure!(ok, "installing {list} failed; run `apt-get update && apt-get install {list}`");
     Ok(())
 }
 
