@@ -40,7 +40,8 @@ pub fn run(opts: &Options) -> Result<String> {
     // The release profile keeps debug info (for profiling); the image
     // keeps the symbols (backtraces name functions) and drops the rest.
     let in_image = rootfs.join(BINARY.trim_start_matches('/'));
-    let status = Command::new("strip").arg("--strip-debug").arg(&in_image).status().context("running strip")?;
+    let status =
+        Command::new("strip").arg("--strip-debug").arg(&in_image).status().context("running strip")?;
     ensure!(status.success(), "strip --strip-debug {} failed", in_image.display());
     for lib in linked_libraries(&binary)? {
         copy_into(&rootfs, &lib, &lib)?;
