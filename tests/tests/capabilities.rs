@@ -1,5 +1,5 @@
 //! The capabilities the DaemonSet grants (deploy/client: drop ALL, add BPF,
-//! NET_ADMIN and NET_BIND_SERVICE) are the ones the agent needs. With exactly those, and no
+//! NET_ADMIN, PERFMON and NET_BIND_SERVICE) are the ones the agent needs. With exactly those, and no
 //! other (not even the rest of root's), it steers a pod's connects; with one
 //! of them missing it refuses to start and names the one it lacks, before
 //! anything is loaded or created.
@@ -26,7 +26,7 @@ fn the_granted_capabilities_are_enough_and_each_is_needed() {
     let topo = Topology::new().expect("topology");
     let dir = tempfile::tempdir().expect("tmp");
     let admin = addr("127.0.0.1:9480");
-    let granted = ["bpf", "net_admin", "net_bind_service"];
+    let granted = ["bpf", "net_admin", "perfmon", "net_bind_service"];
     let agent = AgentProcess::start_with_caps(
         &topo.node,
         "granted",
@@ -38,7 +38,7 @@ fn the_granted_capabilities_are_enough_and_each_is_needed() {
     .expect("the agent starts with exactly the granted capabilities");
     let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).expect("status");
     let eff = status.lines().find_map(|l| l.strip_prefix("CapEff:")).expect("CapEff").trim().to_owned();
-    assert_eq!(eff, "0000008000001400", "CAP_BPF, CAP_NET_ADMIN and CAP_NET_BIND_SERVICE only");
+    assert_eq!(eff, "000000c000001400", "CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN and CAP_NET_BIND_SERVICE only");
     let a = topo.pod_probe().connect(addr(API_V4)).expect("probe");
     assert!(a.ok, "a pod's connect is steered and served: {a:?}");
     let opened = agent.metric(r#"dataplane_flows_opened_total{route="198.51.100.101/32"}"#).expect("metric");
@@ -46,9 +46,10 @@ fn the_granted_capabilities_are_enough_and_each_is_needed() {
     drop(agent);
 
     for (caps, lacks) in [
-        (["net_admin", "net_bind_service"], "CAP_BPF"),
-        (["bpf", "net_bind_service"], "CAP_NET_ADMIN"),
-        (["bpf", "net_admin"], "CAP_NET_BIND_SERVICE"),
+        (["net_admin", "perfmon", "net_bind_service"], "CAP_BPF"),
+        (["bpf", "perfmon", "net_bind_service"], "CAP_NET_ADMIN"),
+        (["bpf", "net_admin", "net_bind_service"], "CAP_PERFMON"),
+        (["bpf", "net_admin", "perfmon"], "CAP_NET_BIND_SERVICE"),
     ] {
         let e = AgentProcess::start_with_caps(
             &topo.node,

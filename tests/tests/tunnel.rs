@@ -617,3 +617,42 @@ fn an_idle_tunnel_connection_costs_a_few_datagrams_a_second() {
     );
     client.stop();
 }
+
+/// kubectl beyond one-shot GETs, through the tunnel: `get pods --watch`
+/// holds one long-lived chunked response while the API server sends events
+/// 300 ms apart, and `exec` upgrades to WebSocket (`v5.channel.k8s.io`) and
+/// gets the command's output and exit status over its channels (pod
+/// connectors are known to end exec with EOF).
+#[test]
+fn kubectl_watches_and_execs_through_the_tunnel() {
+    if !require_root() {
+        return;
+    }
+    use tests::{
+        apiserver::{POD_NAME, WATCH_RESTARTS, exec_output},
+        tunnel_env::output_text as text,
+    };
+    let env = TunnelEnv::new().expect("environment");
+    let (_client, _connector) = env.start(Mode::ConnectorListens).expect("agents");
+    let started = Instant::now();
+    let w = env.kubectl(&["get", "pods", "--watch"]).expect("kubectl runs");
+    let took = started.elapsed();
+    let out = text(&w);
+    assert!(w.status.success(), "the watch ends when the server ends it: {out}");
+    // The list's row (restarts 0), then one row per event, in order.
+    let restarts: Vec<&str> =
+        out.lines().filter(|l| l.starts_with(POD_NAME)).filter_map(|l| l.split_whitespace().nth(3)).collect();
+    let want: Vec<String> = std::iter::once(0).chain(WATCH_RESTARTS).map(|r| r.to_string()).collect();
+    assert_eq!(restarts, want, "{out}");
+    assert!(took >= Duration::from_millis(600), "the events came over one held response: {took:?}");
+    eprintln!("$ kubectl get pods --watch ({took:?})\n{out}");
+
+    let words = ["echo", "through", "the", "tunnel"];
+    let mut args = vec!["exec", POD_NAME, "--"];
+    args.extend(words);
+    let e = env.kubectl(&args).expect("kubectl runs");
+    assert!(e.status.success(), "kubectl exec: {}", text(&e));
+    assert_eq!(String::from_utf8_lossy(&e.stdout), exec_output(&words), "{}", text(&e));
+    let f = env.kubectl(&["exec", POD_NAME, "--", "false"]).expect("kubectl runs");
+    assert_eq!(f.status.code(), Some(1), "the command's exit code comes back: {}", text(&f));
+}

@@ -15,19 +15,26 @@ pub struct Capability {
 const CAP_NET_BIND_SERVICE: u32 = 10;
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
-/// What steering needs. CAP_SYS_ADMIN stands in for CAP_BPF (as the kernel
-/// treats it, and as kernels before 5.8, which have no CAP_BPF, require).
-/// CAP_PERFMON is not needed: the programs load and attach without it
-/// (tests/tests/capabilities.rs, on 6.18 and on the kernel matrix's 6.1
-/// and 6.12), so a pod need not be granted it.
-pub const STEERING: [Capability; 2] = [
+/// What steering needs. CAP_SYS_ADMIN stands in for CAP_BPF and
+/// CAP_PERFMON (as the kernel treats it, and as kernels before 5.8, which
+/// have neither, require). CAP_PERFMON lets the verifier accept the
+/// programs' pointer spills: Linux 6.18 loads them without it, 6.1 refuses
+/// them ("attempt to corrupt spilled pointer on stack"; the kernel
+/// matrix's `capabilities` suite).
+pub const STEERING: [Capability; 3] = [
     Capability { name: "CAP_BPF", bit: CAP_BPF, why: "loading the eBPF programs and creating their maps" },
     Capability {
         name: "CAP_NET_ADMIN",
         bit: CAP_NET_ADMIN,
         why: "attaching the programs to the cgroup and creating the redirect interface",
+    },
+    Capability {
+        name: "CAP_PERFMON",
+        bit: CAP_PERFMON,
+        why: "the verifier accepting the programs' pointer spills (Linux 6.1 refuses them without it)",
     },
 ];
 
@@ -51,8 +58,8 @@ pub fn for_steering(ports: impl IntoIterator<Item = u16>) -> Vec<Capability> {
 /// The capabilities in `needed` that the effective set `effective` lacks.
 pub fn missing(effective: u64, needed: &[Capability]) -> Vec<Capability> {
     let has = |bit: u32| effective & (1u64 << bit) != 0;
-    // CAP_SYS_ADMIN covers CAP_BPF (never CAP_NET_ADMIN).
-    let held = |c: &&Capability| has(c.bit) || (c.bit == CAP_BPF && has(CAP_SYS_ADMIN));
+    // CAP_SYS_ADMIN covers CAP_BPF and CAP_PERFMON (never CAP_NET_ADMIN).
+    let held = |c: &&Capability| has(c.bit) || (c.bit != CAP_NET_ADMIN && has(CAP_SYS_ADMIN));
     needed.iter().filter(|c| !held(c)).copied().collect()
 }
 
@@ -80,8 +87,8 @@ impl fmt::Display for Missing {
         }
         write!(
             f,
-            "); grant them (Kubernetes: securityContext.capabilities.add [BPF, NET_ADMIN, NET_BIND_SERVICE], \
-             SYS_ADMIN in place of BPF before Linux 5.8) or run as root"
+            "); grant them (Kubernetes: securityContext.capabilities.add [BPF, PERFMON, NET_ADMIN, NET_BIND_SERVICE], \
+             SYS_ADMIN in place of BPF and PERFMON before Linux 5.8) or run as root"
         )
     }
 }
@@ -107,29 +114,31 @@ mod tests {
 
     #[test]
     fn each_lacking_capability_is_named() {
-        assert!(missing(bits(&[CAP_BPF, CAP_NET_ADMIN]), &STEERING).is_empty());
+        let all = bits(&[CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON]);
+        assert!(missing(all, &STEERING).is_empty());
         let names = |m: Vec<Capability>| m.into_iter().map(|c| c.name).collect::<Vec<_>>();
-        assert_eq!(names(missing(bits(&[CAP_NET_ADMIN]), &STEERING)), ["CAP_BPF"]);
-        assert_eq!(names(missing(bits(&[CAP_BPF]), &STEERING)), ["CAP_NET_ADMIN"]);
-        assert_eq!(names(missing(0, &STEERING)), ["CAP_BPF", "CAP_NET_ADMIN"]);
-        // SYS_ADMIN covers BPF, never NET_ADMIN.
+        assert_eq!(names(missing(bits(&[CAP_NET_ADMIN, CAP_PERFMON]), &STEERING)), ["CAP_BPF"]);
+        assert_eq!(names(missing(bits(&[CAP_BPF, CAP_PERFMON]), &STEERING)), ["CAP_NET_ADMIN"]);
+        assert_eq!(names(missing(bits(&[CAP_BPF, CAP_NET_ADMIN]), &STEERING)), ["CAP_PERFMON"]);
+        assert_eq!(names(missing(0, &STEERING)), ["CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON"]);
+        // SYS_ADMIN covers BPF and PERFMON, never NET_ADMIN.
         assert_eq!(names(missing(bits(&[CAP_SYS_ADMIN]), &STEERING)), ["CAP_NET_ADMIN"]);
         assert!(missing(bits(&[CAP_SYS_ADMIN, CAP_NET_ADMIN]), &STEERING).is_empty());
         // The redirect port decides about NET_BIND_SERVICE.
-        assert_eq!(
-            names(missing(bits(&[CAP_BPF, CAP_NET_ADMIN]), &for_steering([1013]))),
-            ["CAP_NET_BIND_SERVICE"]
-        );
-        assert!(missing(bits(&[CAP_BPF, CAP_NET_ADMIN]), &for_steering([15001, 15002])).is_empty());
+        assert_eq!(names(missing(all, &for_steering([1013]))), ["CAP_NET_BIND_SERVICE"]);
+        assert!(missing(all, &for_steering([15001, 15002])).is_empty());
         let e = Missing(missing(0, &STEERING)).to_string();
-        assert!(e.starts_with("the agent lacks CAP_BPF, CAP_NET_ADMIN (CAP_BPF: loading"), "{e}");
+        assert!(
+            e.starts_with("the agent lacks CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON (CAP_BPF: loading"),
+            "{e}"
+        );
     }
 
     #[test]
     fn the_effective_set_is_read_from_status() {
         let status =
-            "Name:\tx\nCapInh:\t0000000000000000\nCapEff:\t0000008000001000\nCapBnd:\t000001ffffffffff\n";
-        assert_eq!(parse_effective(status), Some(bits(&[CAP_BPF, CAP_NET_ADMIN])));
+            "Name:\tx\nCapInh:\t0000000000000000\nCapEff:\t000000c000001000\nCapBnd:\t000001ffffffffff\n";
+        assert_eq!(parse_effective(status), Some(bits(&[CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN])));
         assert_eq!(parse_effective("Name:\tx\n"), None);
         assert!(effective().is_ok(), "this process's own status reads");
     }

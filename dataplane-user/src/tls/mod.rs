@@ -67,9 +67,15 @@ impl std::fmt::Debug for TlsMaterial {
 
 impl TlsMaterial {
     pub fn load(files: &TlsFiles) -> Result<TlsMaterial, TlsError> {
-        use std::os::unix::fs::PermissionsExt;
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        // A Kubernetes Secret mounted for a non-root pod is the pod's
+        // fsGroup's (root owns it, mode 0440): the group bits are how this
+        // process reads it, and only pods of that group share them.
+        let for_own_group = |m: &std::fs::Metadata| {
+            m.uid() != nix::unistd::geteuid().as_raw() && m.gid() == nix::unistd::getegid().as_raw()
+        };
         if let Ok(meta) = std::fs::metadata(&files.key)
-            && let Some(problem) = key_mode_problem(meta.permissions().mode())
+            && let Some(problem) = key_mode_problem(meta.permissions().mode(), for_own_group(&meta))
         {
             tracing::warn!(path = %files.key.display(), "tls.key {problem}");
         }
@@ -224,8 +230,11 @@ fn check_own_validity(leaf: &CertificateDer<'_>, path: &Path, now: SystemTime) -
 
 /// What is wrong with a key file's permission bits, if anything: a private
 /// key readable by group or others is readable by whoever shares the node.
-pub fn key_mode_problem(mode: u32) -> Option<String> {
-    (mode & 0o077 != 0).then(|| {
+/// Group read is expected of a file another user owns for this process's
+/// own group (`own_group`: a Secret mounted with an fsGroup).
+pub fn key_mode_problem(mode: u32, own_group: bool) -> Option<String> {
+    let allowed = if own_group { 0o040 } else { 0 };
+    (mode & 0o077 & !allowed != 0).then(|| {
         format!("is readable by group or others (mode {:o}); make it 0600 (`chmod 600`)", mode & 0o777)
     })
 }
@@ -389,11 +398,15 @@ mod tests {
 
     #[test]
     fn keys_readable_by_others_are_named() {
-        assert!(key_mode_problem(0o100600).is_none());
-        assert!(key_mode_problem(0o100400).is_none());
-        let p = key_mode_problem(0o100644).expect("a problem");
+        assert!(key_mode_problem(0o100600, false).is_none());
+        assert!(key_mode_problem(0o100400, false).is_none());
+        let p = key_mode_problem(0o100644, false).expect("a problem");
         assert!(p.contains("644") && p.contains("0600"), "{p}");
-        assert!(key_mode_problem(0o100640).is_some());
+        assert!(key_mode_problem(0o100640, false).is_some());
+        // A Secret mounted for this process's group (fsGroup, 0440).
+        assert!(key_mode_problem(0o100440, true).is_none());
+        assert!(key_mode_problem(0o100444, true).is_some(), "others still may not read it");
+        assert!(key_mode_problem(0o100460, true).is_some(), "nor the group write it");
     }
 
     #[test]
