@@ -252,6 +252,8 @@ fn the_dashboard_and_alerts_use_only_exported_metrics() {
     let env = TunnelEnv::new().expect("environment");
     let (client, connector) = env.start(Mode::ConnectorListens).expect("agents start");
     assert!(env.topo.pod_probe().connect(addr(OTHER_V4)).expect("probe").ok);
+    // The flow's closing counters exist once the agent has seen it end.
+    tests::wait_flows_settled(&client.handle);
     let scrape = format!("{}\n{}", get(&env.topo.node, "/metrics").1, get(&env.topo.remote, "/metrics").1);
 
     let mut used = Vec::new();
