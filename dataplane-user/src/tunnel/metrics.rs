@@ -194,7 +194,7 @@ impl Collector for TunnelCollector {
                 Row {
                     peer: p.name.clone(),
                     up: live.len() as u64,
-                    down: u64::from(p.dialers).saturating_sub(live.len() as u64),
+                    down: u64::from(p.spec.dialers).saturating_sub(live.len() as u64),
                     rtt: live.iter().map(|c| c.rtt().as_secs_f64()).reduce(f64::min),
                     cwnd: stats.iter().map(|s| s.path.cwnd).sum(),
                     lost: r.lost_packets + stats.iter().map(|s| s.path.lost_packets).sum::<u64>(),

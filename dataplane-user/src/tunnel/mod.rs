@@ -281,7 +281,7 @@ impl Tunnel {
     pub fn set_tls(&self, tls: &TlsMaterial) -> Result<(), TunnelError> {
         let mut server = None;
         self.set_client_tls(|set| {
-            let peers = set.by_name.values().map(|s| (&*s.name, &s.identity));
+            let peers = set.by_name.values().map(|s| (&*s.name, &s.spec.identity));
             let (s, clients) = crypto_configs(tls, peers, &self.transport)?;
             server = Some(s);
             *crate::lock(&self.tls) = tls.clone();
@@ -570,7 +570,7 @@ impl Tunnel {
         control: Control,
     ) {
         let accepted_from = matches!(control, Control::Accepted(_)).then(|| identity.clone());
-        let peer = PeerId { name: slot.name.clone(), exact: slot.identity.is_exact(), identity };
+        let peer = PeerId { name: slot.name.clone(), exact: slot.spec.identity.is_exact(), identity };
         let state = Arc::new(control::ConnState { accepted_from, ..Default::default() });
         // Authenticated now (the welcome was sent or received): lift the
         // stream limit the handshake ran under to the working one.
@@ -615,7 +615,7 @@ impl Tunnel {
                 };
                 let read = async {
                     if let Some(recv) = recv {
-                        self.read_control(&conn, recv, &peer, &state, slot.learns).await;
+                        self.read_control(&conn, recv, &peer, &state, slot.spec.learns).await;
                     }
                 };
                 tokio::join!(write, read);

@@ -63,13 +63,13 @@ impl PeerSet {
             by_name.insert(slot.name.clone(), slot);
         }
         // Stable: patterns keep their file order behind the exact entries.
-        admits.sort_by_key(|s| !s.identity.is_exact());
+        admits.sort_by_key(|s| !s.spec.identity.is_exact());
         PeerSet { by_name, admits, clients }
     }
 
     /// The slot that admits a connection from `identity`.
     pub fn admitting(&self, identity: &str) -> Option<&Arc<PeerSlot>> {
-        self.admits.iter().find(|s| s.identity.matches(identity))
+        self.admits.iter().find(|s| s.spec.identity.matches(identity))
     }
 
     /// The set with the same slots and new client configurations.
@@ -207,7 +207,7 @@ impl Tunnel {
         let mut tasks = crate::lock(&self.tasks);
         // Reap dialers of retired slots, so the set holds only live ones.
         while tasks.try_join_next().is_some() {}
-        for i in 0..slot.dialers {
+        for i in 0..slot.spec.dialers {
             let dialer = self.clone().dial_loop(slot.clone(), slot.spec.dial.clone(), i as usize);
             tasks.spawn_on(dialer, &self.runtime);
         }

@@ -45,12 +45,9 @@ pub(super) struct ClosedTotals {
 #[derive(Debug)]
 pub(super) struct PeerSlot {
     pub name: Arc<str>,
-    pub identity: IdentityPattern,
+    /// What the entry asks for: its identity, dialers, learning.
     pub spec: PeerSpec,
     conns: Mutex<Vec<(quinn::Connection, Arc<ConnState>)>>,
-    /// Connections this agent keeps dialled to the peer (0: it dials us).
-    pub dialers: u32,
-    pub learns: bool,
     /// Cancelled when a reload removes or replaces the entry: its dialers
     /// stop and no connection is added to it any more.
     pub retired: CancellationToken,
@@ -93,9 +90,6 @@ impl PeerSlot {
     pub fn new(name: &str, spec: PeerSpec, closed: Option<Arc<Mutex<ClosedTotals>>>) -> PeerSlot {
         PeerSlot {
             name: Arc::from(name),
-            identity: spec.identity.clone(),
-            dialers: spec.dialers,
-            learns: spec.learns,
             spec,
             conns: Mutex::new(Vec::new()),
             retired: CancellationToken::new(),
