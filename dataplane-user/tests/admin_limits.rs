@@ -18,7 +18,7 @@ impl AdminSource for Fixed {
         "# EOF\n".to_owned()
     }
     fn readiness(&self) -> Readiness {
-        Readiness { ready: true, missing: Vec::new() }
+        Readiness { ready: true, missing: Vec::new(), degraded: Vec::new() }
     }
     fn status(&self) -> Status {
         unimplemented!("not asked in this test")

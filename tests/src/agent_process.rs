@@ -214,6 +214,13 @@ impl AgentProcess {
         crate::metric_sample(&body, name).with_context(|| format!("no metric {name}"))
     }
 
+    /// The whole `/metrics` text.
+    pub fn metrics_text(&self) -> Result<String> {
+        let (code, body) = self.get("/metrics")?;
+        ensure!(code == 200, "/metrics answered {code}");
+        Ok(body)
+    }
+
     /// A GET against the admin server, from inside the namespace.
     fn get(&self, path: &'static str) -> Result<(u16, String)> {
         let admin = self.admin;

@@ -9,6 +9,7 @@ pub mod baselines;
 pub mod evil;
 pub mod fleet;
 pub mod flood;
+pub mod kube_api;
 pub mod probe;
 pub mod standin;
 pub mod topology;

@@ -247,7 +247,30 @@ fn connectors_and_relays_run_unprivileged_in_pairs() {
         assert_eq!(strings(&c["securityContext"]["capabilities"]["drop"]), ["ALL"], "{dir}");
         assert!(c["securityContext"]["capabilities"]["add"].is_null(), "{dir}: no capability added");
         assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true, "{dir}");
-        assert_eq!(pod["automountServiceAccountToken"], false, "{dir}: no API access it does not use");
+        // The API only for a connector that discovers its API server.
+        let discovers = config_of(&docs).kubernetes_serve().is_some();
+        assert_eq!(dir == "connector", discovers, "the shipped connector serves its cluster's API server");
+        assert_eq!(pod["automountServiceAccountToken"], discovers, "{dir}: no API access it does not use");
+        let roles: Vec<&Value> =
+            docs.iter().filter(|d| d["kind"] == "Role" || d["kind"] == "ClusterRole").collect();
+        if discovers {
+            // Read access to EndpointSlices in `default`, and nothing else.
+            let role = named(&docs, "Role");
+            assert_eq!(role["metadata"]["namespace"], "default");
+            assert_eq!(role["rules"].as_sequence().map(Vec::len), Some(1), "{role:?}");
+            assert_eq!(strings(&role["rules"][0]["apiGroups"]), ["discovery.k8s.io"]);
+            assert_eq!(strings(&role["rules"][0]["resources"]), ["endpointslices"]);
+            assert_eq!(strings(&role["rules"][0]["verbs"]), ["get", "list", "watch"]);
+            let binding = named(&docs, "RoleBinding");
+            assert_eq!(binding["metadata"]["namespace"], "default");
+            assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+            let subject = &binding["subjects"][0];
+            assert_eq!(subject["name"], pod["serviceAccountName"]);
+            assert_eq!(subject["namespace"], deployment["metadata"]["namespace"], "the pods' own namespace");
+            assert_eq!(roles.len(), 1, "{dir}: one Role");
+        } else {
+            assert!(roles.is_empty(), "{dir}: no RBAC");
+        }
         assert!(!pod["affinity"]["podAntiAffinity"].is_null(), "{dir}: replicas on different nodes");
         let selector = &deployment["spec"]["selector"]["matchLabels"];
         let pdb = named(&docs, "PodDisruptionBudget");

@@ -81,6 +81,9 @@ pub fn render(s: &Status) -> String {
             m.reason
         );
     }
+    for m in &s.readiness.degraded {
+        out += &format!("  degraded: {} ({})\n", m.what, m.reason);
+    }
     if !s.peers.is_empty() {
         out += &format!(
             "\n{:<20} {:<52} {:<7} {:>5} {:>9} {:>8}\n",
@@ -114,6 +117,21 @@ pub fn render(s: &Status) -> String {
     }
     if !s.serves.is_empty() {
         out += &format!("\nSERVES\n{}\n", s.serves.join("\n"));
+    }
+    if let Some(d) = &s.discovery {
+        let state = match (&d.error, d.synced) {
+            (Some(e), _) => format!("FAILING: {e}"),
+            (None, true) => "watching".to_owned(),
+            (None, false) => "listing".to_owned(),
+        };
+        out += &format!("kubernetes discovery: {state}; {} endpoints", d.endpoints.len());
+        if d.skipped > 0 {
+            out += &format!(" ({} addresses skipped)", d.skipped);
+        }
+        out += "\n";
+        for e in &d.endpoints {
+            out += &format!("  {e}\n");
+        }
     }
     let f = &s.flows;
     out += &format!(

@@ -26,8 +26,8 @@ pub mod client;
 pub mod model;
 
 pub use model::{
-    Missing, PeerStatus, PinnedStatus, Readiness, RefusedRoute, ReloadRefusal, ReloadStatus, RouteStatus,
-    Status, SteeringStatus,
+    DiscoveryStatus, Missing, PeerStatus, PinnedStatus, Readiness, RefusedRoute, ReloadRefusal, ReloadStatus,
+    RouteStatus, Status, SteeringStatus,
 };
 
 /// What the admin server reads: the agent implements it; the server knows

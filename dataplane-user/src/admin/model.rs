@@ -19,6 +19,24 @@ pub struct Missing {
 pub struct Readiness {
     pub ready: bool,
     pub missing: Vec<Missing>,
+    /// Ready, but serving on stale knowledge (the Kubernetes API
+    /// unreachable, the last good endpoints still served).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub degraded: Vec<Missing>,
+}
+
+/// `serve[].kubernetes`: the API server endpoints discovered.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DiscoveryStatus {
+    /// A complete list of the EndpointSlices has been seen.
+    pub synced: bool,
+    /// The last list or watch failed: since when (Unix seconds), and why.
+    pub failing_since_unix: Option<u64>,
+    pub error: Option<String>,
+    /// Served now: `address ports [..]`.
+    pub endpoints: Vec<String>,
+    /// Listed but not served (FQDN, invalid, never served, past the cap).
+    pub skipped: usize,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -69,6 +87,8 @@ pub struct Status {
     pub refused_routes: Vec<RefusedRoute>,
     pub peers: Vec<PeerStatus>,
     pub serves: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discovery: Option<DiscoveryStatus>,
     pub flows: FlowSnapshot,
     pub process: ProcessStats,
     #[serde(default)]

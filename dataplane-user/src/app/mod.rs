@@ -27,7 +27,10 @@ pub use reload::ReloadError;
 use crate::{
     admin::{self, AdminError},
     config::{ConfigError, ValidConfig},
-    connector::{Connector, PeerCaps, ServePolicy},
+    connector::{
+        Connector, PeerCaps, ServePolicy,
+        kubernetes::{Discovery, DiscoveryError},
+    },
     kernel::{
         Capacity, KernelCounters, Steering, SteeringError,
         cgroup::{self, CgroupError},
@@ -72,6 +75,8 @@ pub enum AgentError {
     Admin(#[from] AdminError),
     #[error(transparent)]
     Capabilities(#[from] crate::kernel::caps::Missing),
+    #[error(transparent)]
+    Discovery(#[from] DiscoveryError),
 }
 
 /// State shared by the roles and handles.
@@ -82,6 +87,8 @@ struct Shared {
     flow_server: Option<Arc<FlowServer>>,
     tunnel: Option<Arc<Tunnel>>,
     connector: Option<Arc<Connector>>,
+    /// The connector's `serve[].kubernetes`: its API server, discovered.
+    discovery: Option<Arc<Discovery>>,
     relay: Option<Arc<Relay>>,
     config: Mutex<ValidConfig>,
     routes: Arc<Mutex<RouteTable>>,
@@ -160,7 +167,11 @@ impl Agent {
         let flows = Arc::new(FlowMetrics::register(&mut registry));
         let tls = config.tls.as_ref().map(TlsMaterial::load).transpose()?;
         let serve = config.valid_serve();
-        let connector = (!serve.is_empty()).then(|| {
+        let discovery = match config.kubernetes_serve() {
+            Some(entry) => Some(Arc::new(Discovery::connect(entry, &mut registry).await?)),
+            None => None,
+        };
+        let connector = config.serves().then(|| {
             Arc::new(Connector::new(
                 ServePolicy::new(serve.to_vec(), config.valid_policy().to_vec()),
                 config.timeouts.connect,
@@ -248,6 +259,7 @@ impl Agent {
             flow_server,
             tunnel,
             connector,
+            discovery,
             relay,
             config: Mutex::new(config),
             routes,
@@ -300,6 +312,19 @@ impl Agent {
         let own_addresses =
             shared.connector.clone().map(|c| tokio::spawn(c.watch_own_addresses(shared.drain.clone())));
         let route_states = tokio::spawn(route_state::follow_peers(shared.clone(), shared.drain.clone()));
+        let discovery = shared.discovery.clone().map(|d| {
+            let s = shared.clone();
+            // New endpoints are served, then advertised; flows in flight keep theirs.
+            let changed = move |endpoints| {
+                if let Some(c) = &s.connector {
+                    c.set_discovered(endpoints);
+                }
+                if let Some(t) = &s.tunnel {
+                    t.readvertise();
+                }
+            };
+            tokio::spawn(d.run(changed, shared.drain.clone()))
+        });
         let trimmer = memory::enabled().then(|| {
             let s = shared.clone();
             let load = move || {
@@ -361,7 +386,7 @@ impl Agent {
         if let Some(t) = admin_task {
             t.abort();
         }
-        for t in [own_addresses, trimmer, Some(route_states), take_over].into_iter().flatten() {
+        for t in [own_addresses, trimmer, Some(route_states), take_over, discovery].into_iter().flatten() {
             t.abort();
         }
         let summary = AgentHandle(shared).summary();

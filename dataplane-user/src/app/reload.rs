@@ -176,7 +176,7 @@ impl AgentHandle {
         }
         let mut config = lock(&shared.config);
         let mut restart = config.restart_only_changes(&next);
-        if shared.connector.is_none() && !next.valid_serve().is_empty() {
+        if shared.connector.is_none() && next.serves() {
             restart.push("serve (the connector role is set up at start)");
         }
         if !restart.is_empty() {

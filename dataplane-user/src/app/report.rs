@@ -144,7 +144,57 @@ impl AgentHandle {
                 });
             }
         }
-        admin::Readiness { ready: missing.is_empty(), missing }
+        let mut degraded = Vec::new();
+        if let Some(d) = &s.discovery {
+            let state = d.state();
+            let what = || "kubernetes".to_owned();
+            let error = state.failing.as_ref().map(|(_, e)| e.as_str());
+            if !state.synced {
+                let why = error.unwrap_or("the first list is under way");
+                missing.push(admin::Missing {
+                    what: what(),
+                    peer: None,
+                    reason: format!(
+                        "the API server's EndpointSlices (default/kubernetes) not listed yet: {why}"
+                    ),
+                });
+            } else if state.endpoints.is_empty() {
+                missing.push(admin::Missing {
+                    what: what(),
+                    peer: None,
+                    reason: "the EndpointSlices of default/kubernetes list no ready address to serve".into(),
+                });
+            }
+            if let (true, Some((since, e))) = (state.synced, &state.failing) {
+                let for_s = since.elapsed().map_or(0, |d| d.as_secs());
+                degraded.push(admin::Missing {
+                    what: what(),
+                    peer: None,
+                    reason: format!(
+                        "the Kubernetes API is unreachable ({for_s} s): serving the last good {} endpoints; {e}",
+                        state.endpoints.len()
+                    ),
+                });
+            }
+        }
+        admin::Readiness { ready: missing.is_empty(), missing, degraded }
+    }
+
+    fn discovery_status(&self) -> Option<admin::DiscoveryStatus> {
+        let state = self.0.discovery.as_ref()?.state();
+        let since =
+            |t: &std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        Some(admin::DiscoveryStatus {
+            synced: state.synced,
+            failing_since_unix: state.failing.as_ref().map(|(t, _)| since(t)),
+            error: state.failing.map(|(_, e)| e),
+            endpoints: state
+                .endpoints
+                .iter()
+                .map(|e| format!("{} ports {:?}", e.net.addr(), e.ports))
+                .collect(),
+            skipped: state.skipped,
+        })
     }
 
     /// The state `dataplane status` shows.
@@ -230,7 +280,15 @@ impl AgentHandle {
             routes,
             refused_routes,
             peers,
-            serves: config.serve.iter().map(|v| format!("{} ports {:?}", v.cidr, v.ports)).collect(),
+            serves: config
+                .serve
+                .iter()
+                .map(|v| match &v.cidr {
+                    Some(cidr) => format!("{cidr} ports {:?}", v.ports),
+                    None => "kubernetes (the endpoints of default/kubernetes)".to_owned(),
+                })
+                .collect(),
+            discovery: self.discovery_status(),
             flows: self.flow_stats(),
             process: process::ProcessStats::read(),
             reloads: s.reloads.status(),

@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 mod validate;
 
-pub use validate::{RouteGuard, ValidConfig, ValidRoute, ValidRule, ValidServe, parse_cidr};
+pub use validate::{KubernetesServe, RouteGuard, ValidConfig, ValidRoute, ValidRule, ValidServe, parse_cidr};
 
 /// Exit code for a bad configuration (EX_USAGE from sysexits.h).
 pub const EXIT_BAD_CONFIG: i32 = 64;
@@ -110,13 +110,19 @@ pub struct PolicyRule {
     pub to: Vec<PolicyTarget>,
 }
 
-/// One destination range of a policy rule.
+/// One destination range of a policy rule: a range and ports, or
+/// `kubernetes: true` for the API server endpoints discovered by the
+/// `kubernetes` serve entry, whatever they are at the time.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyTarget {
-    pub cidr: String,
-    /// Destination ports; at least one.
+    #[serde(default)]
+    pub cidr: Option<String>,
+    /// Destination ports; at least one (with `cidr`).
+    #[serde(default)]
     pub ports: Vec<u16>,
+    #[serde(default)]
+    pub kubernetes: bool,
 }
 
 /// Logging. `DATAPLANE_LOG` (an EnvFilter) and `DATAPLANE_LOG_FORMAT`
@@ -224,9 +230,18 @@ pub struct Peer {
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Serve {
-    pub cidr: String,
-    /// Destination ports allowed; at least one.
+    /// A range to serve (with `ports`), or none with `kubernetes`.
+    #[serde(default)]
+    pub cidr: Option<String>,
+    /// Destination ports allowed; at least one (with `cidr`).
+    #[serde(default)]
     pub ports: Vec<u16>,
+    /// Serve this cluster's own API server, wherever it is: the endpoints
+    /// (addresses and ports) of the `default/kubernetes` EndpointSlices,
+    /// watched through the Kubernetes API (in-cluster service account, or
+    /// `KUBECONFIG`) and advertised as they change. At most one entry.
+    #[serde(default)]
+    pub kubernetes: bool,
     /// The destination may be one of this node's own addresses (a connector
     /// on the API server's node). Without it the connector never dials its
     /// own node, so a CIDR that happens to cover it exposes nothing there.

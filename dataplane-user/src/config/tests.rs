@@ -541,3 +541,68 @@ fn the_readme_fleet_examples_validate() {
         }
     }
 }
+
+const DISCOVERS: &str = "tunnel: { listen: '0.0.0.0:4433' }\n\
+     peers: [{ name: nodes, identity: 'spiffe://t/node/*' }, { name: admin, identity: 'spiffe://t/user/admin' }]\n";
+
+#[test]
+fn a_connector_may_serve_its_clusters_api_server_by_discovery() {
+    let c = Config::parse(&format!("{TLS}{DISCOVERS}serve: [{{ kubernetes: true }}]\n"))
+        .expect("discovering connector");
+    assert_eq!(c.kubernetes_serve(), Some(KubernetesServe { own_node: false }));
+    assert!(c.serves() && c.valid_serve().is_empty());
+    // Beside ranges, and granted by policy as `kubernetes: true`.
+    let text = format!(
+        "{TLS}{DISCOVERS}serve:\n  - {{ kubernetes: true, own_node: true }}\n  - {{ cidr: 198.51.100.0/24, ports: [443] }}\n\
+         policy:\n  - name: ops\n    identities: ['spiffe://t/node/ops-*']\n    to: [{{ kubernetes: true }}, {{ cidr: 198.51.100.7/32, ports: [443] }}]\n"
+    );
+    let c = Config::parse(&text).expect("with a policy");
+    assert_eq!(c.kubernetes_serve(), Some(KubernetesServe { own_node: true }));
+    let rule = &c.valid_policy()[0];
+    assert!(rule.to_kubernetes && rule.to.len() == 1);
+}
+
+#[test]
+fn bad_kubernetes_entries_are_refused_by_field() {
+    let serve = |entries: &str| err(&format!("{TLS}{DISCOVERS}serve: [{entries}]\n"));
+    let e = serve("{ kubernetes: true, cidr: 198.51.100.0/24, ports: [443] }");
+    assert!(e.contains("serve[0].kubernetes") && e.contains("not both"), "{e}");
+    let e = serve("{ kubernetes: true, ports: [443] }");
+    assert!(e.contains("serve[0].ports") && e.contains("EndpointSlices"), "{e}");
+    let e = serve("{ kubernetes: true }, { kubernetes: true }");
+    assert!(e.contains("serve[1].kubernetes") && e.contains("serve[0] already"), "{e}");
+    let e = serve("{ ports: [443] }");
+    assert!(e.contains("serve[0].cidr") && e.contains("kubernetes: true"), "{e}");
+    let e = serve("{ kubernetes: false }");
+    assert!(e.contains("serve[0].cidr"), "{e}");
+
+    let policy = |serve: &str, to: &str| {
+        err(&format!(
+            "{TLS}{DISCOVERS}serve: [{serve}]\npolicy: [{{ name: p, identities: ['spiffe://t/node/*'], to: [{to}] }}]\n"
+        ))
+    };
+    let ranges = "{ cidr: 198.51.100.0/24, ports: [443] }";
+    let e = policy(ranges, "{ kubernetes: true }");
+    assert!(e.contains("policy[0].to[0].kubernetes") && e.contains("nothing discovered"), "{e}");
+    let e = policy("{ kubernetes: true }", "{ kubernetes: true, ports: [443] }");
+    assert!(e.contains("policy[0].to[0].ports"), "{e}");
+    let e = policy("{ kubernetes: true }", "{ kubernetes: true, cidr: 198.51.100.0/24 }");
+    assert!(e.contains("policy[0].to[0].kubernetes") && e.contains("not both"), "{e}");
+    let e = policy("{ kubernetes: true }", "{ ports: [443] }");
+    assert!(e.contains("policy[0].to[0].cidr"), "{e}");
+    // A relay dials nothing, discovered or not.
+    let e = err(&format!("{TLS}{DISCOVERS}relay: {{}}\nserve: [{{ kubernetes: true }}]\n"));
+    assert!(e.contains("serve") && e.contains("relay dials nothing"), "{e}");
+}
+
+#[test]
+fn starting_or_stopping_discovery_needs_a_restart() {
+    let a = Config::parse(&format!("{TLS}{DISCOVERS}serve: [{{ cidr: 198.51.100.0/24, ports: [443] }}]\n"))
+        .expect("valid");
+    let mut b = a.config().clone();
+    b.serve.push(Serve { cidr: None, ports: Vec::new(), own_node: false, kubernetes: true });
+    assert_eq!(a.restart_only_changes(&b), vec!["serve[].kubernetes (the discovery is set up at start)"]);
+    b.serve.remove(0);
+    let b = b.validate().expect("valid");
+    assert!(b.restart_only_changes(b.config()).is_empty());
+}

@@ -32,6 +32,8 @@ pub struct ValidConfig {
     config: Config,
     routes: Vec<ValidRoute>,
     serve: Vec<ValidServe>,
+    /// The `kubernetes` serve entry, if any.
+    kubernetes: Option<KubernetesServe>,
     /// `peers[i].identity`, parsed.
     peer_identities: Vec<IdentityPattern>,
     policy: Vec<ValidRule>,
@@ -46,9 +48,19 @@ impl ValidConfig {
         &self.routes
     }
 
-    /// What this agent serves as a connector, parsed.
+    /// The ranges this agent serves as a connector, parsed.
     pub fn valid_serve(&self) -> &[ValidServe] {
         &self.serve
+    }
+
+    /// The `kubernetes` serve entry: this cluster's API server, discovered.
+    pub fn kubernetes_serve(&self) -> Option<KubernetesServe> {
+        self.kubernetes
+    }
+
+    /// This agent is a connector: it serves ranges or its cluster's API server.
+    pub fn serves(&self) -> bool {
+        !self.serve.is_empty() || self.kubernetes.is_some()
     }
 
     /// Each peer with its identity pattern, in file order.
@@ -112,12 +124,20 @@ pub struct ValidServe {
     pub own_node: bool,
 }
 
+/// The `kubernetes` serve entry, validated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KubernetesServe {
+    pub own_node: bool,
+}
+
 /// A validated policy rule.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ValidRule {
     pub name: String,
     pub identities: Vec<IdentityPattern>,
     pub to: Vec<(IpNet, Vec<u16>)>,
+    /// The rule grants the discovered API server endpoints too.
+    pub to_kubernetes: bool,
 }
 
 /// What no route may cover, configured or learned: ranges whose steering
@@ -217,8 +237,9 @@ impl Config {
         let guard = RouteGuard::new(&self);
         let routes = self.parse_routes(&guard)?;
         let learn = self.parse_learn(&guard)?;
-        let serve = self.parse_serve()?;
-        if routes.is_empty() && serve.is_empty() && learn.iter().all(Vec::is_empty) {
+        let (serve, kubernetes) = self.parse_serve()?;
+        let serves = !serve.is_empty() || kubernetes.is_some();
+        if routes.is_empty() && !serves && learn.iter().all(Vec::is_empty) {
             return Err(ConfigError::invalid(
                 "routes",
                 "routes, serve and every peer's learn are empty: the agent would do nothing",
@@ -235,22 +256,22 @@ impl Config {
                 ));
             }
         }
-        let uses_tunnel = !self.peers.is_empty() || !serve.is_empty() || self.tunnel.listen.is_some();
+        let uses_tunnel = !self.peers.is_empty() || serves || self.tunnel.listen.is_some();
         if uses_tunnel && self.tls.is_none() {
             return Err(ConfigError::invalid(
                 "tls",
                 "required with peers, serve or tunnel.listen (mutual TLS always)",
             ));
         }
-        if !serve.is_empty() && self.peers.is_empty() {
+        if serves && self.peers.is_empty() {
             return Err(ConfigError::invalid(
                 "serve",
                 "needs at least one entry in peers: only configured peers may send flows",
             ));
         }
-        self.validate_relay(&routes, &serve, &learn)?;
-        let policy = self.parse_policy(&serve, &learn)?;
-        Ok(ValidConfig { config: self, routes, serve, peer_identities, policy, learn, guard })
+        self.validate_relay(&routes, serves, &learn)?;
+        let policy = self.parse_policy(&serve, kubernetes.is_some(), &learn)?;
+        Ok(ValidConfig { config: self, routes, serve, kubernetes, peer_identities, policy, learn, guard })
     }
 
     fn validate_pinning(&self) -> Result<(), ConfigError> {
@@ -353,7 +374,7 @@ impl Config {
     fn validate_relay(
         &self,
         routes: &[ValidRoute],
-        serve: &[ValidServe],
+        serves: bool,
         learn: &[Vec<IpNet>],
     ) -> Result<(), ConfigError> {
         for (i, p) in self.peers.iter().enumerate() {
@@ -380,7 +401,7 @@ impl Config {
         if !routes.is_empty() {
             return refuse("routes", "a relay steers nothing (it forwards tunnel streams)");
         }
-        if !serve.is_empty() {
+        if serves {
             return refuse("serve", "a relay dials nothing (run a connector for that)");
         }
         if learn.iter().all(Vec::is_empty) {
@@ -396,10 +417,11 @@ impl Config {
     fn parse_policy(
         &self,
         serve: &[ValidServe],
+        kubernetes: bool,
         learn: &[Vec<IpNet>],
     ) -> Result<Vec<ValidRule>, ConfigError> {
         let relay = self.relay.is_some();
-        if !self.policy.is_empty() && serve.is_empty() && !relay {
+        if !self.policy.is_empty() && serve.is_empty() && !kubernetes && !relay {
             return Err(ConfigError::invalid(
                 "policy",
                 "set, but this agent serves nothing (serve is empty)",
@@ -433,9 +455,41 @@ impl Config {
                 return Err(ConfigError::invalid(field("to"), "list at least one destination"));
             }
             let mut to = Vec::with_capacity(r.to.len());
+            let mut to_kubernetes = false;
             for (k, t) in r.to.iter().enumerate() {
                 let at = |f: &str| format!("policy[{i}].to[{k}].{f}");
-                let net = parse_cidr(&t.cidr).map_err(|e| ConfigError::invalid(at("cidr"), e))?;
+                let cidr = match (&t.cidr, t.kubernetes) {
+                    (Some(_), true) => {
+                        return Err(ConfigError::invalid(
+                            at("kubernetes"),
+                            "set either cidr or kubernetes, not both",
+                        ));
+                    }
+                    (None, false) => {
+                        return Err(ConfigError::invalid(
+                            at("cidr"),
+                            "set cidr (with ports) or kubernetes: true",
+                        ));
+                    }
+                    (None, true) if !t.ports.is_empty() => {
+                        return Err(ConfigError::invalid(
+                            at("ports"),
+                            "not with kubernetes: the ports are those the EndpointSlices publish",
+                        ));
+                    }
+                    (None, true) if !kubernetes => {
+                        return Err(ConfigError::invalid(
+                            at("kubernetes"),
+                            "no serve entry has kubernetes: true, so there is nothing discovered to grant",
+                        ));
+                    }
+                    (None, true) => {
+                        to_kubernetes = true;
+                        continue;
+                    }
+                    (Some(cidr), false) => cidr,
+                };
+                let net = parse_cidr(cidr).map_err(|e| ConfigError::invalid(at("cidr"), e))?;
                 if t.ports.is_empty() || t.ports.contains(&0) {
                     return Err(ConfigError::invalid(at("ports"), "list at least one port, none of them 0"));
                 }
@@ -468,17 +522,51 @@ impl Config {
                 }
                 to.push((net, t.ports.clone()));
             }
-            out.push(ValidRule { name: r.name.clone(), identities, to });
+            out.push(ValidRule { name: r.name.clone(), identities, to, to_kubernetes });
         }
         Ok(out)
     }
 
     /// The serve entries, parsed, checked against the ranges never served.
-    fn parse_serve(&self) -> Result<Vec<ValidServe>, ConfigError> {
+    /// The `kubernetes` entry (at most one, without `cidr` or `ports`) comes
+    /// apart from the ranges.
+    fn parse_serve(&self) -> Result<(Vec<ValidServe>, Option<KubernetesServe>), ConfigError> {
         let never = ranges::parse_table(&NEVER_SERVED);
         let mut out = Vec::with_capacity(self.serve.len());
+        let mut kubernetes: Option<(usize, KubernetesServe)> = None;
         for (i, s) in self.serve.iter().enumerate() {
-            let net = parse_cidr(&s.cidr).map_err(|e| ConfigError::invalid(format!("serve[{i}].cidr"), e))?;
+            let cidr = match (&s.cidr, s.kubernetes) {
+                (Some(_), true) => {
+                    return Err(ConfigError::invalid(
+                        format!("serve[{i}].kubernetes"),
+                        "set either cidr (with ports) or kubernetes, not both",
+                    ));
+                }
+                (None, false) => {
+                    return Err(ConfigError::invalid(
+                        format!("serve[{i}].cidr"),
+                        "set cidr (with ports) or kubernetes: true",
+                    ));
+                }
+                (None, true) => {
+                    if !s.ports.is_empty() {
+                        return Err(ConfigError::invalid(
+                            format!("serve[{i}].ports"),
+                            "not with kubernetes: the ports are those the EndpointSlices publish",
+                        ));
+                    }
+                    if let Some((j, _)) = kubernetes {
+                        return Err(ConfigError::invalid(
+                            format!("serve[{i}].kubernetes"),
+                            format!("serve[{j}] already serves this cluster's API server"),
+                        ));
+                    }
+                    kubernetes = Some((i, KubernetesServe { own_node: s.own_node }));
+                    continue;
+                }
+                (Some(cidr), false) => cidr,
+            };
+            let net = parse_cidr(cidr).map_err(|e| ConfigError::invalid(format!("serve[{i}].cidr"), e))?;
             if let Some((range, why)) = ranges::overlapped(net, &never) {
                 return Err(ConfigError::invalid(
                     format!("serve[{i}].cidr"),
@@ -493,7 +581,7 @@ impl Config {
             }
             out.push(ValidServe { net, ports: s.ports.clone(), own_node: s.own_node });
         }
-        Ok(out)
+        Ok((out, kubernetes.map(|(_, k)| k)))
     }
 
     /// The routes, parsed and checked against each other and the listeners.
@@ -641,6 +729,10 @@ impl Config {
         }
         if self.relay != other.relay {
             v.push("relay");
+        }
+        let discovers = |c: &Config| c.serve.iter().find(|s| s.kubernetes).map(|s| s.own_node);
+        if discovers(self) != discovers(other) {
+            v.push("serve[].kubernetes (the discovery is set up at start)");
         }
         // Steering is set up at start only for an agent that routes or
         // learns something (a relay never steers).

@@ -4,6 +4,7 @@
 //! streams and dials (`budget`); `metrics` counts what it answered.
 
 mod budget;
+pub mod kubernetes;
 mod metrics;
 mod own;
 pub mod policy;
@@ -30,6 +31,7 @@ use own::OwnAddrs;
 pub use policy::{Denial, ServePolicy};
 
 use crate::{
+    config::ValidServe,
     log_budget::KeyedLogBudget,
     tunnel::{PeerId, StreamHandler, splice},
 };
@@ -161,9 +163,18 @@ impl Connector {
         self.streams.reopen();
     }
 
-    /// Replaces the policy (config reload); streams in flight keep theirs.
+    /// Replaces the policy (config reload), keeping the endpoints
+    /// discovered; streams in flight keep theirs.
     pub fn set_policy(&self, policy: ServePolicy) {
-        *crate::lock(&self.policy) = Arc::new(policy);
+        let mut current = crate::lock(&self.policy);
+        *current = Arc::new(policy.with_discovered(current.discovered().to_vec()));
+    }
+
+    /// Serves `endpoints` as the API server's (`serve[].kubernetes`), in
+    /// place of those discovered before.
+    pub fn set_discovered(&self, endpoints: Vec<ValidServe>) {
+        let mut current = crate::lock(&self.policy);
+        *current = Arc::new(current.with_discovered(endpoints));
     }
 
     fn policy(&self) -> Arc<ServePolicy> {

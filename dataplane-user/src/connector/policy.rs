@@ -51,6 +51,9 @@ impl Denial {
 #[derive(Clone, Debug)]
 pub struct ServePolicy {
     serve: Vec<ValidServe>,
+    /// The API server endpoints discovered now (`serve[].kubernetes`), each
+    /// an address with the ports its EndpointSlice publishes.
+    discovered: Vec<ValidServe>,
     never: Vec<IpNet>,
     rules: Vec<ValidRule>,
 }
@@ -58,7 +61,22 @@ pub struct ServePolicy {
 impl ServePolicy {
     pub fn new(serve: Vec<ValidServe>, rules: Vec<ValidRule>) -> ServePolicy {
         let never = ranges::parse_table(&NEVER_SERVED).into_iter().map(|(n, _)| n).collect();
-        ServePolicy { serve, never, rules }
+        ServePolicy { serve, discovered: Vec::new(), never, rules }
+    }
+
+    /// This policy with `discovered` as the API server endpoints served.
+    pub fn with_discovered(&self, discovered: Vec<ValidServe>) -> ServePolicy {
+        ServePolicy { discovered, ..self.clone() }
+    }
+
+    /// The API server endpoints served now.
+    pub fn discovered(&self) -> &[ValidServe] {
+        &self.discovered
+    }
+
+    /// Configured ranges, then discovered endpoints.
+    fn all_served(&self) -> impl Iterator<Item = &ValidServe> {
+        self.serve.iter().chain(&self.discovered)
     }
 
     /// [`ServePolicy::check`], then whether `client` may reach it: without
@@ -76,10 +94,11 @@ impl ServePolicy {
             client.exact
         } else {
             self.rules.iter().any(|r| {
+                let (ip, port) = (target.addr.ip(), target.addr.port());
                 r.identities.iter().any(|p| p.matches(&client.identity))
-                    && r.to.iter().any(|(net, ports)| {
-                        net.contains(&target.addr.ip()) && ports.contains(&target.addr.port())
-                    })
+                    && (r.to.iter().any(|(net, ports)| net.contains(&ip) && ports.contains(&port))
+                        || r.to_kubernetes
+                            && self.discovered.iter().any(|d| d.net.contains(&ip) && d.ports.contains(&port)))
             })
         };
         if granted { Ok(target) } else { Err(Denial::NotAllowed) }
@@ -95,9 +114,21 @@ impl ServePolicy {
             return if client.exact { self.served() } else { Vec::new() };
         }
         let mut out: Vec<Advert> = {
-            let rules =
-                self.rules.iter().filter(|r| r.identities.iter().any(|p| p.matches(&client.identity)));
-            rules.flat_map(|r| &r.to).map(|(net, ports)| Advert { net: *net, ports: ports.clone() }).collect()
+            let rules: Vec<&ValidRule> = self
+                .rules
+                .iter()
+                .filter(|r| r.identities.iter().any(|p| p.matches(&client.identity)))
+                .collect();
+            let discovered = rules.iter().any(|r| r.to_kubernetes).then_some(&self.discovered);
+            let ranges = rules
+                .iter()
+                .flat_map(|r| &r.to)
+                .map(|(net, ports)| Advert { net: *net, ports: ports.clone() });
+            ranges
+                .chain(
+                    discovered.into_iter().flatten().map(|d| Advert { net: d.net, ports: d.ports.clone() }),
+                )
+                .collect()
         };
         tidy(&mut out);
         out
@@ -106,7 +137,7 @@ impl ServePolicy {
     /// Everything served, as routes to advertise.
     pub fn served(&self) -> Vec<Advert> {
         let mut out: Vec<Advert> =
-            self.serve.iter().map(|s| Advert { net: s.net, ports: s.ports.clone() }).collect();
+            self.all_served().map(|s| Advert { net: s.net, ports: s.ports.clone() }).collect();
         tidy(&mut out);
         out
     }
@@ -129,7 +160,7 @@ impl ServePolicy {
             }
         }
         let mut in_cidr = false;
-        for s in self.serve.iter().filter(|s| s.net.contains(&ip)) {
+        for s in self.all_served().filter(|s| s.net.contains(&ip)) {
             in_cidr = true;
             if s.ports.contains(&dst.port()) {
                 if !s.own_node && spellings.iter().any(|&a| own(a)) {
@@ -211,6 +242,7 @@ mod tests {
                 .map(|i| crate::identity::IdentityPattern::parse(i).expect("pattern"))
                 .collect(),
             to: to.iter().map(|(n, p)| (n.parse().expect("net"), p.to_vec())).collect(),
+            to_kubernetes: false,
         };
         let p = ServePolicy::new(
             served(),
@@ -291,6 +323,52 @@ mod tests {
         assert!(on_node.own_node);
         // Loopback never, own_node or not.
         assert_eq!(p.check("127.0.0.1:6443".parse().expect("addr"), |_| true), Err(Denial::NeverServed));
+    }
+
+    #[test]
+    fn discovered_endpoints_are_served_and_granted_as_they_are_now() {
+        let endpoint = |net: &str, port: u16| ValidServe {
+            net: net.parse().expect("net"),
+            ports: vec![port],
+            own_node: false,
+        };
+        let ops = ValidRule {
+            name: "ops".into(),
+            identities: vec![
+                crate::identity::IdentityPattern::parse("spiffe://t/node/ops-*").expect("pattern"),
+            ],
+            to: Vec::new(),
+            to_kubernetes: true,
+        };
+        let p = ServePolicy::new(Vec::new(), vec![ops]);
+        let ops_node = peer("spiffe://t/node/ops-1", false);
+        let dst = "10.0.0.5:6443".parse().expect("addr");
+        assert_eq!(p.check_for(&ops_node, dst, |_| false), Err(Denial::NotServed), "nothing discovered yet");
+        assert!(p.granted_to(&ops_node).is_empty());
+
+        let p = p.with_discovered(vec![endpoint("10.0.0.5/32", 6443), endpoint("fd00::5/128", 443)]);
+        assert!(p.check_for(&ops_node, dst, |_| false).is_ok());
+        assert_eq!(
+            p.check_for(&ops_node, "10.0.0.5:22".parse().expect("addr"), |_| false),
+            Err(Denial::PortNotServed)
+        );
+        assert_eq!(
+            p.check_for(&peer("spiffe://t/node/ci-1", false), dst, |_| false),
+            Err(Denial::NotAllowed),
+            "the rule names who"
+        );
+        let granted: Vec<String> =
+            p.granted_to(&ops_node).iter().map(|a| format!("{} {:?}", a.net, a.ports)).collect();
+        assert_eq!(granted, vec!["10.0.0.5/32 [6443]", "fd00::5/128 [443]"]);
+
+        // A changed set replaces the old one whole; a reloaded policy keeps it.
+        let p = p.with_discovered(vec![endpoint("10.0.0.6/32", 6443)]);
+        assert_eq!(p.check_for(&ops_node, dst, |_| false), Err(Denial::NotServed));
+        let reloaded = ServePolicy::new(Vec::new(), Vec::new()).with_discovered(p.discovered().to_vec());
+        assert_eq!(reloaded.served().len(), 1);
+        // The ranges no connector dials stay refused, discovered or not.
+        let p = p.with_discovered(vec![endpoint("169.254.169.254/32", 80)]);
+        assert_eq!(p.check("169.254.169.254:80".parse().expect("addr"), |_| false), Err(Denial::NeverServed));
     }
 
     #[test]

@@ -31,11 +31,15 @@ const GUEST_TIME_SCALE: u32 = 4;
 /// about ten minutes of emulation to CI. Likewise identity patterns,
 /// per-identity policy and per-peer limits (`identity`, `peer_limits`:
 /// decisions in userspace over the same steering, about six minutes of
-/// emulation), and the manifests (`deploy`: no kernel involved). (Booting
+/// emulation), the manifests (`deploy`: no kernel involved) and the
+/// connector's Kubernetes discovery (`discovery`: an API watch in
+/// userspace; what it changes reaches the kernel as learned routes do, as
+/// `advertised` checks). (Booting
 /// the two guests side by side was tried: it halves the matrix, but two
 /// TCG vCPUs and their I/O on two cores stretch the guests' latency
 /// bounds past what they allow.)
-pub(super) const HOST_ONLY: [&str; 6] = ["advertised", "relay", "fleet", "identity", "peer_limits", "deploy"];
+pub(super) const HOST_ONLY: [&str; 7] =
+    ["advertised", "relay", "fleet", "identity", "peer_limits", "deploy", "discovery"];
 
 /// Cargo names test binaries `<suite>-<hash>`.
 pub(super) fn suite_name(bin: &Path) -> &str {
