@@ -10,6 +10,7 @@ pub mod evil;
 pub mod fleet;
 pub mod flood;
 pub mod kube_api;
+pub mod pods;
 pub mod probe;
 pub mod standin;
 pub mod topology;

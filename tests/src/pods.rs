@@ -17,6 +17,9 @@ use serde_yaml_ng::Value;
 
 use crate::Netns;
 
+/// The node the played pods run on, for the downward API.
+pub const NODE_NAME: &str = "podman-node";
+
 /// The image `cargo xtask image` builds for this version.
 pub fn image() -> String {
     format!("localhost/dataplane:{}", env!("CARGO_PKG_VERSION"))
@@ -96,6 +99,8 @@ pub fn pod_of(workload: &Value, name: &str) -> Result<Value> {
 /// A pod played by podman in a namespace; taken down when dropped.
 pub struct PlayedPod {
     pub name: String,
+    /// Its (first) container's name in the manifest.
+    container: String,
     file: PathBuf,
     ns: PathBuf,
 }
@@ -106,22 +111,64 @@ impl PlayedPod {
         let name = pod["metadata"]["name"].as_str().context("pod name")?.to_owned();
         let file = dir.join(format!("{name}.pod.yaml"));
         let cm = dir.join(format!("{name}.configmap.yaml"));
-        std::fs::write(&file, serde_yaml_ng::to_string(pod)?)?;
         std::fs::write(&cm, serde_yaml_ng::to_string(configmap)?)?;
-        let played = PlayedPod { name: name.clone(), file: file.clone(), ns: ns.path() };
+        let mut pod = pod.clone();
+        // The kubelet resolves `spec.nodeName` for the downward API; podman
+        // 4.3 cannot, so the pod gets the node's name as the kubelet would
+        // give it.
+        for c in pod["spec"]["containers"].as_sequence_mut().into_iter().flatten() {
+            for e in c["env"].as_sequence_mut().into_iter().flatten() {
+                if e["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+                    && let Some(m) = e.as_mapping_mut()
+                {
+                    m.remove("valueFrom");
+                    m.insert(Value::from("value"), Value::from(NODE_NAME));
+                }
+            }
+        }
+        // podman 4.3 reads a pod's seccomp profile only from the annotation
+        // that preceded the field; a kubelet reads the field.
+        if pod["spec"]["securityContext"]["seccompProfile"]["type"] == "Unconfined" {
+            pod["metadata"]["annotations"]["seccomp.security.alpha.kubernetes.io/pod"] =
+                Value::from("unconfined");
+        }
+        if pod["spec"]["hostNetwork"] == true {
+            // podman 4.3 refuses a port list on the host's network ("only
+            // with bridge or slirp4netns"); Kubernetes takes it as
+            // documentation, so leaving it out changes nothing.
+            for c in pod["spec"]["containers"].as_sequence_mut().into_iter().flatten() {
+                if let Some(m) = c.as_mapping_mut() {
+                    m.remove("ports");
+                }
+            }
+        }
+        std::fs::write(&file, serde_yaml_ng::to_string(&pod)?)?;
+        let container = pod["spec"]["containers"][0]["name"].as_str().context("container name")?.to_owned();
+        let played = PlayedPod { name: name.clone(), container, file: file.clone(), ns: ns.path() };
+        // A pod of this name left by a run that was killed would refuse the play.
+        let _ = podman_in(&played.ns, &["pod", "rm", "--force", &name])?;
         let out = podman_in(&played.ns, &["kube", "play", "--configmap", path(&cm)?, path(&file)?])?;
-        ensure!(out.status.success(), "podman kube play {name}: {}", text(&out));
+        ensure!(
+            out.status.success(),
+            "podman kube play {name}: {}\n{}",
+            text(&out),
+            serde_yaml_ng::to_string(&pod).unwrap_or_default()
+        );
         Ok(played)
     }
 
-    /// The agent container's name (podman names it `<pod>-<container>`).
+    /// The container's name in podman (`<pod>-<container>`).
     pub fn container(&self) -> String {
-        format!("{}-agent", self.name)
+        format!("{}-{}", self.name, self.container)
     }
 
     /// The container's log (stdout and stderr).
     pub fn logs(&self) -> String {
-        Command::new("podman").args(["logs", &self.container()]).output().map(|o| text(&o)).unwrap_or_default()
+        Command::new("podman")
+            .args(["logs", &self.container()])
+            .output()
+            .map(|o| text(&o))
+            .unwrap_or_default()
     }
 
     /// The container's state (`running`, `exited`, ...) and exit code.
@@ -143,7 +190,12 @@ impl PlayedPod {
             if state == "exited" || state == "stopped" {
                 return Ok(code);
             }
-            ensure!(start.elapsed() < within, "{} still {state} after {within:?}: {}", self.name, self.logs());
+            ensure!(
+                start.elapsed() < within,
+                "{} still {state} after {within:?}: {}",
+                self.name,
+                self.logs()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }

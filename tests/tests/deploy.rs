@@ -231,6 +231,8 @@ fn the_daemonset_grants_what_steering_needs_and_no_more() {
     let volumes = pod["volumes"].as_sequence().expect("volumes");
     assert!(volumes.iter().any(|v| v["configMap"]["name"] == cm), "the pods name {cm}");
     assert_eq!(ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"].as_u64(), Some(1));
+    // The runtimes' default seccomp profiles refuse bpf() without SYS_ADMIN.
+    assert_eq!(ds["spec"]["template"]["spec"]["securityContext"]["seccompProfile"]["type"], "Unconfined");
 }
 
 #[test]
@@ -244,6 +246,7 @@ fn connectors_and_relays_run_unprivileged_in_pairs() {
         assert_eq!(deployment["spec"]["replicas"].as_u64(), Some(2), "{dir}");
         assert!(pod["hostNetwork"].is_null() || pod["hostNetwork"] == false, "{dir}");
         assert_eq!(pod["securityContext"]["runAsNonRoot"], true, "{dir}");
+        assert_eq!(pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault", "{dir}");
         assert_eq!(strings(&c["securityContext"]["capabilities"]["drop"]), ["ALL"], "{dir}");
         assert!(c["securityContext"]["capabilities"]["add"].is_null(), "{dir}: no capability added");
         assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true, "{dir}");

@@ -9,7 +9,8 @@
 //! workload in its own namespace and cgroup reaches the stand-in API server
 //! through them with the real kubectl, the connector having discovered that
 //! server in-cluster (EndpointSlices, from the test API server). Without one
-//! of the granted capabilities the agent refuses to start, naming it.
+//! of the granted capabilities, or under the runtime's default seccomp
+//! profile, the agent refuses to start, saying why.
 
 use std::{os::unix::fs::PermissionsExt, path::Path, time::Duration};
 
@@ -69,7 +70,9 @@ fn connector_config(env: &TunnelEnv, tls: &TlsPaths) -> String {
 }
 
 fn strings(v: &Value) -> Vec<String> {
-    v.as_sequence().map(|s| s.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect()).unwrap_or_default()
+    v.as_sequence()
+        .map(|s| s.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect())
+        .unwrap_or_default()
 }
 
 /// `/ready` and `/status` of an agent's admin port in `ns`.
@@ -114,15 +117,17 @@ fn the_daemonset_and_connector_pods_carry_kubectl_through_the_tunnel() {
     )
     .expect("client overlay renders");
     let client_cm = pods::find(&client_docs, "ConfigMap").expect("ConfigMap").clone();
-    let client_pod = pods::pod_of(pods::find(&client_docs, "DaemonSet").expect("DaemonSet"), "dataplane-client")
-        .expect("pod");
+    let client_pod =
+        pods::pod_of(pods::find(&client_docs, "DaemonSet").expect("DaemonSet"), "dataplane-client")
+            .expect("pod");
     let granted = strings(&client_pod["spec"]["containers"][0]["securityContext"]["capabilities"]["add"]);
     assert_eq!(granted, ["BPF", "NET_ADMIN", "PERFMON", "NET_BIND_SERVICE"], "what the DaemonSet grants");
 
     // Without one of them the agent refuses to start, naming it.
     let mut without = client_pod.clone();
     without["metadata"]["name"] = Value::from("dataplane-client-without-perfmon");
-    let fewer: Vec<Value> = granted.iter().filter(|c| *c != "PERFMON").map(|c| Value::from(c.as_str())).collect();
+    let fewer: Vec<Value> =
+        granted.iter().filter(|c| *c != "PERFMON").map(|c| Value::from(c.as_str())).collect();
     without["spec"]["containers"][0]["securityContext"]["capabilities"]["add"] = Value::Sequence(fewer);
     let refused = PlayedPod::play(&env.topo.node, dir, &without, &client_cm).expect("played");
     let code = refused.wait_exit(tests::scaled(Duration::from_secs(30))).expect("exits");
@@ -130,13 +135,23 @@ fn the_daemonset_and_connector_pods_carry_kubectl_through_the_tunnel() {
     assert_ne!(code, 0, "{logs}");
     assert!(logs.contains("PERFMON"), "the refusal names the capability: {logs}");
     drop(refused);
+    // Under the runtime's default seccomp profile bpf() is refused; the
+    // agent says that, not that the kernel lacks eBPF.
+    let mut confined = client_pod.clone();
+    confined["metadata"]["name"] = Value::from("dataplane-client-runtime-default-seccomp");
+    confined["spec"]["securityContext"]["seccompProfile"]["type"] = Value::from("RuntimeDefault");
+    let refused = PlayedPod::play(&env.topo.node, dir, &confined, &client_cm).expect("played");
+    let code = refused.wait_exit(tests::scaled(Duration::from_secs(30))).expect("exits");
+    let logs = refused.logs();
+    assert!(code != 0 && logs.contains("bpf() system call is refused") && logs.contains("seccomp"), "{logs}");
+    drop(refused);
 
     // The connector, on the private network, with a pod's service account.
     let connector_tls = env.tls("connector", CONNECTOR_ID, None).expect("tls");
     let connector_secret = secret_dir(dir, "secret-connector", &connector_tls, 65532);
     let connector_patch = format!(
         "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{ name: dataplane-connector }}\nspec:\n  replicas: 1\n  template:\n    spec:\n\
-         \x20     hostNetwork: true\n      containers:\n        - name: agent\n          env:\n\
+         \x20     hostNetwork: true\n      containers:\n        - name: connector\n          env:\n\
          \x20           - {{ name: KUBERNETES_SERVICE_HOST, value: 127.0.0.1 }}\n            - {{ name: KUBERNETES_SERVICE_PORT, value: \"16443\" }}\n\
          \x20         volumeMounts:\n            - {{ name: serviceaccount, mountPath: /var/run/secrets/kubernetes.io/serviceaccount, readOnly: true }}\n\
          \x20     volumes:\n        - name: tls\n          secret: null\n          hostPath: {{ path: {}, type: Directory }}\n\
@@ -152,13 +167,12 @@ fn the_daemonset_and_connector_pods_carry_kubectl_through_the_tunnel() {
         &[("config.yaml", &connector_config(&env, &connector_tls))],
     )
     .expect("connector overlay renders");
-    let connector_pod = pods::pod_of(
-        pods::find(&connector_docs, "Deployment").expect("Deployment"),
-        "dataplane-connector",
-    )
-    .expect("pod");
+    let connector_pod =
+        pods::pod_of(pods::find(&connector_docs, "Deployment").expect("Deployment"), "dataplane-connector")
+            .expect("pod");
     let connector_cm = pods::find(&connector_docs, "ConfigMap").expect("ConfigMap").clone();
-    let connector = PlayedPod::play(&env.topo.remote, dir, &connector_pod, &connector_cm).expect("connector played");
+    let connector =
+        PlayedPod::play(&env.topo.remote, dir, &connector_pod, &connector_cm).expect("connector played");
     let client = PlayedPod::play(&env.topo.node, dir, &client_pod, &client_cm).expect("client played");
 
     wait_for("both pods ready", tests::scaled(Duration::from_secs(30)), || {

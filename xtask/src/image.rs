@@ -14,13 +14,16 @@ use anyhow::{Context, Result, bail, ensure};
 
 use crate::build_ebpf::workspace_root;
 
+/// The image's name unless told otherwise (the manifests' `images:` name it).
+pub const DEFAULT_NAME: &str = "localhost/dataplane";
+
 /// Where the agent sits in the image.
 const BINARY: &str = "/usr/local/bin/dataplane";
 
 #[derive(clap::Args, Debug, Default)]
 pub struct Options {
     /// The image name (the tag is the workspace version).
-    #[arg(long, default_value = "localhost/dataplane")]
+    #[arg(long, default_value = DEFAULT_NAME)]
     pub name: String,
     /// Also write the image as an OCI archive to this path.
     #[arg(long)]
@@ -84,8 +87,8 @@ fn smoke(reference: &str, root: &Path) -> Result<()> {
         let dir = root.join("deploy").join(role);
         let out = Command::new("podman")
             .args(["run", "--rm", "--network", "none", "--cap-drop", "ALL", "--read-only", "--volume"])
-            .arg(format!("{}:/etc/dataplane:ro", dir.display()))
-            .args([reference, "check", "--config", "/etc/dataplane/config.yaml"])
+            .arg(format!("{}:/etc/dataplane/config:ro", dir.display()))
+            .args([reference, "check", "--config", "/etc/dataplane/config/config.yaml"])
             .output()
             .context("running podman run")?;
         ensure!(

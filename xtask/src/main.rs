@@ -68,6 +68,8 @@ fn run(command: Command) -> Result<()> {
             ensure_package(&["nft", "--version"], "nftables", "the fleet test's firewalls")?;
             // The manifests' validators (tests/tests/deploy.rs).
             ensure_deploy_tools()?;
+            // The image (and podman) tests/tests/podman.rs plays the manifests with.
+            image::run(&image::Options { name: image::DEFAULT_NAME.into(), archive: None })?;
             cargo(&["test", "--workspace", "--no-fail-fast"], &args)
         }
         Command::Demo => {

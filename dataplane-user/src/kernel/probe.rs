@@ -22,6 +22,11 @@ pub enum KernelError {
         min.0, min.1, MIN_KERNEL.0, MIN_KERNEL.1
     )]
     Missing { feature: &'static str, min: (u8, u8), release: String },
+    /// bpf() itself refused although the capabilities are there.
+    #[error(
+        "the bpf() system call is refused ({0}) although the agent holds CAP_BPF: a seccomp profile or an LSM blocks it (container runtimes' default seccomp profiles allow bpf() only with CAP_SYS_ADMIN; run the agent with seccompProfile Unconfined, as deploy/client does)"
+    )]
+    Blocked(String),
 }
 
 /// One requirement and whether the kernel has it.
@@ -44,6 +49,7 @@ pub struct KernelFeatures {
 
 /// Probes the running kernel.
 pub fn probe() -> Result<KernelFeatures, KernelError> {
+    bpf_allowed()?;
     let release = nix_release();
     let version = KernelVersion::current().ok();
     let prog = |t| is_program_supported(t).unwrap_or(false);
@@ -71,6 +77,46 @@ pub fn probe() -> Result<KernelFeatures, KernelError> {
         btf: std::path::Path::new("/sys/kernel/btf/vmlinux").exists(),
         ring_buf: map(MapType::RingBuf),
     })
+}
+
+/// Whether bpf() works at all: one array map created and closed. Every
+/// supported kernel has array maps, so EPERM here is a filter (seccomp,
+/// LSM) rather than a missing feature, and would otherwise read as one.
+fn bpf_allowed() -> Result<(), KernelError> {
+    /// BPF_MAP_CREATE's attribute prefix: type, key size, value size, entries.
+    #[repr(C)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        rest: [u32; 28],
+    }
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    let attr =
+        MapCreate { map_type: BPF_MAP_TYPE_ARRAY, key_size: 4, value_size: 4, max_entries: 1, rest: [0; 28] };
+    // SAFETY: bpf(BPF_MAP_CREATE) reads `size_of::<MapCreate>()` bytes of
+    // `attr`, which lives across the call; the returned fd is ours to close.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            &attr as *const MapCreate,
+            std::mem::size_of::<MapCreate>(),
+        )
+    };
+    if fd >= 0 {
+        // SAFETY: `fd` was just returned to this process and is closed once.
+        unsafe { libc::close(fd as libc::c_int) };
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EPERM) => Err(KernelError::Blocked(e.to_string())),
+        // Anything else is for the probes below to name.
+        _ => Ok(()),
+    }
 }
 
 /// The first missing requirement, as an error.

@@ -34,12 +34,13 @@ const GUEST_TIME_SCALE: u32 = 4;
 /// emulation), the manifests (`deploy`: no kernel involved) and the
 /// connector's Kubernetes discovery (`discovery`: an API watch in
 /// userspace; what it changes reaches the kernel as learned routes do, as
-/// `advertised` checks). (Booting
+/// `advertised` checks). The podman suite needs podman, which the guests
+/// lack. (Booting
 /// the two guests side by side was tried: it halves the matrix, but two
 /// TCG vCPUs and their I/O on two cores stretch the guests' latency
 /// bounds past what they allow.)
-pub(super) const HOST_ONLY: [&str; 7] =
-    ["advertised", "relay", "fleet", "identity", "peer_limits", "deploy", "discovery"];
+pub(super) const HOST_ONLY: [&str; 8] =
+    ["advertised", "relay", "fleet", "identity", "peer_limits", "deploy", "discovery", "podman"];
 
 /// Cargo names test binaries `<suite>-<hash>`.
 pub(super) fn suite_name(bin: &Path) -> &str {
