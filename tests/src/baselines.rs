@@ -226,3 +226,149 @@ impl Drop for RawQuinnClient {
         self.endpoint.close(0u32.into(), b"done");
     }
 }
+
+/// `ssh -L` with AES-GCM, the tool platform teams reach for: sshd in the
+/// private namespace, the client in the node's, forwarding one local port
+/// over one SSH connection (every forwarded flow a channel on it) to a
+/// target the private side reaches. Killed on drop.
+pub struct SshForward {
+    sshd: std::process::Child,
+    ssh: std::process::Child,
+    _dir: tempfile::TempDir,
+    pub listen: SocketAddr,
+}
+
+/// The cipher `ssh -L` users are told to pick for speed.
+pub const SSH_CIPHER: &str = "aes128-gcm@openssh.com";
+
+impl SshForward {
+    /// sshd on `sshd_at` in `server_ns`; `ssh -L listen:target` in `client_ns`.
+    pub fn start(
+        server_ns: &Netns,
+        sshd_at: SocketAddr,
+        client_ns: &Netns,
+        listen: SocketAddr,
+        target: SocketAddr,
+    ) -> Result<SshForward> {
+        let dir = tempfile::tempdir()?;
+        let d = dir.path();
+        for key in ["host_ed25519", "id_ed25519"] {
+            let status = std::process::Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(d.join(key))
+                .status()
+                .context("ssh-keygen (apt-get install openssh-client)")?;
+            ensure!(status.success(), "ssh-keygen failed");
+        }
+        std::fs::copy(d.join("id_ed25519.pub"), d.join("authorized_keys"))?;
+        // sshd's privilege separation directory (the package's service
+        // makes it; no service runs here).
+        std::fs::create_dir_all("/run/sshd")?;
+        let config = d.join("sshd_config");
+        std::fs::write(
+            &config,
+            format!(
+                "Port {port}\nListenAddress {ip}\nHostKey {d}/host_ed25519\nPidFile {d}/sshd.pid\n\
+                 AuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin prohibit-password\n\
+                 PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n\
+                 AllowTcpForwarding yes\nCiphers {SSH_CIPHER}\nCompression no\nUseDNS no\nPrintMotd no\n\
+                 MaxSessions 64\nMaxStartups 64\n",
+                port = sshd_at.port(),
+                ip = sshd_at.ip(),
+                d = d.display()
+            ),
+        )?;
+        let sshd = std::process::Command::new("ip")
+            .args(["netns", "exec", &server_ns.name, "/usr/sbin/sshd", "-D", "-e", "-f"])
+            .arg(&config)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting sshd (apt-get install openssh-server)")?;
+        let start = Instant::now();
+        while server_ns.run(move || std::net::TcpStream::connect(sshd_at).is_err())? {
+            ensure!(start.elapsed().as_secs() < 5, "sshd did not start listening on {sshd_at}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let forward = format!("{}:{}:{}:{}", listen.ip(), listen.port(), target.ip(), target.port());
+        // An interactive session (`-tt`, a remote command that waits), as
+        // `ssh -L` users run it: OpenSSH sets TCP_NODELAY on the connection
+        // only then. With `-N` every forwarded exchange waited out Nagle
+        // and a delayed ACK (44 ms a new flow, measured).
+        let ssh = std::process::Command::new("ip")
+            .args(["netns", "exec", &client_ns.name, "ssh", "-tt", "-i"])
+            .arg(d.join("id_ed25519"))
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "BatchMode=yes",
+            ])
+            .args(["-o", "ExitOnForwardFailure=yes", "-o", "GatewayPorts=yes", "-o", "Compression=no"])
+            .args(["-o", "LogLevel=ERROR", "-c", SSH_CIPHER, "-L", &forward, "-p"])
+            .arg(sshd_at.port().to_string())
+            .arg(format!("root@{}", sshd_at.ip()))
+            .arg("sleep 2147483647")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("starting ssh")?;
+        let mut fwd = SshForward { sshd, ssh, _dir: dir, listen };
+        let start = Instant::now();
+        while client_ns.run(move || std::net::TcpStream::connect(listen).is_err())? {
+            if let Some(status) = fwd.ssh.try_wait()? {
+                anyhow::bail!("ssh -L {forward} exited with {status}");
+            }
+            ensure!(start.elapsed().as_secs() < 10, "ssh -L {forward} did not start listening");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Ok(fwd)
+    }
+
+    /// CPU-seconds and RSS of the ssh client and every sshd process serving
+    /// it (the listener and its per-connection children), summed.
+    pub fn usage(&self) -> Result<dataplane::process::ProcessStats> {
+        let roots = [self.ssh.id(), self.sshd.id()];
+        let mut total = dataplane::process::ProcessStats::default();
+        for pid in descendants(&roots)? {
+            if let Ok(s) = dataplane::process::ProcessStats::of_pid(pid) {
+                total.rss_bytes += s.rss_bytes;
+                total.cpu_seconds += s.cpu_seconds;
+                total.open_fds += s.open_fds;
+            }
+        }
+        Ok(total)
+    }
+}
+
+/// `roots` and every process below them (`ip netns exec` execs in place,
+/// so the children are the tools' own).
+fn descendants(roots: &[u32]) -> Result<Vec<u32>> {
+    let mut parent = std::collections::HashMap::new();
+    for e in std::fs::read_dir("/proc")?.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { continue };
+        let ppid = stat.rsplit_once(')').and_then(|(_, f)| f.split_whitespace().nth(1)?.parse::<u32>().ok());
+        if let Some(ppid) = ppid {
+            parent.insert(pid, ppid);
+        }
+    }
+    let mut out: Vec<u32> = roots.to_vec();
+    let mut i = 0;
+    while i < out.len() {
+        let p = out[i];
+        out.extend(parent.iter().filter(|(_, pp)| **pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    Ok(out)
+}
+
+impl Drop for SshForward {
+    fn drop(&mut self) {
+        for child in [&mut self.ssh, &mut self.sshd] {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

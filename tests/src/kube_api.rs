@@ -6,9 +6,11 @@
 //! while nothing changes, ends after `timeoutSeconds`, and answers a
 //! resourceVersion older than the compacted history with an ERROR event
 //! carrying a 410 Gone Status, as the real watch cache does. Label
-//! selectors on `kubernetes.io/service-name` are honoured. Tests change the
-//! slices, compact the history under the open watches, and make the API
-//! unavailable (open watches cut, requests answered 503).
+//! selectors on `kubernetes.io/service-name` and the field selector
+//! `metadata.name` are honoured. Tests change the slices, compact the
+//! history past a change (open watches end; the next one from an older
+//! resourceVersion gets the 410), and make the API unavailable (open
+//! watches cut, requests answered 503).
 
 use std::{
     collections::BTreeMap,
@@ -245,8 +247,8 @@ impl KubeApi {
     }
 
     /// Applies `slice` and compacts the history past it: open watches end
-    /// with 410 Gone and a watch from any earlier resourceVersion gets one,
-    /// so only a new list shows the change.
+    /// and a watch from any earlier resourceVersion gets 410 Gone, so only
+    /// a new list shows the change.
     pub fn apply_compacted(&self, slice: EndpointSlice) {
         self.state.apply(slice, true);
     }
@@ -326,10 +328,15 @@ impl State {
             Some(Some((SERVICE_LABEL, v))) => Some(v.to_owned()),
             Some(_) => return status(StatusCode::BAD_REQUEST, "BadRequest", "unsupported label selector"),
         };
+        let name = match query.get("fieldSelector").map(|s| s.split_once('=')) {
+            None => None,
+            Some(Some(("metadata.name", v))) => Some(v.to_owned()),
+            Some(_) => return status(StatusCode::BAD_REQUEST, "BadRequest", "unsupported field selector"),
+        };
         let selected = move |s: &EndpointSlice| {
             service.as_ref().is_none_or(|want| {
                 s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_LABEL)) == Some(want)
-            })
+            }) && name.as_ref().is_none_or(|want| s.metadata.name.as_ref() == Some(want))
         };
         if matches!(query.get("watch").map(String::as_str), Some("true" | "1")) {
             let from: u64 = query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
@@ -365,16 +372,22 @@ impl State {
         tokio::spawn(async move {
             let deadline = tokio::time::Instant::now() + timeout;
             let mut seen = from;
+            let mut streaming = false;
             loop {
                 // What to send now, and whether the stream ends after it.
                 let (lines, then) = {
                     let st = lock(&state.store);
                     if st.unavailable {
                         (Vec::new(), Some(Err(std::io::Error::other("the API server went away"))))
-                    } else if seen < st.compacted {
+                    } else if seen < st.compacted && !streaming {
                         state.served.gone.fetch_add(1, Ordering::Relaxed);
                         let gone = WatchEvent::<EndpointSlice>::ErrorStatus(gone_status(seen, st.compacted));
                         (vec![json_line(&gone)], Some(Ok(())))
+                    } else if seen < st.compacted {
+                        // History this watch had not sent is gone: the
+                        // server ends the watch, and the client's next one
+                        // (from where it was) gets the 410.
+                        (Vec::new(), Some(Ok(())))
                     } else {
                         let lines = st
                             .history
@@ -386,6 +399,7 @@ impl State {
                         (lines, None)
                     }
                 };
+                streaming = true;
                 for l in lines {
                     if tx.send(Ok(Frame::data(l))).await.is_err() {
                         return;

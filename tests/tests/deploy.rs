@@ -264,6 +264,11 @@ fn connectors_and_relays_run_unprivileged_in_pairs() {
             assert_eq!(strings(&role["rules"][0]["apiGroups"]), ["discovery.k8s.io"]);
             assert_eq!(strings(&role["rules"][0]["resources"]), ["endpointslices"]);
             assert_eq!(strings(&role["rules"][0]["verbs"]), ["get", "list", "watch"]);
+            assert_eq!(
+                strings(&role["rules"][0]["resourceNames"]),
+                ["kubernetes"],
+                "the API server's slice only"
+            );
             let binding = named(&docs, "RoleBinding");
             assert_eq!(binding["metadata"]["namespace"], "default");
             assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);

@@ -34,7 +34,8 @@ pub struct Options {
 pub fn run(opts: &Options) -> Result<String> {
     let root = workspace_root();
     ensure_podman()?;
-    crate::cargo(&["build", "--quiet", "--release", "-p", "dataplane-user", "--bin", "dataplane"], &[])?;
+    // The bench's build (its feature resolution), so neither rebuilds for the other.
+    crate::cargo(&["build", "--quiet", "--release", "-p", "tests", "-p", "dataplane-user", "--bins"], &[])?;
     let binary = root.join("target/release/dataplane");
     let context = root.join("target/image");
     let _ = fs::remove_dir_all(&context);

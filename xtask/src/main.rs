@@ -91,6 +91,7 @@ fn run(command: Command) -> Result<()> {
         Command::Bench { mut args } => {
             build_ebpf::run(&build_ebpf::Options::default())?;
             ensure_package(&["socat", "-V"], "socat", "the relay baseline")?;
+            ensure_sshd()?;
             let out = build_ebpf::workspace_root().join("target/bench");
             std::fs::create_dir_all(&out)?;
             args.extend(["--json".into(), out.join("bench.json").display().to_string()]);
@@ -127,6 +128,32 @@ fn ensure_deploy_tools() -> Result<()> {
     ensure!(status.success(), "pip install {} failed", TOOLS.join(" "));
     std::fs::write(stamp, TOOLS.join("\n"))?;
     Ok(())
+}
+
+/// sshd and ssh for the bench's `ssh -L` baseline. The package would start
+/// its service (sshd on the machine's port 22); a policy-rc.d refuses that
+/// for the install, so only the bench's own sshd runs, in its namespace.
+fn ensure_sshd() -> Result<()> {
+    if std::path::Path::new("/usr/sbin/sshd").exists()
+        && Process::new("ssh-keygen").arg("-?").output().is_ok()
+    {
+        return Ok(());
+    }
+    let policy = std::path::Path::new("/usr/sbin/policy-rc.d");
+    let ours = !policy.exists();
+    if ours {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(
+            policy,
+            "#!/bin/sh\n# cargo xtask: no service starts while packages install\nexit 101\n",
+        )?;
+        std::fs::set_permissions(policy, std::fs::Permissions::from_mode(0o755))?;
+    }
+    let installed = install_packages(&["openssh-server", "openssh-client"], "the ssh -L baseline");
+    if ours {
+        std::fs::remove_file(policy)?;
+    }
+    installed
 }
 
 /// Installs the Debian `package` (for `why`) unless `probe` runs.

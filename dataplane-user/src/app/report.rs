@@ -171,7 +171,7 @@ impl AgentHandle {
                     what: what(),
                     peer: None,
                     reason: format!(
-                        "the Kubernetes API is unreachable ({for_s} s): serving the last good {} endpoints; {e}",
+                        "the last list/watch of the Kubernetes API failed (failing for {for_s} s): serving the last good {} endpoints; {e}",
                         state.endpoints.len()
                     ),
                 });

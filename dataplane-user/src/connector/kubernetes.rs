@@ -1,8 +1,10 @@
 //! The `kubernetes` serve entry: this cluster's own API server, wherever it
-//! runs. The endpoints of every EndpointSlice of the `default/kubernetes`
-//! service (its IPv4 and IPv6 slices merged), with the ports they publish,
-//! are watched with kube-rs' watcher into a reflector store; each complete
-//! view becomes the connector's discovered set, advertised to its peers.
+//! runs. The EndpointSlice the API server writes for the `default/kubernetes`
+//! service (named `kubernetes`, labelled with the service: both selected, so
+//! a slice someone else labels so is not served), with the ports it
+//! publishes, is watched with kube-rs' watcher into a reflector store (every
+//! matching slice merged, IPv4 and IPv6 alike); each complete view becomes
+//! the connector's discovered set, advertised to its peers.
 //!
 //! A failed list or watch (the API unreachable, a 410 Gone for a compacted
 //! resourceVersion) ends that watcher: after a backoff a new one lists from
@@ -39,6 +41,9 @@ pub const NAMESPACE: &str = "default";
 pub const SERVICE: &str = "kubernetes";
 /// Every slice of the service carries this label with its name.
 const SELECTOR: &str = "kubernetes.io/service-name=kubernetes";
+/// The API server names the slice it keeps for itself after the service:
+/// RBAC can then grant that one object (`resourceNames`) and nothing else.
+const SLICE: &str = "metadata.name=kubernetes";
 /// The most endpoints served from discovery (a control plane has a handful):
 /// more are skipped and counted, so a broken cluster cannot have the
 /// connector advertise without bound.
@@ -51,11 +56,15 @@ const READ_TIMEOUT: Duration = Duration::from_secs(65);
 /// Backoff between failed watchers: doubling from the first to the last.
 const BACKOFF_FIRST: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A watcher that lived this long before failing starts the backoff
+/// afresh; one failing sooner (a list that works and a watch that never
+/// does) keeps doubling it.
+const STABLE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
     #[error(
-        "serve[].kubernetes: no Kubernetes API configuration (neither KUBECONFIG nor an in-cluster service account): {0}"
+        "serve[].kubernetes: no Kubernetes API configuration could be loaded (KUBECONFIG, ~/.kube/config, or the pod's service account): {0}"
     )]
     Config(#[source] kube::config::InferConfigError),
     #[error("serve[].kubernetes: building the Kubernetes client: {0}")]
@@ -118,7 +127,11 @@ impl Discovery {
         let (store, mut writer) = reflector::store::<EndpointSlice>();
         let mut failures = 0u32;
         loop {
-            let config = watcher::Config::default().labels(SELECTOR).timeout(WATCH_TIMEOUT.as_secs() as u32);
+            let config = watcher::Config::default()
+                .labels(SELECTOR)
+                .fields(SLICE)
+                .timeout(WATCH_TIMEOUT.as_secs() as u32);
+            let started = tokio::time::Instant::now();
             let mut events = std::pin::pin!(watcher(self.api.clone(), config));
             let error = loop {
                 let next = tokio::select! {
@@ -133,13 +146,15 @@ impl Discovery {
                         if matches!(event, watcher::Event::Init | watcher::Event::InitApply(_)) {
                             continue;
                         }
-                        failures = 0;
                         self.observe(&store.state(), &changed);
                     }
                     Some(Err(e)) => break e.to_string(),
                     None => break "the watch stream ended".to_owned(),
                 }
             };
+            if started.elapsed() >= STABLE {
+                failures = 0;
+            }
             failures = failures.saturating_add(1);
             let wait = backoff(failures);
             self.failed(error, wait);
@@ -153,13 +168,14 @@ impl Discovery {
     /// A complete view of the slices: serve what they list now.
     fn observe(&self, slices: &[Arc<EndpointSlice>], changed: &impl Fn(Vec<ValidServe>)) {
         let (endpoints, skipped) = endpoints_of(slices, self.own_node);
+        let mut state = crate::lock(&self.state);
+        if state.failing.take().is_some() {
+            info!("Kubernetes API list/watch working again");
+        }
+        // After the state, so whoever sees the metric sees the state too.
         self.metrics.up.set(1);
         self.metrics.endpoints.set(endpoints.len() as i64);
         self.metrics.skipped.set(skipped as i64);
-        let mut state = crate::lock(&self.state);
-        if state.failing.take().is_some() {
-            info!("Kubernetes API reachable again");
-        }
         let first = !state.synced;
         state.synced = true;
         state.skipped = skipped;
@@ -180,8 +196,6 @@ impl Discovery {
     }
 
     fn failed(&self, error: String, retry_in: Duration) {
-        self.metrics.up.set(0);
-        self.metrics.errors.inc();
         let mut state = crate::lock(&self.state);
         warn!(
             error = %error,
@@ -191,6 +205,8 @@ impl Discovery {
         );
         let since = state.failing.as_ref().map_or_else(SystemTime::now, |(t, _)| *t);
         state.failing = Some((since, error));
+        self.metrics.up.set(0);
+        self.metrics.errors.inc();
     }
 }
 

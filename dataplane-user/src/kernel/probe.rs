@@ -24,7 +24,7 @@ pub enum KernelError {
     Missing { feature: &'static str, min: (u8, u8), release: String },
     /// bpf() itself refused although the capabilities are there.
     #[error(
-        "the bpf() system call is refused ({0}) although the agent holds CAP_BPF: a seccomp profile or an LSM blocks it (container runtimes' default seccomp profiles allow bpf() only with CAP_SYS_ADMIN; run the agent with seccompProfile Unconfined, as deploy/client does)"
+        "the bpf() system call is refused ({0}) although the agent holds CAP_BPF: a seccomp profile or an LSM blocks it (container runtimes' default seccomp profiles allow bpf() only with CAP_SYS_ADMIN; run the agent with seccompProfile Unconfined, as deploy/client does), the capabilities are held only inside a user namespace (a rootless or user-namespaced pod), or, before Linux 5.11, RLIMIT_MEMLOCK is too low"
     )]
     Blocked(String),
 }
@@ -113,7 +113,8 @@ fn bpf_allowed() -> Result<(), KernelError> {
     }
     let e = std::io::Error::last_os_error();
     match e.raw_os_error() {
-        Some(libc::EPERM) => Err(KernelError::Blocked(e.to_string())),
+        // ENOSYS: some seccomp profiles answer a refused call so.
+        Some(libc::EPERM | libc::ENOSYS) => Err(KernelError::Blocked(e.to_string())),
         // Anything else is for the probes below to name.
         _ => Ok(()),
     }

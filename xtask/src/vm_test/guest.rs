@@ -58,25 +58,30 @@ pub(super) struct Suite {
     pub rc: i32,
 }
 
-/// Builds the privileged integration tests (and the probe they spawn) and
-/// returns the test executables.
+/// Builds the privileged integration tests (and the probe and agent
+/// binaries they spawn) and returns the test executables. The build is
+/// `cargo xtask test`'s own (`cargo test --workspace`, one feature
+/// resolution), so after it nothing is compiled again: a build of the tests
+/// crate alone resolved features differently and rebuilt about 150 crates.
 pub(super) fn build_test_binaries(root: &Path) -> Result<Vec<PathBuf>> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let out = Command::new(cargo)
         .current_dir(root)
-        // Every privileged suite: each integration test of the tests crate.
-        .args(["test", "-p", "tests", "--tests"])
-        .args(["--no-run", "--message-format=json-render-diagnostics"])
+        .args(["test", "--workspace", "--no-run", "--message-format=json-render-diagnostics"])
         .stderr(Stdio::inherit())
         .output()
         .context("building the test binaries")?;
     ensure!(out.status.success(), "building the test binaries failed");
-    let mut bins = Vec::new();
+    let suites = root.join("tests/tests");
+    let (mut bins, mut agent) = (Vec::new(), false);
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else { continue };
-        // Integration tests only (`kind: test`), not the crate's unit tests.
-        let is_test = msg["target"]["kind"].as_array().is_some_and(|k| k.iter().any(|k| k == "test"));
-        if let (true, Some(exe)) = (is_test, msg["executable"].as_str()) {
+        let kind = |k: &str| msg["target"]["kind"].as_array().is_some_and(|ks| ks.iter().any(|x| x == k));
+        agent |= kind("bin") && msg["target"]["name"] == "dataplane";
+        // Every privileged suite: the tests crate's integration tests (not
+        // unit tests, nor other crates' integration tests).
+        let suite = msg["target"]["src_path"].as_str().is_some_and(|p| Path::new(p).starts_with(&suites));
+        if let (true, true, Some(exe)) = (kind("test"), suite, msg["executable"].as_str()) {
             let exe = PathBuf::from(exe);
             if HOST_ONLY.contains(&suite_name(&exe)) {
                 eprintln!("xtask: {} runs on the host kernel only (see HOST_ONLY)", suite_name(&exe));
@@ -87,13 +92,7 @@ pub(super) fn build_test_binaries(root: &Path) -> Result<Vec<PathBuf>> {
     }
     ensure!(!bins.is_empty(), "cargo built no integration test binaries for the tests crate");
     // The restart suite runs the agent binary itself, beside the probe.
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(root)
-        .args(["build", "-p", "dataplane-user", "--bin", "dataplane"])
-        .status()
-        .context("building the agent binary")?;
-    ensure!(status.success(), "building the agent binary failed");
+    ensure!(agent, "cargo test --workspace built no dataplane binary");
     Ok(bins)
 }
 

@@ -4,8 +4,10 @@
 //! relay (client -> relay -> connector, both hops QUIC), for a route the
 //! client learns from the relay. Baselines in the same topology
 //! and run: direct (kernel forwarding only), a userspace TCP relay (socat) at
-//! the private network's edge, and raw quinn with the tunnel's TLS material,
-//! transport settings and runtime (the QUIC stack's ceiling).
+//! the private network's edge, raw quinn with the tunnel's TLS material,
+//! transport settings and runtime (the QUIC stack's ceiling), and `ssh -L`
+//! with AES-GCM (sshd on the private side, the client on the node, the pod
+//! dialling the forwarded port: what platform teams use today).
 //!
 //! Idle-flow memory is measured first, against each agent's RSS before it
 //! served any flow: measured later, it would reuse buffers the transfers left
@@ -21,7 +23,7 @@ use dataplane::process::ProcessStats;
 use serde_json::json;
 use tests::{
     agent_process::AgentProcess,
-    baselines::{RawQuinnClient, RawQuinnServer, Socat},
+    baselines::{RawQuinnClient, RawQuinnServer, SSH_CIPHER, Socat, SshForward},
     probe::Latencies,
     topology::{EchoServer, OTHER_V4},
     tunnel_env::{CLIENT_ID, CONNECTOR_ID, Mode, STALLED_V4, TunnelEnv},
@@ -172,6 +174,16 @@ pub fn run(o: &Opts) -> Result<serde_json::Value> {
     let _direct_echo =
         EchoServer::start(&env.topo.remote, &["10.201.0.2:7200", "10.201.0.3:7300", "10.201.0.4:7400"])?;
     let _socat = Socat::start(&env.topo.remote, relay, tunnel)?;
+    // ssh -L on the node's address towards the pod, to the tunnel arm's server.
+    let ssh = SshForward::start(
+        &env.topo.remote,
+        "10.201.0.2:2222".parse()?,
+        &env.topo.node,
+        "10.200.0.1:7500".parse()?,
+        tunnel,
+    )?;
+    let ssh_at = ssh.listen;
+    let ssh_fresh = ssh.usage()?;
     let load = |name: &str, id: &str| -> Result<dataplane::tls::TlsMaterial> {
         let t = env.tls(name, id, None)?;
         Ok(dataplane::tls::TlsMaterial::load(&dataplane::config::TlsFiles {
@@ -217,7 +229,7 @@ pub fn run(o: &Opts) -> Result<serde_json::Value> {
     }
 
     wait_until(|| Ok(relay_agent.is_ready()), "the relay ready")?;
-    for d in [tunnel, direct, relay, relayed, via_relay] {
+    for d in [tunnel, direct, relay, relayed, via_relay, ssh_at] {
         pod.latencies(d, 50)?;
     }
     quinn.exchanges(50, 1)?;
@@ -228,6 +240,7 @@ pub fn run(o: &Opts) -> Result<serde_json::Value> {
         Arm::new("raw quinn stream"),
         Arm::new("agent relay, no tunnel"),
         Arm::new("dataplane"),
+        Arm::new("ssh -L (aes128-gcm)"),
     ];
     if o.runs("latency") {
         for _ in 0..rounds {
@@ -236,6 +249,7 @@ pub fn run(o: &Opts) -> Result<serde_json::Value> {
             one_at_a_time[2].latencies(quinn.exchanges(o.exchanges, 1)?)?;
             one_at_a_time[3].latencies(pod.latencies(relayed, o.exchanges)?)?;
             one_at_a_time[4].latencies(pod.latencies(tunnel, o.exchanges)?)?;
+            one_at_a_time[5].latencies(pod.latencies(ssh_at, o.exchanges)?)?;
         }
         println!("  new flow (connect + 100 B request + echo + close), one at a time, p50 us; overall p99:");
         for a in &one_at_a_time {
@@ -261,7 +275,11 @@ pub fn run(o: &Opts) -> Result<serde_json::Value> {
         Arm::new("socat relay"),
         Arm::new("dataplane"),
         Arm::new("raw quinn, memory to memory"),
+        Arm::new("ssh -L (aes128-gcm)"),
     ];
+    // CPU-seconds of the tunnel processes per GB moved (both directions
+    // counted): the two agents, and ssh with its sshd processes.
+    let (mut dp_cpu_gb, mut ssh_cpu_gb) = (Vec::new(), Vec::new());
     let (mut dp_eff, mut quinn_eff, mut busy) = (Vec::new(), Vec::new(), Vec::new());
     // Whole-machine CPU-seconds per Gbit moved each way: the direct arm (the
     // workload, the server and the kernel's TCP) and raw quinn (QUIC alone).
@@ -285,6 +303,10 @@ pub fn run(o: &Opts) -> Result<serde_json::Value> {
             single[3].rounds.push(quinn.echo(BULK)?);
             quinn_cost.push(busy_secs(before, machine_jiffies()?) / gbit_each_way);
             quinn_eff.push(gbit_both_ways / cpu_delta(me, ProcessStats::read()));
+            dp_cpu_gb.push(agents_cpu / (gbit_both_ways / 8.0));
+            let before = ssh.usage()?;
+            single[4].rounds.push(bulk_mbps(&pod, ssh_at)?);
+            ssh_cpu_gb.push(cpu_delta(before, ssh.usage()?) / (gbit_both_ways / 8.0));
         }
         println!("  single flow, 256 MiB out and echoed back at once, Mbit/s per direction:");
         for a in &single {
@@ -319,6 +341,15 @@ pub fn run(o: &Opts) -> Result<serde_json::Value> {
             bound / single[3].median() * 100.0,
             single[2].median() / bound * 100.0
         );
+        println!(
+            "    tunnel processes' CPU-s per GB moved: dataplane agents {:.2}, ssh + sshd {:.2} => {:.2}x of ssh's; \
+             throughput {:.2}x of ssh -L",
+            stats(&dp_cpu_gb).1,
+            stats(&ssh_cpu_gb).1,
+            stats(&dp_cpu_gb).1 / stats(&ssh_cpu_gb).1,
+            single[2].median() / single[4].median()
+        );
+        out.insert("cpu_seconds_per_gb".into(), json!({ "dataplane_agents": dp_cpu_gb, "ssh": ssh_cpu_gb }));
         single_bound = Some(bound);
         out.insert("single_flow_bound_mbps".into(), json!(bound));
         out.insert("single_flow_mbps_per_direction".into(), by_arm(&single, |a| json!(a.rounds)));
@@ -328,26 +359,19 @@ pub fn run(o: &Opts) -> Result<serde_json::Value> {
         );
     }
 
+    let mut parallel = [Arm::new("4 flows through the tunnel"), Arm::new("4 flows through ssh -L")];
     if o.runs("parallel") {
-        let mut parallel = Arm::new("4 flows through the tunnel");
         for _ in 0..rounds {
-            let started = Instant::now();
-            let results: Vec<Result<tests::probe::Bulk>> = std::thread::scope(|s| {
-                let hs: Vec<_> =
-                    (0..4).map(|_| s.spawn(|| env.topo.pod_probe().bulk(tunnel, BULK / 4))).collect();
-                hs.into_iter()
-                    .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("panicked"))))
-                    .collect()
-            });
-            for r in results {
-                let b = r?;
-                ensure!(b.ok && b.echo_intact, "parallel transfer failed: {b:?}");
+            for (arm, dst) in parallel.iter_mut().zip([tunnel, ssh_at]) {
+                arm.rounds.push(parallel_mbps(&env, dst)?);
             }
-            parallel.rounds.push(BULK as f64 * 8.0 / started.elapsed().as_secs_f64() / 1e6);
         }
         println!("  parallel flows, aggregate Mbit/s per direction:");
-        parallel.row("");
-        out.insert("four_flows_mbps_per_direction".into(), json!(parallel.rounds));
+        for a in &parallel {
+            a.row("");
+        }
+        println!("    => dataplane {:.2}x of ssh -L", parallel[0].median() / parallel[1].median());
+        out.insert("four_flows_mbps_per_direction".into(), by_arm(&parallel, |a| json!(a.rounds)));
     }
 
     let mut concurrent = [
@@ -355,20 +379,23 @@ pub fn run(o: &Opts) -> Result<serde_json::Value> {
         Arm::new("raw quinn streams"),
         Arm::new("agent relay, no tunnel"),
         Arm::new("dataplane"),
+        Arm::new("ssh -L (aes128-gcm)"),
     ];
-    let (mut cpu_per_flow, mut agents_per_flow) = (vec![Vec::new(); 4], Vec::new());
+    let (mut cpu_per_flow, mut agents_per_flow, mut ssh_per_flow) =
+        (vec![Vec::new(); 5], Vec::new(), Vec::new());
     if o.runs("concurrent") {
         let hz = jiffies_per_sec();
         for _ in 0..rounds {
-            for i in 0..4 {
-                let before = (machine_jiffies()?, client.usage()?, connector.usage()?);
+            for i in 0..5 {
+                let before = (machine_jiffies()?, client.usage()?, connector.usage()?, ssh.usage()?);
                 let l = match i {
                     0 => pod.concurrent_latencies(direct, CONCURRENT_FLOWS, CONCURRENCY)?,
                     1 => quinn.exchanges(CONCURRENT_FLOWS, CONCURRENCY)?,
                     2 => pod.concurrent_latencies(relayed, CONCURRENT_FLOWS, CONCURRENCY)?,
-                    _ => pod.concurrent_latencies(tunnel, CONCURRENT_FLOWS, CONCURRENCY)?,
+                    3 => pod.concurrent_latencies(tunnel, CONCURRENT_FLOWS, CONCURRENCY)?,
+                    _ => pod.concurrent_latencies(ssh_at, CONCURRENT_FLOWS, CONCURRENCY)?,
                 };
-                let after = (machine_jiffies()?, client.usage()?, connector.usage()?);
+                let after = (machine_jiffies()?, client.usage()?, connector.usage()?, ssh.usage()?);
                 ensure!(l.failed == 0, "{}: {} concurrent exchanges failed", concurrent[i].name, l.failed);
                 let flows = l.latencies_us.len() as f64;
                 concurrent[i].rounds.push(flows / l.secs);
@@ -377,6 +404,9 @@ pub fn run(o: &Opts) -> Result<serde_json::Value> {
                 if i == 3 {
                     let agents = cpu_delta(before.1, after.1) + cpu_delta(before.2, after.2);
                     agents_per_flow.push(agents / flows * 1e6);
+                }
+                if i == 4 {
+                    ssh_per_flow.push(cpu_delta(before.3, after.3) / flows * 1e6);
                 }
             }
         }
@@ -393,18 +423,21 @@ pub fn run(o: &Opts) -> Result<serde_json::Value> {
             );
         }
         println!(
-            "    => dataplane {:.2}x of direct, {:.2}x of the agent relay",
+            "    => dataplane {:.2}x of direct, {:.2}x of the agent relay, {:.2}x of ssh -L",
             concurrent[3].median() / concurrent[0].median(),
             concurrent[3].median() / concurrent[2].median(),
+            concurrent[3].median() / concurrent[4].median(),
         );
         println!(
             "    why: CPU per flow, whole machine: direct {:.0} us, raw quinn stream {:.0} us, agent relay {:.0} us, \
-             dataplane {:.0} us (its agents {:.0} us)",
+             dataplane {:.0} us (its agents {:.0} us), ssh -L {:.0} us (ssh + sshd {:.0} us)",
             stats(&cpu_per_flow[0]).1,
             stats(&cpu_per_flow[1]).1,
             stats(&cpu_per_flow[2]).1,
             stats(&cpu_per_flow[3]).1,
             stats(&agents_per_flow).1,
+            stats(&cpu_per_flow[4]).1,
+            stats(&ssh_per_flow).1,
         );
         out.insert("new_flows_per_sec_16_concurrent".into(), by_arm(&concurrent, |a| json!(a.rounds)));
         out.insert(
@@ -419,6 +452,7 @@ pub fn run(o: &Opts) -> Result<serde_json::Value> {
             json!({
                 "direct": cpu_per_flow[0], "raw_quinn": cpu_per_flow[1], "agent_relay": cpu_per_flow[2],
                 "dataplane": cpu_per_flow[3], "dataplane_agents": agents_per_flow,
+                "ssh": cpu_per_flow[4], "ssh_processes": ssh_per_flow,
             }),
         );
     }
@@ -466,6 +500,18 @@ pub fn run(o: &Opts) -> Result<serde_json::Value> {
         used.1.rss_bytes as f64 / 1048576.0,
         used.1.cpu_seconds
     );
+    let ssh_used = ssh.usage()?;
+    println!(
+        "  ssh -L after the run: ssh + sshd {:.1} MiB RSS (at start {:.1}), {:.1} CPU-s",
+        ssh_used.rss_bytes as f64 / 1048576.0,
+        ssh_fresh.rss_bytes as f64 / 1048576.0,
+        ssh_used.cpu_seconds
+    );
+    out.insert(
+        "rss_after_bytes".into(),
+        json!({ "client": used.0.rss_bytes, "connector": used.1.rss_bytes, "ssh": ssh_used.rss_bytes,
+                "client_at_start": fresh.0.rss_bytes }),
+    );
 
     println!("\ntargets (issue 5), this run:");
     let check = |ok: bool| if ok { "met" } else { "NOT met" };
@@ -505,6 +551,28 @@ pub fn run(o: &Opts) -> Result<serde_json::Value> {
             check(worst_idle <= 20.0 * 1024.0)
         );
     }
+    println!("\ntargets against ssh -L ({SSH_CIPHER}), this run (issue 15):");
+    let ratio = |what: &str, r: f64, ok: bool| println!("  {what}: {r:.2}x -> {}", check(ok));
+    if o.runs("throughput") {
+        let r = single[2].median() / single[4].median();
+        ratio("single flow (both directions at once) >= 1.0x ssh", r, r >= 1.0);
+        let c = stats(&dp_cpu_gb).1 / stats(&ssh_cpu_gb).1;
+        ratio("tunnel-process CPU per GB <= 1.0x ssh", c, c <= 1.0);
+    }
+    if o.runs("parallel") {
+        let r = parallel[0].median() / parallel[1].median();
+        ratio("4 flows >= 1.0x ssh", r, r >= 1.0);
+    }
+    if o.runs("concurrent") {
+        let r = concurrent[3].median() / concurrent[4].median();
+        ratio("new flows at 16 concurrent >= 1.0x ssh", r, r >= 1.0);
+    }
+    if o.runs("latency") {
+        let r = one_at_a_time[4].median() / one_at_a_time[5].median();
+        ratio("one-at-a-time p50 <= 1.0x ssh", r, r <= 1.0);
+    }
+    let grew = used.0.rss_bytes as f64 / fresh.0.rss_bytes as f64;
+    ratio("client agent RSS after the run <= 2x its RSS at start", grew, grew <= 2.0);
     Ok(serde_json::Value::Object(out))
 }
 
@@ -525,6 +593,21 @@ fn jiffies_per_sec() -> f64 {
 
 fn cpu_delta(before: ProcessStats, after: ProcessStats) -> f64 {
     (after.cpu_seconds - before.cpu_seconds).max(1e-3)
+}
+
+/// Four flows of a quarter of [`BULK`] each at once to `dst`: aggregate
+/// Mbit/s per direction.
+fn parallel_mbps(env: &TunnelEnv, dst: SocketAddr) -> Result<f64> {
+    let started = Instant::now();
+    let results: Vec<Result<tests::probe::Bulk>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..4).map(|_| s.spawn(|| env.topo.pod_probe().bulk(dst, BULK / 4))).collect();
+        hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("panicked")))).collect()
+    });
+    for r in results {
+        let b = r?;
+        ensure!(b.ok && b.echo_intact, "parallel transfer to {dst} failed: {b:?}");
+    }
+    Ok(BULK as f64 * 8.0 / started.elapsed().as_secs_f64() / 1e6)
 }
 
 fn bulk_mbps(pod: &tests::probe::Probe, dst: SocketAddr) -> Result<f64> {
