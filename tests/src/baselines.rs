@@ -135,7 +135,10 @@ impl RawQuinnClient {
         config.transport_config(Arc::new(tunnel::transport(&settings)?));
         let size = settings.udp_buffer_bytes;
         let (socket, _) = ns.run(move || tunnel::udp_socket("[::]:0".parse().expect("addr"), size))??;
-        let rt = runtime()?;
+        // One worker, not the current thread: the connection's driver must
+        // run between calls (keep-alives), or a pause longer than the idle
+        // timeout between two arms had the server reset it.
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
         let addr = server.addr;
         let (endpoint, conn) = rt.block_on(async move {
             let ep = quinn::Endpoint::new(Default::default(), None, socket, Arc::new(quinn::TokioRuntime))?;
