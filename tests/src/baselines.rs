@@ -26,14 +26,30 @@ impl Socat {
             .args(&args)
             .spawn()
             .context("starting socat (apt-get install socat)")?;
-        // Ready when it accepts.
-        let start = Instant::now();
-        while ns.run(move || std::net::TcpStream::connect(listen).is_err())? {
-            ensure!(start.elapsed().as_secs() < 5, "socat did not start listening on {listen}");
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        Ok(Socat(child))
+        let mut socat = Socat(child);
+        wait_listening(ns, listen, 5, "socat", &mut socat.0)?;
+        Ok(socat)
     }
+}
+
+/// Waits until `addr` in `ns` accepts, for at most `secs`; fails at once
+/// if `child` (what should listen there) exits.
+fn wait_listening(
+    ns: &Netns,
+    addr: SocketAddr,
+    secs: u64,
+    what: &str,
+    child: &mut std::process::Child,
+) -> Result<()> {
+    let start = Instant::now();
+    while ns.run(move || std::net::TcpStream::connect(addr).is_err())? {
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!("{what} exited with {status}");
+        }
+        ensure!(start.elapsed().as_secs() < secs, "{what} did not start listening on {addr}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Ok(())
 }
 
 impl Drop for Socat {
@@ -287,11 +303,8 @@ impl SshForward {
             .stderr(std::process::Stdio::null())
             .spawn()
             .context("starting sshd (apt-get install openssh-server)")?;
-        let start = Instant::now();
-        while server_ns.run(move || std::net::TcpStream::connect(sshd_at).is_err())? {
-            ensure!(start.elapsed().as_secs() < 5, "sshd did not start listening on {sshd_at}");
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        let mut sshd = sshd;
+        wait_listening(server_ns, sshd_at, 5, "sshd", &mut sshd)?;
         let forward = format!("{}:{}:{}:{}", listen.ip(), listen.port(), target.ip(), target.port());
         // An interactive session (`-tt`, a remote command that waits), as
         // `ssh -L` users run it: OpenSSH sets TCP_NODELAY on the connection
@@ -318,14 +331,7 @@ impl SshForward {
             .spawn()
             .context("starting ssh")?;
         let mut fwd = SshForward { sshd, ssh, _dir: dir, listen };
-        let start = Instant::now();
-        while client_ns.run(move || std::net::TcpStream::connect(listen).is_err())? {
-            if let Some(status) = fwd.ssh.try_wait()? {
-                anyhow::bail!("ssh -L {forward} exited with {status}");
-            }
-            ensure!(start.elapsed().as_secs() < 10, "ssh -L {forward} did not start listening");
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        wait_listening(client_ns, listen, 10, &format!("ssh -L {forward}"), &mut fwd.ssh)?;
         Ok(fwd)
     }
 

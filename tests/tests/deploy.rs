@@ -22,9 +22,7 @@ const KUBERNETES: [&str; 2] = ["1.29.0", "1.37.0"];
 /// Kinds from CRDs (prometheus-operator, cert-manager): no upstream schema.
 const CRD_KINDS: [&str; 4] = ["PodMonitor", "PrometheusRule", "Certificate", "ClusterIssuer"];
 
-fn deploy_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
-}
+use tests::pods::deploy_dir;
 
 /// A tool from `target/deploy-tools/bin` (or `DATAPLANE_DEPLOY_TOOLS`).
 fn tool(name: &str) -> PathBuf {

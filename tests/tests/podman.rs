@@ -113,6 +113,28 @@ fn strings(v: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Plays `pod` changed by `change` (named `<pod>-<suffix>`, run once) on
+/// the node; it must exit non-zero. Returns its log.
+fn refused_start(
+    env: &TunnelEnv,
+    pod: &Value,
+    config_map: &Value,
+    suffix: &str,
+    change: impl FnOnce(&mut Value),
+) -> String {
+    let mut pod = pod.clone();
+    let name = format!("{}-{suffix}", pod["metadata"]["name"].as_str().expect("name"));
+    pod["metadata"]["name"] = Value::from(name);
+    // Once: the exit is the answer.
+    pod["spec"]["restartPolicy"] = Value::from("Never");
+    change(&mut pod);
+    let refused = PlayedPod::play(&env.topo.node, env.dir(), &pod, config_map).expect("played");
+    let code = refused.wait_exit(tests::scaled(Duration::from_secs(30))).expect("exits");
+    let logs = refused.logs();
+    assert_ne!(code, 0, "{logs}");
+    logs
+}
+
 /// `/ready` and `/status` of an agent's admin port in `ns`.
 fn admin_get(ns: &tests::Netns, at: &str, path: &'static str) -> Option<(u16, String)> {
     let addr = addr(at);
@@ -159,30 +181,18 @@ fn the_daemonset_and_connector_pods_carry_kubectl_through_the_tunnel() {
     assert_eq!(granted, ["BPF", "NET_ADMIN", "PERFMON", "NET_BIND_SERVICE"], "what the DaemonSet grants");
 
     // Without one of them the agent refuses to start, naming it.
-    let mut without = client_pod.clone();
-    without["metadata"]["name"] = Value::from("dataplane-client-without-perfmon");
-    // Once: the exit is the answer.
-    without["spec"]["restartPolicy"] = Value::from("Never");
-    let fewer: Vec<Value> =
-        granted.iter().filter(|c| *c != "PERFMON").map(|c| Value::from(c.as_str())).collect();
-    without["spec"]["containers"][0]["securityContext"]["capabilities"]["add"] = Value::Sequence(fewer);
-    let refused = PlayedPod::play(&env.topo.node, dir, &without, &client_cm).expect("played");
-    let code = refused.wait_exit(tests::scaled(Duration::from_secs(30))).expect("exits");
-    let logs = refused.logs();
-    assert_ne!(code, 0, "{logs}");
+    let logs = refused_start(&env, &client_pod, &client_cm, "without-perfmon", |pod| {
+        let fewer: Vec<Value> =
+            granted.iter().filter(|c| *c != "PERFMON").map(|c| Value::from(c.as_str())).collect();
+        pod["spec"]["containers"][0]["securityContext"]["capabilities"]["add"] = Value::Sequence(fewer);
+    });
     assert!(logs.contains("PERFMON"), "the refusal names the capability: {logs}");
-    drop(refused);
     // Under the runtime's default seccomp profile bpf() is refused; the
     // agent says that, not that the kernel lacks eBPF.
-    let mut confined = client_pod.clone();
-    confined["metadata"]["name"] = Value::from("dataplane-client-runtime-default-seccomp");
-    confined["spec"]["restartPolicy"] = Value::from("Never");
-    confined["spec"]["securityContext"]["seccompProfile"]["type"] = Value::from("RuntimeDefault");
-    let refused = PlayedPod::play(&env.topo.node, dir, &confined, &client_cm).expect("played");
-    let code = refused.wait_exit(tests::scaled(Duration::from_secs(30))).expect("exits");
-    let logs = refused.logs();
-    assert!(code != 0 && logs.contains("bpf() system call is refused") && logs.contains("seccomp"), "{logs}");
-    drop(refused);
+    let logs = refused_start(&env, &client_pod, &client_cm, "runtime-default-seccomp", |pod| {
+        pod["spec"]["securityContext"]["seccompProfile"]["type"] = Value::from("RuntimeDefault");
+    });
+    assert!(logs.contains("bpf() system call is refused") && logs.contains("seccomp"), "{logs}");
 
     // The connector, on the private network, with a pod's service account.
     let connector_tls = env.tls("connector", CONNECTOR_ID, None).expect("tls");

@@ -11,6 +11,7 @@ use std::{
 
 use serde::Deserialize;
 
+mod serving;
 mod validate;
 
 pub use validate::{KubernetesServe, RouteGuard, ValidConfig, ValidRoute, ValidRule, ValidServe, parse_cidr};
